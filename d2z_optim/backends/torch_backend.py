@@ -1,0 +1,106 @@
+"""The pure-PyTorch backend: the reference semantics every fused kernel is tested against.
+
+It runs anywhere PyTorch runs (any device, complex and float64 parameters) and
+never reads a device value on the host: the schedule multiplier is gathered
+from the device table with ``index_select`` and every per-step scalar (bias
+corrections, step size, decay factor) is a float64 device tensor, rounded once
+to the compute dtype, just as torch's for-loop AdamW rounds its Python floats.
+
+Reduced-precision parameters (bf16, fp16) are updated in float32 copies and
+rounded once on the way back, as the fused kernels do ("all math in fp32").
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._work import DeviceWork, GroupWork
+
+name = "torch"
+
+
+def step(work: DeviceWork) -> None:
+    """Apply one AdamW step to every tensor of ``work`` and advance its counter."""
+    idx = work.step_count.clamp(max=work.lr_table.numel() - 1).view(1)
+    m = work.lr_table.index_select(0, idx).squeeze(0).to(torch.float64)
+    wm = work.wd_table.index_select(0, idx).squeeze(0).to(torch.float64)
+    for g in work.groups:
+        if g.params:
+            _group_step(g, m, wm, independent_wd=work.independent_wd)
+    work.step_count.add_(1)
+
+
+def _group_step(g: GroupWork, m: Tensor, wm: Tensor, *, independent_wd: bool) -> None:
+    lr_t = m * g.lr  # effective LR of this step, float64 0-d
+    # decoupled decay: coupled follows the LR (torch's AdamW), independent only its shape
+    decay = (m if independent_wd else lr_t) * (g.weight_decay * wm)
+    # per-parameter bias corrections from per-parameter steps (float64, like torch's Python math)
+    torch._foreach_add_(g.steps, 1.0)
+    t = torch.stack(g.steps).to(torch.float64)
+    bc2_sqrt = torch.sqrt(1.0 - torch.pow(g.beta2, t))
+    neg_step_size = -lr_t / (1.0 - torch.pow(g.beta1, t))
+
+    if g.foreach:
+        buckets = _by_compute_dtype(range(len(g.params)), g)
+    else:
+        buckets = [[i] for i in range(len(g.params))]  # the for-loop path: one tensor at a time
+    for ids in buckets:
+        cd = _compute_dtype(g.params[ids[0]])
+        bc = bc2_sqrt.to(cd).unbind()
+        ss = neg_step_size.to(cd).unbind()
+        _update(g, ids, cd, (1.0 - decay).to(cd), [bc[i] for i in ids], [ss[i] for i in ids])
+
+
+def _compute_view(t: Tensor) -> Tensor:
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    t = _compute_view(t)
+    return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
+
+
+def _by_compute_dtype(ids, g: GroupWork) -> list[list[int]]:
+    out: dict[tuple, list[int]] = {}
+    for i in ids:
+        out.setdefault((g.params[i].dtype, g.params[i].is_complex()), []).append(i)
+    return list(out.values())
+
+
+def _update(
+    g: GroupWork,
+    ids: list[int],
+    cd: torch.dtype,
+    keep: Tensor,
+    bc2_sqrt: list[Tensor],
+    neg_step_size: list[Tensor],
+) -> None:
+    """The AdamW update of tensors ``ids`` (one storage dtype), computed in dtype ``cd``."""
+    states = [g.params, g.exp_avgs, g.exp_avg_sqs] + ([g.max_exp_avg_sqs] if g.amsgrad else [])
+    stored = [[_compute_view(x[i]) for i in ids] for x in states]
+    grad = [_compute_view(g.grads[i]).to(cd) for i in ids]
+    upcast = stored[0][0].dtype != cd
+    work = [[x.to(cd) for x in xs] for xs in stored] if upcast else stored
+    p, m, v = work[:3]
+    if g.maximize:
+        grad = torch._foreach_neg(grad)
+
+    torch._foreach_mul_(p, keep)  # p *= 1 - decay (decoupled weight decay)
+    torch._foreach_lerp_(m, grad, 1.0 - g.beta1)
+    torch._foreach_mul_(v, g.beta2)
+    torch._foreach_addcmul_(v, grad, grad, 1.0 - g.beta2)
+    if g.amsgrad:
+        torch._foreach_maximum_(work[3], v)
+    denom = torch._foreach_sqrt(work[3] if g.amsgrad else v)
+    torch._foreach_div_(denom, bc2_sqrt)
+    torch._foreach_add_(denom, g.eps)
+    # p += (-step_size * m) / denom: the rounding order of torch's addcdiv, whose
+    # scalar must be a host number; here it stays on the device
+    upd = torch._foreach_mul(m, neg_step_size)
+    torch._foreach_div_(upd, denom)
+    torch._foreach_add_(p, upd)
+
+    if upcast:  # round once back to the storage dtype
+        for dst, src in zip(stored, work):
+            torch._foreach_copy_(dst, src)

@@ -1,0 +1,355 @@
+"""``d2z_optim.AdamW``: torch's AdamW with the LR schedule on the device.
+
+This file is torch glue only: argument checks, parameter groups, state,
+checkpoints and the per-device schedule tables. The update math lives in the
+backends (``d2z_optim/backends``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import backends, schedules
+from .schedules import Schedule
+
+__all__ = ["AdamW"]
+
+WEIGHT_DECAY_MODES = ("coupled", "independent")
+_SAVE_KEY = "d2z"  # our entry in state_dict(); torch.optim ignores unknown top-level keys
+
+
+class _DeviceSchedule:
+    """The schedule tables and the step counter kept on one device."""
+
+    def __init__(self, lr_table: Tensor, wd_table: Tensor, device: torch.device) -> None:
+        self.lr_table = lr_table.to(device)
+        self.wd_table = wd_table.to(device)
+        self.step_count = torch.zeros((), dtype=torch.int64, device=device)
+
+
+def _as_schedule(value: Any, arg: str, total_steps: int | None, warmup: Any, defaults: dict, mode: str) -> Schedule | None:
+    """``schedule``/``wd_schedule`` argument -> Schedule (None when not given)."""
+    if value is None or isinstance(value, Schedule):
+        return value
+    if isinstance(value, str):
+        if value not in schedules.names():
+            raise ValueError(f"unknown {arg} {value!r}; valid names: {', '.join(schedules.names())}")
+        if value == "custom":
+            raise ValueError(f"{arg}='custom' needs a table: pass the multipliers themselves as {arg}")
+        if total_steps is None:
+            raise ValueError(
+                f"total_steps is required with {arg}={value!r}: pass the number of optimizer steps "
+                "of the run (a positive int)"
+            )
+        params = {}
+        if value == "rational":  # Eq. 7 decays at rate peak_lr * weight_decay of the defaults
+            lr = defaults["lr"]
+            params = {
+                "peak_lr": 1.0 if mode == "independent" else float(lr),
+                "weight_decay": float(defaults["weight_decay"]),
+            }
+        return schedules.get(value, total_steps, warmup=warmup, **params)
+    if isinstance(value, (Tensor, Sequence)) and not isinstance(value, (str, bytes)):
+        try:
+            return schedules.from_values(value)
+        except ValueError as e:
+            raise ValueError(str(e).replace("schedule", arg, 1)) from None
+    raise ValueError(
+        f"{arg} must be a schedule name, a d2z_optim.schedules.Schedule or a 1-D sequence of "
+        f"multipliers, got {type(value).__name__}"
+    )
+
+
+class AdamW(torch.optim.Optimizer):
+    r"""AdamW whose learning-rate schedule is a table on the device.
+
+    A drop-in replacement for :class:`torch.optim.AdamW`: the same arguments,
+    defaults, errors, parameter groups and ``state_dict`` layout. The effective
+    LR of group ``g`` at step ``t`` is ``lr_g * table[t]``, where ``table`` is
+    indexed by a step counter on the device, so ``step()`` never reads a device
+    value on the host and needs no Python scheduler.
+
+    Args:
+        params: iterable of parameters or dicts defining parameter groups.
+        lr: peak learning rate of each group (``table`` multiplies it).
+        betas, eps, weight_decay, amsgrad, maximize: as in :class:`torch.optim.AdamW`.
+        foreach: ``False`` makes the torch backend update one tensor at a time.
+        capturable: accepted for compatibility; every step is capturable already
+            (no host sync, all scalars on the device).
+        differentiable: must be ``False``: the step is an in-place kernel.
+        fused: ``True`` requires a fused kernel backend, ``False`` the torch backend.
+        schedule: a name from :func:`d2z_optim.schedules.names`, a
+            :class:`~d2z_optim.schedules.Schedule`, or a 1-D sequence/tensor of
+            multipliers. ``None`` is a constant 1 (torch's behaviour), unless
+            ``total_steps`` is given: then ``"linear-d2z"``, the paper's recipe.
+        total_steps: number of ``step()`` calls of the run (needed by named schedules).
+        warmup: warmup steps (int) or fraction of ``total_steps`` (float) for named schedules.
+        wd_schedule: multipliers of the weight decay, same forms as ``schedule``;
+            all ones by default.
+        weight_decay_mode: ``"coupled"`` decays by ``lr_g * table[t] * wd_g * wd_table[t]``
+            (torch's AdamW); ``"independent"`` by ``wd_g * table[t] * wd_table[t]``
+            (follows the schedule's shape but not the peak LR).
+        backend: ``"auto"``, ``"torch"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
+
+    Example:
+        >>> opt = AdamW(model.parameters(), lr=3e-3, weight_decay=0.1, total_steps=10_000)
+        >>> for batch in data:          # 10% linear warmup, then linear decay to zero
+        ...     loss(model, batch).backward()
+        ...     opt.step()
+        ...     opt.zero_grad()
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        schedule: str | Schedule | Sequence[float] | Tensor | None = None,
+        total_steps: int | None = None,
+        warmup: int | float = 0.1,
+        wd_schedule: str | Schedule | Sequence[float] | Tensor | None = None,
+        weight_decay_mode: str = "coupled",
+        backend: str = "auto",
+    ) -> None:
+        # torch's own checks give torch's exact errors for everything torch has
+        torch.optim.AdamW(
+            [torch.empty(0)], lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
+            foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
+        )  # fmt: skip
+        if differentiable:
+            raise ValueError(
+                "differentiable=True is not supported by d2z_optim.AdamW: its step is an in-place "
+                "kernel that autograd cannot differentiate through; use torch.optim.AdamW"
+            )
+        if weight_decay_mode not in WEIGHT_DECAY_MODES:
+            raise ValueError(
+                f"weight_decay_mode must be one of {list(WEIGHT_DECAY_MODES)}, got {weight_decay_mode!r}"
+            )
+        self._backend = backends.resolve(backend, fused=fused)
+        self.backend_name: str = self._backend.name
+        self.weight_decay_mode = weight_decay_mode
+
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        if schedule is None and total_steps is not None:
+            schedule = "linear-d2z"
+        lr_sched = _as_schedule(schedule, "schedule", total_steps, warmup, defaults, weight_decay_mode)
+        wd_sched = _as_schedule(wd_schedule, "wd_schedule", total_steps, warmup, defaults, weight_decay_mode)
+        self.schedule, self.wd_schedule = lr_sched, wd_sched
+        self._lr_table_cpu, self._wd_table_cpu = self._tables(lr_sched, wd_sched, total_steps)
+        self.total_steps: int = self._lr_table_cpu.numel()
+        # schedule=None and no total_steps: a constant that never runs out (no warning)
+        self._unbounded = lr_sched is None and wd_sched is None
+        self._host_steps = 0  # counted on the host, to warn past the table's end without a sync
+        self._devices: dict[torch.device, _DeviceSchedule] = {}
+
+        super().__init__(
+            params,
+            dict(
+                lr=lr, betas=tuple(float(b) if isinstance(b, Tensor) else b for b in betas),
+                eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+                foreach=foreach, capturable=capturable, differentiable=differentiable,
+                fused=fused, decoupled_weight_decay=True,
+            ),
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ tables
+    @staticmethod
+    def _tables(lr_sched: Schedule | None, wd_sched: Schedule | None, total_steps: int | None):
+        if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= 0):
+            raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
+        lengths = {s.total_steps for s in (lr_sched, wd_sched) if s is not None}
+        if total_steps is not None:
+            lengths.add(total_steps)
+        if len(lengths) > 1:
+            raise ValueError(
+                "schedule, wd_schedule and total_steps must agree on the number of steps, got "
+                f"schedule={len(lr_sched) if lr_sched else None}, "
+                f"wd_schedule={len(wd_sched) if wd_sched else None}, total_steps={total_steps}"
+            )
+        T = lengths.pop() if lengths else 1
+        ones = torch.ones(T, dtype=torch.float32)
+        lr = lr_sched.table() if lr_sched is not None else ones
+        wd = wd_sched.table() if wd_sched is not None else ones
+        return lr, wd
+
+    def _device(self, device: torch.device) -> _DeviceSchedule:
+        ds = self._devices.get(device)
+        if ds is None:
+            ds = _DeviceSchedule(self._lr_table_cpu, self._wd_table_cpu, device)
+            if self._devices:  # a device added later starts at the same position
+                ds.step_count.copy_(self.step_count)
+            self._devices[device] = ds
+        return ds
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        for p in self.param_groups[-1]["params"]:
+            self._device(p.device)  # tables go to each device once, never during step()
+
+    @property
+    def _primary(self) -> _DeviceSchedule:
+        return next(iter(self._devices.values()))
+
+    @property
+    def step_count(self) -> Tensor:
+        """Steps applied so far (0-d int64 on the first parameter's device): the table index."""
+        return self._primary.step_count
+
+    @property
+    def lr_table(self) -> Tensor:
+        """The LR multipliers (float32, on the first parameter's device)."""
+        return self._primary.lr_table
+
+    @property
+    def wd_table(self) -> Tensor:
+        """The weight-decay multipliers (float32, on the first parameter's device)."""
+        return self._primary.wd_table
+
+    def current_lr(self) -> list[Tensor]:
+        """Each group's LR for the next ``step()``, as float64 device tensors (no host sync)."""
+        ds = self._primary
+        idx = ds.step_count.clamp(max=self.total_steps - 1).view(1)
+        m = ds.lr_table.index_select(0, idx).squeeze(0).to(torch.float64)
+        return [m * g["lr"] for g in self.param_groups]
+
+    # -------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):
+        """Perform one optimization step (see :class:`torch.optim.AdamW`)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for p, grad in self._params_with_grad():  # every check before any write
+            if grad.is_sparse:
+                raise RuntimeError("Adam does not support sparse gradients, please consider SparseAdam instead")
+            if grad.shape != p.shape or grad.dtype != p.dtype or grad.device != p.device:
+                raise RuntimeError(
+                    f"grad of a parameter must match it: parameter {tuple(p.shape)} {p.dtype} on "
+                    f"{p.device}, grad {tuple(grad.shape)} {grad.dtype} on {grad.device}"
+                )
+        for work in self._collect().values():
+            self._backend.step(work)
+        self._host_steps += 1
+        if self._host_steps == self.total_steps + 1 and not self._unbounded:
+            warnings.warn(
+                f"d2z_optim.AdamW: step() called more than total_steps={self.total_steps} times; "
+                "the schedule's last multiplier is reused from now on",
+                stacklevel=4,
+            )
+        return loss
+
+    def _params_with_grad(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    yield p, p.grad
+
+    def _collect(self) -> dict[torch.device, backends.DeviceWork]:
+        """Group this step's tensors by device and parameter group, creating state lazily."""
+        out = {
+            dev: backends.DeviceWork(ds.lr_table, ds.wd_table, ds.step_count, self.weight_decay_mode == "independent")
+            for dev, ds in self._devices.items()
+        }
+        for group in self.param_groups:
+            per_dev: dict[torch.device, backends.GroupWork] = {}
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                gw = per_dev.get(p.device)
+                if gw is None:
+                    gw = per_dev[p.device] = self._group_work(group, p.device)
+                    out[p.device].groups.append(gw)
+                state = self.state[p]
+                if len(state) == 0:
+                    self._init_state(state, p, group["amsgrad"])
+                gw.params.append(p)
+                gw.grads.append(p.grad)
+                gw.exp_avgs.append(state["exp_avg"])
+                gw.exp_avg_sqs.append(state["exp_avg_sq"])
+                if group["amsgrad"]:
+                    gw.max_exp_avg_sqs.append(state["max_exp_avg_sq"])
+                gw.steps.append(state["step"])
+        return out
+
+    @staticmethod
+    def _group_work(group: dict, device: torch.device) -> backends.GroupWork:
+        lr = group["lr"]
+        if isinstance(lr, Tensor):
+            lr = lr.to(device=device, dtype=torch.float64)
+        beta1, beta2 = group["betas"]
+        return backends.GroupWork(
+            lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+            amsgrad=group["amsgrad"], maximize=group["maximize"], foreach=group["foreach"] is not False,
+        )  # fmt: skip
+
+    @staticmethod
+    def _init_state(state: dict, p: Tensor, amsgrad: bool) -> None:
+        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if amsgrad:
+            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    # ------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """torch's layout, plus ``"d2z"``: the schedule position and description."""
+        sd = super().state_dict()
+        sched = self.schedule
+        sd[_SAVE_KEY] = {
+            "step_count": self.step_count.detach().clone(),
+            "total_steps": self.total_steps,
+            "schedule": None if sched is None else {"name": sched.name, **{k: v for k, v in sched.params.items() if k != "values"}},
+            "weight_decay_mode": self.weight_decay_mode,
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state_dict of this class or of :class:`torch.optim.AdamW`.
+
+        From a torch state_dict the schedule position is the largest per-parameter
+        ``step`` and a group's ``initial_lr`` (left by torch's LR schedulers) is its
+        peak ``lr``. This reads values on the host, once, at load time.
+        """
+        state_dict = dict(state_dict)
+        saved = state_dict.pop(_SAVE_KEY, None)
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            if "initial_lr" in group:  # left by a torch LR scheduler: the peak LR
+                group["lr"] = group.pop("initial_lr")
+            group["decoupled_weight_decay"] = True
+            for p in group["params"]:
+                st = self.state.get(p)
+                if st and "step" in st:  # torch keeps `step` on the CPU; ours lives with the param
+                    st["step"] = torch.as_tensor(st["step"], dtype=torch.float32).to(p.device).clone()
+        if saved is not None:
+            position = torch.as_tensor(saved["step_count"], dtype=torch.int64)
+        else:
+            steps = [st["step"].to("cpu") for st in self.state.values() if "step" in st]
+            position = torch.stack(steps).max().to(torch.int64) if steps else torch.zeros((), dtype=torch.int64)
+        for ds in self._devices.values():
+            ds.step_count.copy_(position)
+        self._host_steps = int(position)
+        if self._host_steps > self.total_steps and not self._unbounded:
+            self._host_steps = self.total_steps + 1  # already past the end: warned by the run that saved
+
+    # ---------------------------------------------------------------- helpers
+    def __repr__(self) -> str:
+        base = super().__repr__()
+        sched = "constant (no schedule)" if self.schedule is None else repr(self.schedule)
+        return f"{base[:-1]}    schedule: {sched}\n    backend: {self.backend_name}\n)"
+
