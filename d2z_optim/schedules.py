@@ -202,7 +202,7 @@ def _progress(i: torch.Tensor, start: int, length: int) -> torch.Tensor:
 
 def _shape(kind: str, p: torch.Tensor, d: float) -> torch.Tensor:
     if kind == "linear":
-        return 1.0 - (1.0 - d) * p
+        return d + (1.0 - d) * (1.0 - p)  # == 1 - (1 - d) p, and exactly d at p = 1
     if kind == "cosine":
         return d + (1.0 - d) * (1.0 + torch.cos(math.pi * p)) / 2.0
     if kind == "1-sqrt":

@@ -1,0 +1,241 @@
+"""d2z_optim.AdamW against torch.optim.AdamW (for-loop, foreach, fused) and a float64 reference.
+
+Tolerances. The torch backend does torch's own operations in torch's order with
+the same float64 scalars, so it must be *bitwise* equal to torch's for-loop and
+foreach paths. Fused kernels (ours with fma, torch's fused CPU kernel) round in
+another order: each step differs by a few ulp, so after 60 steps we allow
+rtol 1e-5 / atol 1e-6 on parameters of order 1 (measured: 2.4e-7 max abs).
+"""
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from d2z_optim import AdamW, schedules
+
+from .conftest import SHAPES, Fp64AdamW, clone_params, grads_for, make_params, run
+
+STEPS = 60
+TORCH_PATHS = {"forloop": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
+OPTIONS = [
+    dict(),
+    dict(amsgrad=True),
+    dict(maximize=True),
+    dict(weight_decay=0.0),
+    dict(lr=3e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.3, amsgrad=True, maximize=True),
+]
+
+
+def assert_same(ours, ref, exact):
+    for a, b in zip(ours, ref):
+        if exact:
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def skip_some(k, i):
+    """Some parameters have no gradient on some steps (their per-parameter step lags)."""
+    return (i == 1 and k % 3 == 0) or (i == 4 and k < 5)
+
+
+@pytest.mark.parametrize("path", list(TORCH_PATHS))
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+def test_matches_torch_without_schedule(backend, path, opts):
+    p0 = make_params()
+    ours, ref = clone_params(p0), clone_params(p0)
+    run(lambda p: AdamW(p, backend=backend, **opts), ours, STEPS, skip=skip_some)
+    run(lambda p: torch.optim.AdamW(p, **opts, **TORCH_PATHS[path]), ref, STEPS, skip=skip_some)
+    assert_same(ours, ref, exact=(backend == "torch" and path != "fused"))
+
+
+def test_torch_backend_for_loop_path_matches(backend):
+    p0 = make_params()
+    ours, ref = clone_params(p0), clone_params(p0)
+    run(lambda p: AdamW(p, foreach=False, backend=backend, amsgrad=True), ours, STEPS, skip=skip_some)
+    run(lambda p: torch.optim.AdamW(p, foreach=False, amsgrad=True), ref, STEPS, skip=skip_some)
+    assert_same(ours, ref, exact=(backend == "torch"))
+
+
+def groups_of(params, lrs=(1e-3, 3e-2, 1e-2), wds=(0.0, 0.1, 0.05)):
+    return [
+        {"params": params[0:2], "lr": lrs[0], "weight_decay": wds[0]},
+        {"params": params[2:4], "lr": lrs[1], "weight_decay": wds[1], "amsgrad": True},
+        {"params": params[4:], "lr": lrs[2], "weight_decay": wds[2], "betas": (0.95, 0.98)},
+    ]
+
+
+@pytest.mark.parametrize("path", ["forloop", "foreach"])
+def test_several_groups_with_their_own_hyperparameters(backend, path):
+    p0 = make_params()
+    ours, ref = clone_params(p0), clone_params(p0)
+    run(lambda p: AdamW(groups_of(p), backend=backend), ours, STEPS, skip=skip_some)
+    run(lambda p: torch.optim.AdamW(groups_of(p), **TORCH_PATHS[path]), ref, STEPS, skip=skip_some)
+    assert_same(ours, ref, exact=(backend == "torch"))
+
+
+@pytest.mark.parametrize("path", ["forloop", "foreach"])
+def test_complex_parameters_like_torch(path):
+    g = torch.Generator().manual_seed(3)
+    p0 = [torch.nn.Parameter(torch.randn(7, 3, dtype=torch.complex64, generator=g)), torch.nn.Parameter(torch.randn(4))]
+    ours, ref = clone_params(p0), clone_params(p0)
+    for opt, ps in ((AdamW(ours, amsgrad=True, maximize=True, backend="torch"), ours),
+                    (torch.optim.AdamW(ref, amsgrad=True, maximize=True, **TORCH_PATHS[path]), ref)):  # fmt: skip
+        gg = torch.Generator().manual_seed(4)
+        for _ in range(STEPS):
+            for p in ps:
+                p.grad = torch.randn(p.shape, dtype=p.dtype, generator=gg)
+            opt.step()
+    assert_same(ours, ref, exact=True)
+
+
+def test_float64_parameters_match_the_fp64_reference(backend):
+    if backend != "torch":
+        pytest.skip("fused kernels take fp32/bf16/fp16 parameters; float64 runs on the torch backend")
+    s = schedules.get("cosine-10x", STEPS, warmup=6)
+    p0 = make_params(dtype=torch.float64)
+    ours = clone_params(p0)
+    ref = Fp64AdamW(p0, lr=1e-2, weight_decay=0.1, amsgrad=True, mult=s.multiplier)
+    run(lambda p: AdamW(p, lr=1e-2, weight_decay=0.1, amsgrad=True, schedule=s, backend=backend), ours, STEPS)
+    for k in range(STEPS):
+        ref.step(grads_for(k, SHAPES, torch.float64))
+    # the only difference: the table is float32, so multipliers differ by <= 2^-24 relative
+    for a, b in zip(ours, ref.p):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+# ----------------------------------------------------------------- schedules
+SCHED_CASES = {n: {} for n in schedules.names() if n != "custom"}
+SCHED_CASES["rational"] = {"peak_lr": 1e-2, "weight_decay": 0.1}
+SCHED_CASES["step"] = {"milestones": [20, 40], "gamma": 0.3}
+SCHED_CASES["cyclic"] = {"period": 16, "low": 0.2}
+
+
+@pytest.mark.parametrize("name", list(SCHED_CASES))
+def test_every_schedule_matches_torch_with_lambdalr(backend, name):
+    s = schedules.get(name, STEPS, warmup=0.1, **SCHED_CASES[name])
+    table = s.table()
+    p0 = make_params()
+    kw = dict(lr=1e-2, weight_decay=0.1, amsgrad=(name == "wsd"))
+    ours, exact_ref, f64_ref = clone_params(p0), clone_params(p0), clone_params(p0)
+    opt = run(lambda p: AdamW(p, schedule=s, backend=backend, **kw), ours, STEPS, skip=skip_some)
+    # LambdaLR fed the float32 table: the same LR as ours, bit for bit
+    run(lambda p: torch.optim.AdamW(p, foreach=False, **kw), exact_ref, STEPS, skip=skip_some,
+        scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda i: float(table[min(i, STEPS - 1)])))  # fmt: skip
+    assert_same(ours, exact_ref, exact=(backend == "torch"))
+    # LambdaLR fed the float64 multipliers: LRs differ by the float32 rounding of the table
+    run(lambda p: torch.optim.AdamW(p, foreach=True, **kw), f64_ref, STEPS, skip=skip_some,
+        scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, s.multiplier))  # fmt: skip
+    assert_same(ours, f64_ref, exact=False)
+    assert int(opt.step_count) == STEPS
+
+
+@pytest.mark.parametrize("mode", ["coupled", "independent"])
+def test_wd_schedule_and_decay_modes_match_the_fp64_reference(backend, mode):
+    s = schedules.get("linear-d2z", STEPS, warmup=5)
+    wd_s = schedules.get("cosine", STEPS, warmup=0, decay_to=0.3)
+    kw = dict(lr=2e-2, weight_decay=0.2)
+    p0 = make_params()
+    ours = clone_params(p0)
+    run(lambda p: AdamW(p, schedule=s, wd_schedule=wd_s, weight_decay_mode=mode, backend=backend, **kw), ours, STEPS)
+    ref = Fp64AdamW(p0, mult=lambda i: float(s.table()[i]), wd_mult=lambda i: float(wd_s.table()[i]),
+                    independent=(mode == "independent"), **kw)  # fmt: skip
+    for k in range(STEPS):
+        ref.step(grads_for(k, SHAPES))
+    for a, b in zip(ours, ref.p):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
+
+
+def test_independent_decay_does_not_scale_with_peak_lr():
+    """independent: p -= wd * table[t] * p, whatever the peak LR (zero grads isolate the decay)."""
+    for lr in (1e-3, 1.0):
+        p = torch.nn.Parameter(torch.full((4,), 2.0))
+        opt = AdamW([p], lr=lr, weight_decay=0.1, schedule=[0.5, 0.25], weight_decay_mode="independent")
+        p.grad = torch.zeros(4)
+        opt.step()
+        torch.testing.assert_close(p.detach(), torch.full((4,), 2.0 * (1 - 0.1 * 0.5)), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_is_no_worse_than_torch(backend, dtype):
+    """bf16/fp16: error vs fp64 <= 2x torch's error at the same precision + atol (flash-attention's form)."""
+    p0 = make_params(dtype=dtype)
+    kw = dict(lr=1e-2, weight_decay=0.1)
+    ours, theirs = clone_params(p0), clone_params(p0)
+    run(lambda p: AdamW(p, schedule="linear-d2z", total_steps=STEPS, backend=backend, **kw), ours, STEPS)
+    s = schedules.get("linear-d2z", STEPS)
+    # torch's fused kernel also does fp32 math (its for-loop path overflows to inf in fp16)
+    run(lambda p: torch.optim.AdamW(p, fused=True, **kw), theirs, STEPS,
+        scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, s.multiplier))  # fmt: skip
+    ref = Fp64AdamW(p0, mult=s.multiplier, **kw)
+    for k in range(STEPS):
+        ref.step(grads_for(k, SHAPES, dtype))
+    atol = 1e-2 if dtype == torch.bfloat16 else 1e-3  # about one ulp at |p| ~ 1-2
+    for a, b, r in zip(ours, theirs, ref.p):
+        if r.numel():
+            err_ours = (a.double() - r).abs().max().item()
+            err_torch = (b.double() - r).abs().max().item()
+            assert math.isfinite(err_torch)
+            assert err_ours <= 2 * err_torch + atol, (err_ours, err_torch)
+
+
+# ------------------------------------------------------- device-side schedule
+def test_default_with_total_steps_is_the_papers_recipe():
+    p = make_params()
+    opt = AdamW(p, total_steps=200)
+    assert opt.schedule.name == "linear-d2z" and opt.schedule.warmup_steps == 20
+    torch.testing.assert_close(opt.lr_table, schedules.get("linear-d2z", 200).table(), rtol=0, atol=0)
+    assert AdamW(p).schedule is None and AdamW(p).lr_table.tolist() == [1.0]
+
+
+def test_step_count_and_current_lr_on_device():
+    p = make_params()
+    opt = AdamW([{"params": p[:2], "lr": 1e-2}, {"params": p[2:], "lr": 1e-3}], total_steps=10, warmup=2)
+    assert opt.step_count.dtype == torch.int64 and opt.step_count.dim() == 0
+    assert opt.lr_table.dtype == torch.float32 and opt.wd_table.tolist() == [1.0] * 10
+    lrs = opt.current_lr()
+    assert all(isinstance(x, torch.Tensor) and x.device == p[0].device for x in lrs)
+    assert [x.item() for x in lrs] == pytest.approx([0.5e-2, 0.5e-3])  # first step: warmup 1/2
+    run(lambda q: opt, p, 3)
+    assert int(opt.step_count) == 3
+    m = float(opt.lr_table[3])
+    assert [x.item() for x in opt.current_lr()] == pytest.approx([1e-2 * m, 1e-3 * m], rel=1e-12)
+
+
+def test_past_the_end_reuses_the_last_multiplier_and_warns_once():
+    p = make_params()
+    opt = AdamW(p, schedule=[1.0, 0.5, 0.25])
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        run(lambda q: opt, p, 6)
+    msgs = [str(x.message) for x in w if "total_steps=3" in str(x.message)]
+    assert len(msgs) == 1, msgs
+    assert int(opt.step_count) == 6 and opt.current_lr()[0].item() == pytest.approx(0.25e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run(lambda q: AdamW(q), make_params(), 5)  # schedule=None never runs out: no warning
+
+
+def test_schedule_forms_accepted():
+    p = make_params()
+    for form in ("cosine-10x", schedules.get("cosine-10x", 50), [1.0] * 50, torch.ones(50)):
+        opt = AdamW(p, schedule=form, total_steps=50)
+        assert opt.lr_table.shape == (50,)
+    opt = AdamW(p, schedule="rational", lr=1e-2, weight_decay=0.1, total_steps=50)
+    assert opt.schedule.params == {"peak_lr": 1e-2, "weight_decay": 0.1}
+
+
+def test_closure_is_called_with_grad_enabled():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = AdamW([p])
+
+    def closure():
+        assert torch.is_grad_enabled()
+        opt.zero_grad()
+        loss = (p * p).sum()
+        loss.backward()
+        return loss
+
+    assert opt.step(closure).item() == 3.0
