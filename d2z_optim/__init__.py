@@ -14,4 +14,4 @@ from .schedules import Schedule
 
 __version__ = "0.1.0"
 
-__all__ = ["AdamW", "Schedule", "available_backends", "schedules", "__version__"]
+__all__ = ["AdamW", "Schedule", "__version__", "available_backends", "schedules"]

@@ -32,7 +32,9 @@ class _DeviceSchedule:
         self.step_count = torch.zeros((), dtype=torch.int64, device=device)
 
 
-def _as_schedule(value: Any, arg: str, total_steps: int | None, warmup: Any, defaults: dict, mode: str) -> Schedule | None:
+def _as_schedule(
+    value: Any, arg: str, total_steps: int | None, warmup: Any, defaults: dict, mode: str
+) -> Schedule | None:
     """``schedule``/``wd_schedule`` argument -> Schedule (None when not given)."""
     if value is None or isinstance(value, Schedule):
         return value
@@ -127,9 +129,18 @@ class AdamW(torch.optim.Optimizer):
     ) -> None:
         # torch's own checks give torch's exact errors for everything torch has
         torch.optim.AdamW(
-            [torch.empty(0)], lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
-            foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
-        )  # fmt: skip
+            [torch.empty(0)],
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad,
+            maximize=maximize,
+            foreach=foreach,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+        )
         if differentiable:
             raise ValueError(
                 "differentiable=True is not supported by d2z_optim.AdamW: its step is an in-place "
@@ -159,17 +170,26 @@ class AdamW(torch.optim.Optimizer):
         super().__init__(
             params,
             dict(
-                lr=lr, betas=tuple(float(b) if isinstance(b, Tensor) else b for b in betas),
-                eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-                foreach=foreach, capturable=capturable, differentiable=differentiable,
-                fused=fused, decoupled_weight_decay=True,
+                lr=lr,
+                betas=tuple(float(b) if isinstance(b, Tensor) else b for b in betas),
+                eps=eps,
+                weight_decay=weight_decay,
+                amsgrad=amsgrad,
+                maximize=maximize,
+                foreach=foreach,
+                capturable=capturable,
+                differentiable=differentiable,
+                fused=fused,
+                decoupled_weight_decay=True,
             ),
-        )  # fmt: skip
+        )
 
     # ------------------------------------------------------------------ tables
     @staticmethod
     def _tables(lr_sched: Schedule | None, wd_sched: Schedule | None, total_steps: int | None):
-        if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= 0):
+        if total_steps is not None and (
+            isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= 0
+        ):
             raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
         lengths = {s.total_steps for s in (lr_sched, wd_sched) if s is not None}
         if total_steps is not None:
@@ -236,7 +256,9 @@ class AdamW(torch.optim.Optimizer):
                 loss = closure()
         for p, grad in self._params_with_grad():  # every check before any write
             if grad.is_sparse:
-                raise RuntimeError("Adam does not support sparse gradients, please consider SparseAdam instead")
+                raise RuntimeError(
+                    "Adam does not support sparse gradients, please consider SparseAdam instead"
+                )
             if grad.shape != p.shape or grad.dtype != p.dtype or grad.device != p.device:
                 raise RuntimeError(
                     f"grad of a parameter must match it: parameter {tuple(p.shape)} {p.dtype} on "
@@ -262,7 +284,9 @@ class AdamW(torch.optim.Optimizer):
     def _collect(self) -> dict[torch.device, backends.DeviceWork]:
         """Group this step's tensors by device and parameter group, creating state lazily."""
         out = {
-            dev: backends.DeviceWork(ds.lr_table, ds.wd_table, ds.step_count, self.weight_decay_mode == "independent")
+            dev: backends.DeviceWork(
+                ds.lr_table, ds.wd_table, ds.step_count, self.weight_decay_mode == "independent"
+            )
             for dev, ds in self._devices.items()
         }
         for group in self.param_groups:
@@ -293,9 +317,15 @@ class AdamW(torch.optim.Optimizer):
             lr = lr.to(device=device, dtype=torch.float64)
         beta1, beta2 = group["betas"]
         return backends.GroupWork(
-            lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-            amsgrad=group["amsgrad"], maximize=group["maximize"], foreach=group["foreach"] is not False,
-        )  # fmt: skip
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            amsgrad=group["amsgrad"],
+            maximize=group["maximize"],
+            foreach=group["foreach"] is not False,
+        )
 
     @staticmethod
     def _init_state(state: dict, p: Tensor, amsgrad: bool) -> None:
@@ -313,7 +343,9 @@ class AdamW(torch.optim.Optimizer):
         sd[_SAVE_KEY] = {
             "step_count": self.step_count.detach().clone(),
             "total_steps": self.total_steps,
-            "schedule": None if sched is None else {"name": sched.name, **{k: v for k, v in sched.params.items() if k != "values"}},
+            "schedule": None
+            if sched is None
+            else {"name": sched.name, **{k: v for k, v in sched.params.items() if k != "values"}},
             "weight_decay_mode": self.weight_decay_mode,
         }
         return sd
@@ -340,7 +372,9 @@ class AdamW(torch.optim.Optimizer):
             position = torch.as_tensor(saved["step_count"], dtype=torch.int64)
         else:
             steps = [st["step"].to("cpu") for st in self.state.values() if "step" in st]
-            position = torch.stack(steps).max().to(torch.int64) if steps else torch.zeros((), dtype=torch.int64)
+            position = (
+                torch.stack(steps).max().to(torch.int64) if steps else torch.zeros((), dtype=torch.int64)
+            )
         for ds in self._devices.values():
             ds.step_count.copy_(position)
         self._host_steps = int(position)
@@ -352,4 +386,3 @@ class AdamW(torch.optim.Optimizer):
         base = super().__repr__()
         sched = "constant (no schedule)" if self.schedule is None else repr(self.schedule)
         return f"{base[:-1]}    schedule: {sched}\n    backend: {self.backend_name}\n)"
-

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Schedule", "get", "names", "from_values"]
+__all__ = ["Schedule", "from_values", "get", "names"]
 
 _WSD_SHAPES = ("linear", "1-sqrt", "cosine")
 
@@ -68,7 +68,7 @@ def _steps_or_fraction(value: Any, total_steps: int, arg: str) -> int:
             raise ValueError(
                 f"{arg} as a float is a fraction of total_steps and must be in [0, 1], got {value}"
             )
-        steps = int(round(value * total_steps))
+        steps = round(value * total_steps)
     if steps < 0:
         raise ValueError(f"{arg} must be >= 0 steps, got {steps}")
     return steps
@@ -116,15 +116,11 @@ def _check_values(values: Any, arg: str = "schedule") -> torch.Tensor:
                 f"{arg} must be a 1-D sequence of non-negative finite multipliers: {e}"
             ) from None
     if t.dim() != 1 or t.numel() == 0:
-        raise ValueError(
-            f"{arg} must be a non-empty 1-D sequence of multipliers, got shape {tuple(t.shape)}"
-        )
+        raise ValueError(f"{arg} must be a non-empty 1-D sequence of multipliers, got shape {tuple(t.shape)}")
     bad = ~torch.isfinite(t) | (t < 0)
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
-        raise ValueError(
-            f"{arg} must hold non-negative finite multipliers; entry {i} is {t[i].item()!r}"
-        )
+        raise ValueError(f"{arg} must hold non-negative finite multipliers; entry {i} is {t[i].item()!r}")
     return t.contiguous()
 
 
@@ -235,17 +231,15 @@ def _build_invsqrt(T: int, W: int) -> tuple[Callable, dict]:
     return (lambda i: torch.sqrt(w / (i + 1.0))), {}
 
 
-def _build_step(
-    T: int, W: int, milestones: Sequence = (0.9,), gamma: float = 0.001
-) -> tuple[Callable, dict]:
+def _build_step(T: int, W: int, milestones: Sequence = (0.9,), gamma: float = 0.001) -> tuple[Callable, dict]:
     # Defaults from the paper's Step decay (Appendix B, Figure 18): after 90% of
     # training, drop to 0.1% of the peak. Multiplied by gamma once the step index
     # reaches each milestone, like torch's MultiStepLR under the LambdaLR convention.
     if isinstance(milestones, (str, bytes)) or not isinstance(milestones, Sequence):
         raise ValueError(f"milestones must be a sequence of steps or fractions, got {milestones!r}")
     ms = [_steps_or_fraction(m, T, "milestones") for m in milestones]
-    if any(m >= T for m in ms):
-        raise ValueError(f"milestones must be < total_steps={T}, got {ms}")
+    if any(m > T for m in ms):  # a milestone at T is allowed (a fraction may round to it): no effect
+        raise ValueError(f"milestones must be <= total_steps={T}, got {ms}")
     if ms != sorted(ms):
         raise ValueError(f"milestones must be increasing, got {ms}")
     g = _check_positive(gamma, "gamma")

@@ -73,9 +73,19 @@ class Fp64AdamW:
     give the multipliers of the (i+1)-th step.
     """
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 amsgrad=False, maximize=False, mult=lambda i: 1.0, wd_mult=lambda i: 1.0,
-                 independent=False):  # fmt: skip
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=1e-2,
+        amsgrad=False,
+        maximize=False,
+        mult=lambda i: 1.0,
+        wd_mult=lambda i: 1.0,
+        independent=False,
+    ):
         self.p = [p.detach().to(torch.float64).clone() for p in params]  # real parameters only
         self.m = [torch.zeros_like(p) for p in self.p]
         self.v = [torch.zeros_like(p) for p in self.p]

@@ -42,7 +42,9 @@ def skip_some(k, i):
 
 
 @pytest.mark.parametrize("path", list(TORCH_PATHS))
-@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+@pytest.mark.parametrize(
+    "opts", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default"
+)
 def test_matches_torch_without_schedule(backend, path, opts):
     p0 = make_params()
     ours, ref = clone_params(p0), clone_params(p0)
@@ -79,10 +81,15 @@ def test_several_groups_with_their_own_hyperparameters(backend, path):
 @pytest.mark.parametrize("path", ["forloop", "foreach"])
 def test_complex_parameters_like_torch(path):
     g = torch.Generator().manual_seed(3)
-    p0 = [torch.nn.Parameter(torch.randn(7, 3, dtype=torch.complex64, generator=g)), torch.nn.Parameter(torch.randn(4))]
+    p0 = [
+        torch.nn.Parameter(torch.randn(7, 3, dtype=torch.complex64, generator=g)),
+        torch.nn.Parameter(torch.randn(4)),
+    ]
     ours, ref = clone_params(p0), clone_params(p0)
-    for opt, ps in ((AdamW(ours, amsgrad=True, maximize=True, backend="torch"), ours),
-                    (torch.optim.AdamW(ref, amsgrad=True, maximize=True, **TORCH_PATHS[path]), ref)):  # fmt: skip
+    for opt, ps in (
+        (AdamW(ours, amsgrad=True, maximize=True, backend="torch"), ours),
+        (torch.optim.AdamW(ref, amsgrad=True, maximize=True, **TORCH_PATHS[path]), ref),
+    ):
         gg = torch.Generator().manual_seed(4)
         for _ in range(STEPS):
             for p in ps:
@@ -122,12 +129,22 @@ def test_every_schedule_matches_torch_with_lambdalr(backend, name):
     ours, exact_ref, f64_ref = clone_params(p0), clone_params(p0), clone_params(p0)
     opt = run(lambda p: AdamW(p, schedule=s, backend=backend, **kw), ours, STEPS, skip=skip_some)
     # LambdaLR fed the float32 table: the same LR as ours, bit for bit
-    run(lambda p: torch.optim.AdamW(p, foreach=False, **kw), exact_ref, STEPS, skip=skip_some,
-        scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda i: float(table[min(i, STEPS - 1)])))  # fmt: skip
+    run(
+        lambda p: torch.optim.AdamW(p, foreach=False, **kw),
+        exact_ref,
+        STEPS,
+        skip=skip_some,
+        scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda i: float(table[min(i, STEPS - 1)])),
+    )
     assert_same(ours, exact_ref, exact=(backend == "torch"))
     # LambdaLR fed the float64 multipliers: LRs differ by the float32 rounding of the table
-    run(lambda p: torch.optim.AdamW(p, foreach=True, **kw), f64_ref, STEPS, skip=skip_some,
-        scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, s.multiplier))  # fmt: skip
+    run(
+        lambda p: torch.optim.AdamW(p, foreach=True, **kw),
+        f64_ref,
+        STEPS,
+        skip=skip_some,
+        scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, s.multiplier),
+    )
     assert_same(ours, f64_ref, exact=False)
     assert int(opt.step_count) == STEPS
 
@@ -139,9 +156,18 @@ def test_wd_schedule_and_decay_modes_match_the_fp64_reference(backend, mode):
     kw = dict(lr=2e-2, weight_decay=0.2)
     p0 = make_params()
     ours = clone_params(p0)
-    run(lambda p: AdamW(p, schedule=s, wd_schedule=wd_s, weight_decay_mode=mode, backend=backend, **kw), ours, STEPS)
-    ref = Fp64AdamW(p0, mult=lambda i: float(s.table()[i]), wd_mult=lambda i: float(wd_s.table()[i]),
-                    independent=(mode == "independent"), **kw)  # fmt: skip
+    run(
+        lambda p: AdamW(p, schedule=s, wd_schedule=wd_s, weight_decay_mode=mode, backend=backend, **kw),
+        ours,
+        STEPS,
+    )
+    ref = Fp64AdamW(
+        p0,
+        mult=lambda i: float(s.table()[i]),
+        wd_mult=lambda i: float(wd_s.table()[i]),
+        independent=(mode == "independent"),
+        **kw,
+    )
     for k in range(STEPS):
         ref.step(grads_for(k, SHAPES))
     for a, b in zip(ours, ref.p):
@@ -167,8 +193,12 @@ def test_low_precision_is_no_worse_than_torch(backend, dtype):
     run(lambda p: AdamW(p, schedule="linear-d2z", total_steps=STEPS, backend=backend, **kw), ours, STEPS)
     s = schedules.get("linear-d2z", STEPS)
     # torch's fused kernel also does fp32 math (its for-loop path overflows to inf in fp16)
-    run(lambda p: torch.optim.AdamW(p, fused=True, **kw), theirs, STEPS,
-        scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, s.multiplier))  # fmt: skip
+    run(
+        lambda p: torch.optim.AdamW(p, fused=True, **kw),
+        theirs,
+        STEPS,
+        scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, s.multiplier),
+    )
     ref = Fp64AdamW(p0, mult=s.multiplier, **kw)
     for k in range(STEPS):
         ref.step(grads_for(k, SHAPES, dtype))

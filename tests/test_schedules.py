@@ -152,7 +152,7 @@ def test_custom_tables():
         (lambda: schedules.get("wsd", 10, shape="exp"), r"shape must be one of \['linear', '1-sqrt'"),
         (lambda: schedules.get("wsd", 10, cooldown=0.95), "cooldown must be between"),
         (lambda: schedules.get("step", 10, milestones=[5, 2]), "milestones must be increasing"),
-        (lambda: schedules.get("step", 10, milestones=[12]), "milestones must be < total_steps"),
+        (lambda: schedules.get("step", 10, milestones=[12]), "milestones must be <= total_steps"),
         (lambda: schedules.get("step", 10, gamma=0), "gamma must be a positive finite float"),
         (lambda: schedules.get("cyclic", 10, period=1), "period must be at least 2 steps"),
         (lambda: schedules.get("rational", 10), "needs peak_lr and weight_decay"),
