@@ -147,9 +147,7 @@ class AdamW(torch.optim.Optimizer):
                 "kernel that autograd cannot differentiate through; use torch.optim.AdamW"
             )
         if weight_decay_mode not in WEIGHT_DECAY_MODES:
-            raise ValueError(
-                f"weight_decay_mode must be one of {list(WEIGHT_DECAY_MODES)}, got {weight_decay_mode!r}"
-            )
+            raise ValueError(f"weight_decay_mode must be one of {list(WEIGHT_DECAY_MODES)}, got {weight_decay_mode!r}")
         self._backend = backends.resolve(backend, fused=fused)
         self.backend_name: str = self._backend.name
         self.weight_decay_mode = weight_decay_mode
@@ -256,9 +254,7 @@ class AdamW(torch.optim.Optimizer):
                 loss = closure()
         for p, grad in self._params_with_grad():  # every check before any write
             if grad.is_sparse:
-                raise RuntimeError(
-                    "Adam does not support sparse gradients, please consider SparseAdam instead"
-                )
+                raise RuntimeError("Adam does not support sparse gradients, please consider SparseAdam instead")
             if grad.shape != p.shape or grad.dtype != p.dtype or grad.device != p.device:
                 raise RuntimeError(
                     f"grad of a parameter must match it: parameter {tuple(p.shape)} {p.dtype} on "
@@ -284,9 +280,7 @@ class AdamW(torch.optim.Optimizer):
     def _collect(self) -> dict[torch.device, backends.DeviceWork]:
         """Group this step's tensors by device and parameter group, creating state lazily."""
         out = {
-            dev: backends.DeviceWork(
-                ds.lr_table, ds.wd_table, ds.step_count, self.weight_decay_mode == "independent"
-            )
+            dev: backends.DeviceWork(ds.lr_table, ds.wd_table, ds.step_count, self.weight_decay_mode == "independent")
             for dev, ds in self._devices.items()
         }
         for group in self.param_groups:
@@ -372,9 +366,7 @@ class AdamW(torch.optim.Optimizer):
             position = torch.as_tensor(saved["step_count"], dtype=torch.int64)
         else:
             steps = [st["step"].to("cpu") for st in self.state.values() if "step" in st]
-            position = (
-                torch.stack(steps).max().to(torch.int64) if steps else torch.zeros((), dtype=torch.int64)
-            )
+            position = torch.stack(steps).max().to(torch.int64) if steps else torch.zeros((), dtype=torch.int64)
         for ds in self._devices.values():
             ds.step_count.copy_(position)
         self._host_steps = int(position)

@@ -57,17 +57,13 @@ def _check_total_steps(total_steps: Any, name: str) -> int:
 def _steps_or_fraction(value: Any, total_steps: int, arg: str) -> int:
     """An int counts steps; a float in [0, 1] is a fraction of ``total_steps``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(
-            f"{arg} must be an int number of steps or a float fraction of total_steps, got {value!r}"
-        )
+        raise ValueError(f"{arg} must be an int number of steps or a float fraction of total_steps, got {value!r}")
     if isinstance(value, numbers.Integral):
         steps = int(value)
     else:
         value = float(value)
         if not (0.0 <= value <= 1.0):
-            raise ValueError(
-                f"{arg} as a float is a fraction of total_steps and must be in [0, 1], got {value}"
-            )
+            raise ValueError(f"{arg} as a float is a fraction of total_steps and must be in [0, 1], got {value}")
         steps = round(value * total_steps)
     if steps < 0:
         raise ValueError(f"{arg} must be >= 0 steps, got {steps}")
@@ -78,8 +74,7 @@ def _check_warmup(warmup: Any, total_steps: int) -> int:
     w = _steps_or_fraction(warmup, total_steps, "warmup")
     if w >= total_steps:
         raise ValueError(
-            f"warmup must be shorter than total_steps: warmup={warmup!r} is {w} steps "
-            f"but total_steps={total_steps}"
+            f"warmup must be shorter than total_steps: warmup={warmup!r} is {w} steps but total_steps={total_steps}"
         )
     return w
 
@@ -112,9 +107,7 @@ def _check_values(values: Any, arg: str = "schedule") -> torch.Tensor:
         try:
             t = torch.as_tensor(values, dtype=torch.float64)
         except (TypeError, ValueError, RuntimeError) as e:
-            raise ValueError(
-                f"{arg} must be a 1-D sequence of non-negative finite multipliers: {e}"
-            ) from None
+            raise ValueError(f"{arg} must be a 1-D sequence of non-negative finite multipliers: {e}") from None
     if t.dim() != 1 or t.numel() == 0:
         raise ValueError(f"{arg} must be a non-empty 1-D sequence of multipliers, got shape {tuple(t.shape)}")
     bad = ~torch.isfinite(t) | (t < 0)
@@ -161,10 +154,7 @@ class Schedule:
 
     def __repr__(self) -> str:
         extra = "".join(f", {k}={v!r}" for k, v in self.params.items() if k != "values")
-        return (
-            f"Schedule({self.name!r}, total_steps={self.total_steps}, "
-            f"warmup_steps={self.warmup_steps}{extra})"
-        )
+        return f"Schedule({self.name!r}, total_steps={self.total_steps}, warmup_steps={self.warmup_steps}{extra})"
 
     def multipliers(self) -> torch.Tensor:
         """All ``T`` multipliers as a float64 CPU tensor (computed once, cached)."""
@@ -261,8 +251,7 @@ def _build_wsd(
     c = _steps_or_fraction(cooldown, T, "cooldown")
     if c < 1 or c > T - W:
         raise ValueError(
-            f"cooldown must be between 1 step and total_steps - warmup = {T - W} steps, "
-            f"got {cooldown!r} ({c} steps)"
+            f"cooldown must be between 1 step and total_steps - warmup = {T - W} steps, got {cooldown!r} ({c} steps)"
         )
     start = T - c  # first cooldown step
 
@@ -379,9 +368,7 @@ def _build_custom(total_steps: Any, warmup: Any, params: dict) -> Schedule:
         values = [values(i) for i in range(T)]
     table = _check_values(values, "values")
     if total_steps is not None and _check_total_steps(total_steps, "custom") != table.numel():
-        raise ValueError(
-            f"total_steps={total_steps} does not match the custom table's length {table.numel()}"
-        )
+        raise ValueError(f"total_steps={total_steps} does not match the custom table's length {table.numel()}")
     return from_values(table)
 
 

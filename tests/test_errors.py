@@ -76,9 +76,7 @@ def test_unavailable_backend_says_why_and_what_is_available(name):
     why = d2z_optim.available_backends()[name]
     if why is None:
         pytest.skip(f"backend {name!r} is built in this install")
-    with pytest.raises(
-        ValueError, match=rf"backend '{name}' is not available: .*available backends: \['torch'"
-    ):
+    with pytest.raises(ValueError, match=rf"backend '{name}' is not available: .*available backends: \['torch'"):
         AdamW(make_params(), backend=name)
 
 

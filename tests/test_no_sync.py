@@ -27,9 +27,7 @@ class Recorder(TorchDispatchMode):
         kwargs = kwargs or {}
         name = func.__name__.split(".")[0]
         self.ops.append(name)
-        devices = {
-            a.device for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)
-        }
+        devices = {a.device for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)}
         out = func(*args, **kwargs)
         if name in ("_to_copy", "copy_", "to"):
             devices |= {o.device for o in torch.utils._pytree.tree_leaves(out) if isinstance(o, torch.Tensor)}
@@ -69,9 +67,7 @@ OPTIONS = [
 def test_step_never_syncs(backend, name, opts):
     p = make_params()
     if name == "custom":
-        sched = dict(
-            schedule=[1.0, 0.5, 0.25, 0.0], wd_schedule=None if "wd_schedule" not in opts else [1.0] * 4
-        )
+        sched = dict(schedule=[1.0, 0.5, 0.25, 0.0], wd_schedule=None if "wd_schedule" not in opts else [1.0] * 4)
         opts = {k: v for k, v in opts.items() if k != "wd_schedule"}
     elif name is None:
         sched = dict(total_steps=4) if "wd_schedule" in opts else {}

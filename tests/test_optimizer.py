@@ -42,9 +42,7 @@ def skip_some(k, i):
 
 
 @pytest.mark.parametrize("path", list(TORCH_PATHS))
-@pytest.mark.parametrize(
-    "opts", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default"
-)
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
 def test_matches_torch_without_schedule(backend, path, opts):
     p0 = make_params()
     ours, ref = clone_params(p0), clone_params(p0)

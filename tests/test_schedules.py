@@ -39,9 +39,7 @@ def test_warmup_boundaries_and_table(name):
     assert s.multiplier(T + 5) == s.multiplier(T - 1)  # past the end: the last multiplier
 
 
-@pytest.mark.parametrize(
-    "name,d", [("linear-d2z", 0.0), ("linear-10x", 0.1), ("cosine-d2z", 0.0), ("cosine-10x", 0.1)]
-)
+@pytest.mark.parametrize("name,d", [("linear-d2z", 0.0), ("linear-10x", 0.1), ("cosine-d2z", 0.0), ("cosine-10x", 0.1)])
 def test_decay_endpoints_are_exact(name, d):
     s = make(name)
     assert s.multiplier(T - 1) == d  # the last update uses exactly decay_to

@@ -72,9 +72,7 @@ def test_ours_into_torch_and_back(backend):
     train(opt, ours, K, K, skip_some)
     train(ref, theirs, K, K, skip_some)
     for a, b in zip(ours, theirs):
-        torch.testing.assert_close(
-            a, b, rtol=0 if backend == "torch" else 1e-5, atol=0 if backend == "torch" else 1e-6
-        )
+        torch.testing.assert_close(a, b, rtol=0 if backend == "torch" else 1e-5, atol=0 if backend == "torch" else 1e-6)
 
 
 def test_torch_with_lambdalr_into_ours():
