@@ -148,8 +148,7 @@ class AdamW(torch.optim.Optimizer):
             )
         if weight_decay_mode not in WEIGHT_DECAY_MODES:
             raise ValueError(f"weight_decay_mode must be one of {list(WEIGHT_DECAY_MODES)}, got {weight_decay_mode!r}")
-        self._backend = backends.resolve(backend, fused=fused)
-        self.backend_name: str = self._backend.name
+        self._backends = backends.resolve(backend, fused=fused)
         self.weight_decay_mode = weight_decay_mode
 
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
@@ -217,6 +216,21 @@ class AdamW(torch.optim.Optimizer):
         super().add_param_group(param_group)
         for p in self.param_groups[-1]["params"]:
             self._device(p.device)  # tables go to each device once, never during step()
+        self._backend_for()  # a backend that cannot take these parameters fails here, not in step()
+
+    def _backend_for(self, dtypes_by_device: dict | None = None) -> dict[torch.device, backends.Backend]:
+        """The backend of each device, from the dtypes of its parameters (all, or this step's)."""
+        if dtypes_by_device is None:
+            dtypes_by_device = {}
+            for group in self.param_groups:
+                for p in group["params"]:
+                    dtypes_by_device.setdefault(p.device, set()).add(p.dtype)
+        return {dev: self._backends.for_device(dev, dts) for dev, dts in dtypes_by_device.items()}
+
+    @property
+    def backend_name(self) -> str:
+        """The backend that steps the first parameter's device."""
+        return self._backend_for()[next(iter(self._devices))].name
 
     @property
     def _primary(self) -> _DeviceSchedule:
@@ -252,7 +266,9 @@ class AdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        dtypes: dict[torch.device, set] = {dev: set() for dev in self._devices}
         for p, grad in self._params_with_grad():  # every check before any write
+            dtypes[p.device].add(p.dtype)
             if grad.is_sparse:
                 raise RuntimeError("Adam does not support sparse gradients, please consider SparseAdam instead")
             if grad.shape != p.shape or grad.dtype != p.dtype or grad.device != p.device:
@@ -260,8 +276,9 @@ class AdamW(torch.optim.Optimizer):
                     f"grad of a parameter must match it: parameter {tuple(p.shape)} {p.dtype} on "
                     f"{p.device}, grad {tuple(grad.shape)} {grad.dtype} on {grad.device}"
                 )
-        for work in self._collect().values():
-            self._backend.step(work)
+        chosen = self._backend_for(dtypes)
+        for dev, work in self._collect().items():
+            chosen[dev].step(work)
         self._host_steps += 1
         if self._host_steps == self.total_steps + 1 and not self._unbounded:
             warnings.warn(

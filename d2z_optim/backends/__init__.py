@@ -1,65 +1,119 @@
 """Backends: the kernels that apply one AdamW step, chosen by name.
 
-Each backend is a module with ``name`` and ``step(work: DeviceWork) -> None``,
-which updates every tensor of the step and advances ``work.step_count`` on the
-device. ``"torch"`` is always available; the others need their kernels built
-or installed, and naming one that is not says why.
+A backend updates every tensor of one device's step and advances that
+device's ``step_count``. ``"torch"`` is always available and runs on any
+device and dtype; the fused ones need their kernels built or installed, run on
+one device type and take fp32/bf16/fp16 parameters. Naming one that cannot be
+used says why and what can.
 """
 
 from __future__ import annotations
 
-from types import ModuleType
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import cache
 
-from . import torch_backend
+import torch
+
+from . import cpp_backend, torch_backend
 from ._work import DeviceWork, GroupWork
 
-__all__ = ["NAMES", "DeviceWork", "GroupWork", "available", "resolve"]
+__all__ = ["NAMES", "Backend", "DeviceWork", "GroupWork", "Selection", "available", "resolve"]
 
 NAMES = ("auto", "torch", "cpu", "cuda", "triton")
-FUSED = ("cuda", "triton", "cpu")  # the order "auto" prefers them in
-
-_NOT_BUILT = {
-    "cpu": "the C++ CPU kernel (extension d2z_optim._C) is not part of this build",
-    "cuda": "the CUDA kernel (extension d2z_optim._C) is not part of this build",
-    "triton": "the Triton kernel is not part of this build",
-}
+FUSED_FOR = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}  # what "auto" prefers, per device type
 
 
-def _load(name: str) -> ModuleType | str:
-    """The backend module, or the reason it cannot be used."""
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    step: Callable[[DeviceWork], None]
+    device_type: str | None = None  # None: any device
+    dtypes: tuple[torch.dtype, ...] | None = None  # None: any dtype
+
+    def unsupported(self, device: torch.device, dtypes: Iterable[torch.dtype]) -> str | None:
+        if self.device_type is not None and device.type != self.device_type:
+            where = "CUDA devices" if self.device_type == "cuda" else f"{self.device_type.upper()} tensors"
+            return f"backend {self.name!r} runs on {where}, but a parameter is on {device}"
+        bad = sorted({str(d) for d in dtypes if self.dtypes is not None and d not in self.dtypes})
+        if bad:
+            allowed = ", ".join(str(d) for d in self.dtypes)
+            return f"backend {self.name!r} takes parameters of dtype {allowed}, got {', '.join(bad)}"
+        return None
+
+
+TORCH = Backend("torch", torch_backend.step)
+
+
+@cache
+def _load(name: str) -> Backend | str:
+    """The backend, or the reason it cannot be used (checked once per process)."""
     if name == "torch":
-        return torch_backend
-    return _NOT_BUILT[name]
+        return TORCH
+    if name in ("cpu", "cuda"):
+        why = cpp_backend.load_extension()
+        if why:
+            return why
+        key = name.upper()
+        if not cpp_backend.has_kernel(key):
+            return f"d2z_optim._C was built without a {key} kernel (a CPU-only build; see README: building for CUDA)"
+        return Backend(name, cpp_backend.step, name, cpp_backend.DTYPES)
+    if name == "triton":
+        return "the Triton kernel is not part of this build"
+    raise AssertionError(name)
 
 
 def available() -> dict[str, str | None]:
     """Each concrete backend name mapped to ``None`` if usable, else the reason it is not."""
-    return {n: (None if isinstance(_load(n), ModuleType) else _load(n)) for n in NAMES[1:]}
+    return {n: (None if isinstance(_load(n), Backend) else _load(n)) for n in NAMES[1:]}
 
 
-def resolve(name: str, *, fused: bool | None = None) -> ModuleType:
-    """The backend module for ``name`` (``"auto"`` picks the fastest usable one).
+class Selection:
+    """The backend for each device: one named backend, or the fastest usable one ("auto")."""
 
-    ``fused=True`` (torch's flag) asks for a fused kernel; ``fused=False`` for the
-    torch backend. Raises ``ValueError`` naming the backend, why it is unusable and
-    what is available.
+    def __init__(self, name: str, fused: bool | None) -> None:
+        self.name, self.fused = name, fused
+
+    def for_device(self, device: torch.device, dtypes: Iterable[torch.dtype]) -> Backend:
+        dtypes = set(dtypes)
+        if self.name != "auto":
+            b = _load(self.name)
+            why = b.unsupported(device, dtypes)
+            if why:
+                raise ValueError(f"{why}; use backend='auto' or 'torch' for such parameters")
+            return b
+        if self.fused is not False:
+            for n in FUSED_FOR.get(device.type, ()):
+                b = _load(n)
+                if isinstance(b, Backend) and b.unsupported(device, dtypes) is None:
+                    return b
+        if self.fused:
+            reasons = "; ".join(
+                f"{n}: {b if isinstance(b, str) else b.unsupported(device, dtypes)}"
+                for n in FUSED_FOR.get(device.type, ("cpu",))
+                for b in [_load(n)]
+            )
+            raise ValueError(
+                f"fused=True needs a fused kernel backend for {device} parameters, but none fits ({reasons})"
+            )
+        return TORCH
+
+
+def resolve(name: str, *, fused: bool | None = None) -> Selection:
+    """Check ``backend`` (and torch's ``fused`` flag) and return the per-device selection.
+
+    ``fused=True`` asks for a fused kernel; ``fused=False`` for the torch backend.
+    Raises ``ValueError`` naming the backend, why it is unusable and what is available.
     """
     if name not in NAMES:
         raise ValueError(f"backend must be one of {list(NAMES)}, got {name!r}")
-    usable = [n for n, why in available().items() if why is None]
-    if name == "auto":
-        fused_ok = [n for n in FUSED if n in usable]
-        if fused is False or (not fused_ok and not fused):
-            return torch_backend
-        if not fused_ok:
-            raise ValueError(
-                "fused=True needs a fused kernel backend ('cuda', 'triton' or 'cpu'), but none is "
-                f"available ({'; '.join(_NOT_BUILT[n] for n in FUSED)}); available backends: {usable}"
-            )
-        return _load(fused_ok[0])
-    mod = _load(name)
-    if isinstance(mod, str):
-        raise ValueError(f"backend {name!r} is not available: {mod}; available backends: {usable}")
-    if fused and name == "torch":
-        raise ValueError("fused=True contradicts backend='torch' (the unfused reference backend)")
-    return mod
+    if name != "auto":
+        b = _load(name)
+        if isinstance(b, str):
+            usable = [n for n, why in available().items() if why is None]
+            raise ValueError(f"backend {name!r} is not available: {b}; available backends: {usable}")
+        if fused and name == "torch":
+            raise ValueError("fused=True contradicts backend='torch' (the unfused reference backend)")
+        if fused is False and name != "torch":
+            raise ValueError(f"fused=False contradicts backend={name!r} (a fused kernel)")
+    return Selection(name, fused)
