@@ -181,8 +181,17 @@ def main() -> None:
         med = statistics.median(times)
         q = statistics.quantiles(times, n=5) if len(times) > 1 else [med] * 4
         gbs = numel * bytes_per_param(dtype) / med / 1e9
-        rows.append(dict(workload=wname, competitor=cname, median_ms=med * 1e3, p20_ms=q[0] * 1e3,
-                         p80_ms=q[3] * 1e3, gb_s=gbs, frac_copy=gbs / copy_gbs))  # fmt: skip
+        rows.append(
+            dict(
+                workload=wname,
+                competitor=cname,
+                median_ms=med * 1e3,
+                p20_ms=q[0] * 1e3,
+                p80_ms=q[3] * 1e3,
+                gb_s=gbs,
+                frac_copy=gbs / copy_gbs,
+            )
+        )
         del params, step
         gc.collect()
     print("\r".ljust(79), file=sys.stderr)

@@ -7,11 +7,11 @@ With ``total_steps`` the default schedule is the paper's recipe (Bergsma et al.,
 2025, *Straight to Zero*): 10% linear warmup, then linear decay to zero.
 """
 
-from . import schedules
+from . import dual, schedules
 from .backends import available as available_backends
 from .optimizer import AdamW
 from .schedules import Schedule
 
 __version__ = "0.1.0"
 
-__all__ = ["AdamW", "Schedule", "__version__", "available_backends", "schedules"]
+__all__ = ["AdamW", "Schedule", "__version__", "available_backends", "dual", "schedules"]

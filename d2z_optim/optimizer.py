@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import backends, schedules
+from . import backends, dual, schedules
 from .schedules import Schedule
 
 __all__ = ["AdamW"]
@@ -257,6 +257,28 @@ class AdamW(torch.optim.Optimizer):
         idx = ds.step_count.clamp(max=self.total_steps - 1).view(1)
         m = ds.lr_table.index_select(0, idx).squeeze(0).to(torch.float64)
         return [m * g["lr"] for g in self.param_groups]
+
+    def dual_summary(self, *, rho: float = 1.0, step: int | None = None) -> list[dual.DualSummary]:
+        """Each group's dual-coefficient summary over the whole schedule (see :mod:`d2z_optim.dual`).
+
+        Uses the float64 multipliers of the schedule (or the table, for ``schedule=None``),
+        the group's peak ``lr`` and ``weight_decay``, and this optimizer's weight-decay
+        mode and ``wd_schedule``. ``rho`` is the muP width factor of the LR.
+        """
+        sched = self.schedule if self.schedule is not None else self._lr_table_cpu
+        wd = self.wd_schedule if self.wd_schedule is not None else None
+        return [
+            dual.summary(
+                sched,
+                g["lr"],
+                g["weight_decay"],
+                rho=rho,
+                step=step,
+                weight_decay_mode=self.weight_decay_mode,
+                wd_schedule=wd,
+            )
+            for g in self.param_groups
+        ]
 
     # -------------------------------------------------------------------- step
     @torch.no_grad()

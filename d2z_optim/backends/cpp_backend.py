@@ -109,6 +109,20 @@ def _register_fake() -> None:
     """The op's fake kernel, so torch.compile and FakeTensor tracing see a proper op."""
 
     @torch.library.register_fake("d2z::adamw_step_")
-    def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, step_count, lr_table, wd_table,
-          hparams, group_index, independent_wd, grad_scale, found_inf):  # fmt: skip
+    def _(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        max_exp_avg_sqs,
+        steps,
+        step_count,
+        lr_table,
+        wd_table,
+        hparams,
+        group_index,
+        independent_wd,
+        grad_scale,
+        found_inf,
+    ):
         return None
