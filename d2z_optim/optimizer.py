@@ -30,6 +30,7 @@ class _DeviceSchedule:
         self.lr_table = lr_table.to(device)
         self.wd_table = wd_table.to(device)
         self.step_count = torch.zeros((), dtype=torch.int64, device=device)
+        self.skipped_steps = torch.zeros((), dtype=torch.int64, device=device)
 
 
 def _as_schedule(
@@ -97,6 +98,9 @@ class AdamW(torch.optim.Optimizer):
             (torch's AdamW); ``"independent"`` by ``wd_g * table[t] * wd_table[t]``
             (follows the schedule's shape but not the peak LR).
         backend: ``"auto"``, ``"torch"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
+        skip_nonfinite: check every gradient on the device and make a step whose
+            gradients hold a NaN or an Inf a no-op (parameters, states and the
+            schedule position unchanged; counted in ``skipped_steps``). No host sync.
 
     Example:
         >>> opt = AdamW(model.parameters(), lr=3e-3, weight_decay=0.1, total_steps=10_000)
@@ -105,6 +109,8 @@ class AdamW(torch.optim.Optimizer):
         ...     opt.step()
         ...     opt.zero_grad()
     """
+
+    _step_supports_amp_scaling = True  # GradScaler hands over grad_scale/found_inf: no unscale sync
 
     def __init__(
         self,
@@ -126,6 +132,7 @@ class AdamW(torch.optim.Optimizer):
         wd_schedule: str | Schedule | Sequence[float] | Tensor | None = None,
         weight_decay_mode: str = "coupled",
         backend: str = "auto",
+        skip_nonfinite: bool = False,
     ) -> None:
         # torch's own checks give torch's exact errors for everything torch has
         torch.optim.AdamW(
@@ -161,6 +168,7 @@ class AdamW(torch.optim.Optimizer):
         self.total_steps: int = self._lr_table_cpu.numel()
         # schedule=None and no total_steps: a constant that never runs out (no warning)
         self._unbounded = lr_sched is None and wd_sched is None
+        self.skip_nonfinite = bool(skip_nonfinite)
         self._host_steps = 0  # counted on the host, to warn past the table's end without a sync
         self._devices: dict[torch.device, _DeviceSchedule] = {}
 
@@ -216,21 +224,18 @@ class AdamW(torch.optim.Optimizer):
         super().add_param_group(param_group)
         for p in self.param_groups[-1]["params"]:
             self._device(p.device)  # tables go to each device once, never during step()
-        self._backend_for()  # a backend that cannot take these parameters fails here, not in step()
-
-    def _backend_for(self, dtypes_by_device: dict | None = None) -> dict[torch.device, backends.Backend]:
-        """The backend of each device, from the dtypes of its parameters (all, or this step's)."""
-        if dtypes_by_device is None:
-            dtypes_by_device = {}
-            for group in self.param_groups:
-                for p in group["params"]:
-                    dtypes_by_device.setdefault(p.device, set()).add(p.dtype)
-        return {dev: self._backends.for_device(dev, dts) for dev, dts in dtypes_by_device.items()}
+        # chosen once, from every parameter's device and dtype: a backend that cannot take
+        # them fails here, not in step(), and step() does no selection work
+        dtypes: dict[torch.device, set] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                dtypes.setdefault(p.device, set()).add(p.dtype)
+        self._chosen = {dev: self._backends.for_device(dev, dts) for dev, dts in dtypes.items()}
 
     @property
     def backend_name(self) -> str:
         """The backend that steps the first parameter's device."""
-        return self._backend_for()[next(iter(self._devices))].name
+        return self._chosen[next(iter(self._devices))].name
 
     @property
     def _primary(self) -> _DeviceSchedule:
@@ -240,6 +245,11 @@ class AdamW(torch.optim.Optimizer):
     def step_count(self) -> Tensor:
         """Steps applied so far (0-d int64 on the first parameter's device): the table index."""
         return self._primary.step_count
+
+    @property
+    def skipped_steps(self) -> Tensor:
+        """Steps skipped as no-ops (AMP overflow or non-finite grads): 0-d int64 on the device."""
+        return self._primary.skipped_steps
 
     @property
     def lr_table(self) -> Tensor:
@@ -288,9 +298,7 @@ class AdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        dtypes: dict[torch.device, set] = {dev: set() for dev in self._devices}
         for p, grad in self._params_with_grad():  # every check before any write
-            dtypes[p.device].add(p.dtype)
             if grad.is_sparse:
                 raise RuntimeError("Adam does not support sparse gradients, please consider SparseAdam instead")
             if grad.shape != p.shape or grad.dtype != p.dtype or grad.device != p.device:
@@ -298,17 +306,42 @@ class AdamW(torch.optim.Optimizer):
                     f"grad of a parameter must match it: parameter {tuple(p.shape)} {p.dtype} on "
                     f"{p.device}, grad {tuple(grad.shape)} {grad.dtype} on {grad.device}"
                 )
-        chosen = self._backend_for(dtypes)
-        for dev, work in self._collect().items():
-            chosen[dev].step(work)
-        self._host_steps += 1
-        if self._host_steps == self.total_steps + 1 and not self._unbounded:
-            warnings.warn(
-                f"d2z_optim.AdamW: step() called more than total_steps={self.total_steps} times; "
-                "the schedule's last multiplier is reused from now on",
-                stacklevel=4,
-            )
+        # AMP: torch.amp.GradScaler sets these attributes for optimizers that declare
+        # _step_supports_amp_scaling, instead of unscaling and checking grads itself (a sync)
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        works = self._collect()
+        if self.skip_nonfinite:
+            found_inf = self._nonfinite(works, found_inf)
+        for dev, work in works.items():
+            if grad_scale is not None:
+                work.grad_scale = grad_scale.to(dev, torch.float32, non_blocking=True)
+            if found_inf is not None:
+                work.found_inf = found_inf.to(dev, torch.float32, non_blocking=True)
+            self._chosen[dev].step(work)
+        if found_inf is not None:
+            skipped = self._primary.skipped_steps
+            skipped.add_((found_inf.to(skipped.device, non_blocking=True).reshape(()) != 0).to(torch.int64))
+        if not torch.compiler.is_compiling():  # a Python counter would recompile every step
+            self._host_steps += 1
+            if self._host_steps == self.total_steps + 1 and not self._unbounded:
+                warnings.warn(
+                    f"d2z_optim.AdamW: step() called more than total_steps={self.total_steps} times; "
+                    "the schedule's last multiplier is reused from now on",
+                    stacklevel=4,
+                )
         return loss
+
+    def _nonfinite(self, works: dict[torch.device, backends.DeviceWork], found_inf: Tensor | None) -> Tensor:
+        """found_inf, or 1.0 where any gradient holds a NaN or an Inf: checked on the device."""
+        dev = next(iter(self._devices))
+        found = torch.zeros((), dtype=torch.float32, device=dev) if found_inf is None else found_inf.reshape(())
+        for work in works.values():
+            grads = [gr for g in work.groups for gr in g.grads if gr.numel()]
+            if grads:  # the max-abs norm of a tensor holding NaN or Inf is not finite
+                norms = torch._foreach_norm(grads, float("inf"))
+                bad = ~torch.isfinite(torch.stack(norms)).all()
+                found = torch.maximum(found, bad.to(device=dev, dtype=torch.float32, non_blocking=True))
+        return found
 
     def _params_with_grad(self):
         for group in self.param_groups:
@@ -392,6 +425,7 @@ class AdamW(torch.optim.Optimizer):
         """
         state_dict = dict(state_dict)
         saved = state_dict.pop(_SAVE_KEY, None)
+        self._check_loadable(state_dict)  # every check before anything changes
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             if "initial_lr" in group:  # left by a torch LR scheduler: the peak LR
@@ -403,6 +437,13 @@ class AdamW(torch.optim.Optimizer):
                     st["step"] = torch.as_tensor(st["step"], dtype=torch.float32).to(p.device).clone()
         if saved is not None:
             position = torch.as_tensor(saved["step_count"], dtype=torch.int64)
+            if saved.get("total_steps", self.total_steps) != self.total_steps and not self._unbounded:
+                warnings.warn(
+                    f"d2z_optim.AdamW: the checkpoint's schedule has {saved['total_steps']} steps, this "
+                    f"optimizer's has {self.total_steps}: training continues at step {int(position)} of "
+                    "this optimizer's schedule",
+                    stacklevel=2,
+                )
         else:
             steps = [st["step"].to("cpu") for st in self.state.values() if "step" in st]
             position = torch.stack(steps).max().to(torch.int64) if steps else torch.zeros((), dtype=torch.int64)
@@ -411,6 +452,43 @@ class AdamW(torch.optim.Optimizer):
         self._host_steps = int(position)
         if self._host_steps > self.total_steps and not self._unbounded:
             self._host_steps = self.total_steps + 1  # already past the end: warned by the run that saved
+
+    def _check_loadable(self, state_dict: dict[str, Any]) -> None:
+        """Groups, parameter counts, and each state tensor's shape and dtype against our parameters."""
+        for key in ("state", "param_groups"):
+            if key not in state_dict:
+                raise ValueError(f"optimizer state_dict has no {key!r} entry")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"loaded state dict has {len(saved_groups)} parameter groups, this optimizer has "
+                f"{len(self.param_groups)}"
+            )
+        params = {}
+        for gi, (g, sg) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(g["params"]) != len(sg["params"]):
+                raise ValueError(
+                    f"parameter group {gi} of the loaded state dict has {len(sg['params'])} parameters, "
+                    f"this optimizer's has {len(g['params'])}"
+                )
+            params.update(zip(sg["params"], g["params"]))
+        for idx, st in state_dict["state"].items():
+            p = params.get(idx)
+            if p is None:
+                raise ValueError(f"loaded state dict has state for parameter {idx!r}, which no group holds")
+            for key, value in st.items():
+                if key == "step" or not isinstance(value, Tensor):
+                    continue
+                if value.shape != p.shape:
+                    raise ValueError(
+                        f"loaded state {key!r} of parameter {idx} has shape {tuple(value.shape)}, "
+                        f"the parameter has {tuple(p.shape)}"
+                    )
+                if value.dtype != p.dtype:
+                    raise ValueError(
+                        f"loaded state {key!r} of parameter {idx} has dtype {value.dtype}, the parameter has "
+                        f"{p.dtype} (states are kept in the parameter's dtype)"
+                    )
 
     # ---------------------------------------------------------------- helpers
     def __repr__(self) -> str:

@@ -36,3 +36,5 @@ class DeviceWork:
     step_count: Tensor  # int64 0-d: steps applied so far, the table index
     independent_wd: bool
     groups: list[GroupWork] = field(default_factory=list)
+    grad_scale: Tensor | None = None  # float32 0-d: grads are divided by it (AMP)
+    found_inf: Tensor | None = None  # float32 0-d: nonzero makes the whole step a no-op

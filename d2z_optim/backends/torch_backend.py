@@ -21,23 +21,39 @@ name = "torch"
 
 
 def step(work: DeviceWork) -> None:
-    """Apply one AdamW step to every tensor of ``work`` and advance its counter."""
+    """Apply one AdamW step to every tensor of ``work`` and advance its counter.
+
+    With ``work.found_inf`` (AMP, or ``skip_nonfinite``) a nonzero value makes the
+    whole step a no-op, decided on the device: every coefficient of the update is
+    multiplied by ``ok = (found_inf == 0)`` and non-finite gradients are zeroed.
+    """
     idx = work.step_count.clamp(max=work.lr_table.numel() - 1).view(1)
     m = work.lr_table.index_select(0, idx).squeeze(0).to(torch.float64)
     wm = work.wd_table.index_select(0, idx).squeeze(0).to(torch.float64)
+    amp = None
+    if work.found_inf is not None or work.grad_scale is not None:
+        ok = torch.ones((), dtype=torch.float64, device=m.device)
+        if work.found_inf is not None:
+            ok = (work.found_inf.reshape(()) == 0).to(torch.float64)
+        inv_scale = None if work.grad_scale is None else 1.0 / work.grad_scale.reshape(()).to(torch.float64)
+        amp = (ok, inv_scale)
     for g in work.groups:
         if g.params:
-            _group_step(g, m, wm, independent_wd=work.independent_wd)
-    work.step_count.add_(1)
+            _group_step(g, m, wm, independent_wd=work.independent_wd, amp=amp)
+    work.step_count.add_(1 if amp is None else amp[0].to(torch.int64))
 
 
-def _group_step(g: GroupWork, m: Tensor, wm: Tensor, *, independent_wd: bool) -> None:
+def _group_step(g: GroupWork, m: Tensor, wm: Tensor, *, independent_wd: bool, amp=None) -> None:
     lr_t = m * g.lr  # effective LR of this step, float64 0-d
     # decoupled decay: coupled follows the LR (torch's AdamW), independent only its shape
     decay = (m if independent_wd else lr_t) * (g.weight_decay * wm)
     # per-parameter bias corrections from per-parameter steps (float64, like torch's Python math)
-    torch._foreach_add_(g.steps, 1.0)
+    ok = None if amp is None else amp[0]
+    torch._foreach_add_(g.steps, 1.0 if ok is None else [ok.to(torch.float32)] * len(g.steps))  # no host read
     t = torch.stack(g.steps).to(torch.float64)
+    if ok is not None:  # a skipped step leaves t as it was (maybe 0): keep the scalars finite
+        t = t.clamp(min=1.0)
+        decay = decay * ok
     bc2_sqrt = torch.sqrt(1.0 - torch.pow(g.beta2, t))
     neg_step_size = -lr_t / (1.0 - torch.pow(g.beta1, t))
 
@@ -49,7 +65,7 @@ def _group_step(g: GroupWork, m: Tensor, wm: Tensor, *, independent_wd: bool) ->
         cd = _compute_dtype(g.params[ids[0]])
         bc = bc2_sqrt.to(cd).unbind()
         ss = neg_step_size.to(cd).unbind()
-        _update(g, ids, cd, (1.0 - decay).to(cd), [bc[i] for i in ids], [ss[i] for i in ids])
+        _update(g, ids, cd, (1.0 - decay).to(cd), [bc[i] for i in ids], [ss[i] for i in ids], amp)
 
 
 def _compute_view(t: Tensor) -> Tensor:
@@ -75,6 +91,7 @@ def _update(
     keep: Tensor,
     bc2_sqrt: list[Tensor],
     neg_step_size: list[Tensor],
+    amp: tuple[Tensor, Tensor | None] | None = None,
 ) -> None:
     """The AdamW update of tensors ``ids`` (one storage dtype), computed in dtype ``cd``."""
     states = [g.params, g.exp_avgs, g.exp_avg_sqs] + ([g.max_exp_avg_sqs] if g.amsgrad else [])
@@ -85,10 +102,19 @@ def _update(
     p, m, v = work[:3]
     if g.maximize:
         grad = torch._foreach_neg(grad)
+    w1, b2 = 1.0 - g.beta1, g.beta2
+    if amp is not None:  # unscale; on a skipped step zero the grads and freeze m and v
+        ok, inv_scale = amp
+        if inv_scale is not None:
+            grad = torch._foreach_mul(grad, inv_scale.to(cd))
+        okb = ok.to(torch.bool)
+        grad = [torch.where(okb, x, 0.0) for x in grad]
+        w1 = [(w1 * ok).to(cd)] * len(ids)  # a list of 0-d tensors: read on the device
+        b2 = torch.where(okb, b2, 1.0).to(cd)
 
     torch._foreach_mul_(p, keep)  # p *= 1 - decay (decoupled weight decay)
-    torch._foreach_lerp_(m, grad, 1.0 - g.beta1)
-    torch._foreach_mul_(v, g.beta2)
+    torch._foreach_lerp_(m, grad, w1)
+    torch._foreach_mul_(v, b2)
     torch._foreach_addcmul_(v, grad, grad, 1.0 - g.beta2)
     if g.amsgrad:
         torch._foreach_maximum_(work[3], v)
@@ -99,6 +125,8 @@ def _update(
     # scalar must be a host number; here it stays on the device
     upd = torch._foreach_mul(m, neg_step_size)
     torch._foreach_div_(upd, denom)
+    if amp is not None:
+        upd = [torch.where(okb, u, 0.0) for u in upd]
     torch._foreach_add_(p, upd)
 
     if upcast:  # round once back to the storage dtype
