@@ -23,6 +23,11 @@ WEIGHT_DECAY_MODES = ("coupled", "independent")
 _SAVE_KEY = "d2z"  # our entry in state_dict(); torch.optim ignores unknown top-level keys
 
 
+def _local(t: Tensor) -> Tensor:
+    """A DTensor's local shard (a view of its storage: in-place updates land in the DTensor)."""
+    return t.to_local() if type(t).__name__ == "DTensor" else t
+
+
 class _DeviceSchedule:
     """The schedule tables and the step counter kept on one device."""
 
@@ -367,12 +372,12 @@ class AdamW(torch.optim.Optimizer):
                 state = self.state[p]
                 if len(state) == 0:
                     self._init_state(state, p, group["amsgrad"])
-                gw.params.append(p)
-                gw.grads.append(p.grad)
-                gw.exp_avgs.append(state["exp_avg"])
-                gw.exp_avg_sqs.append(state["exp_avg_sq"])
+                gw.params.append(_local(p))  # FSDP2 / DTensor: the kernels run on local shards
+                gw.grads.append(_local(p.grad))
+                gw.exp_avgs.append(_local(state["exp_avg"]))
+                gw.exp_avg_sqs.append(_local(state["exp_avg_sq"]))
                 if group["amsgrad"]:
-                    gw.max_exp_avg_sqs.append(state["max_exp_avg_sq"])
+                    gw.max_exp_avg_sqs.append(_local(state["max_exp_avg_sq"]))
                 gw.steps.append(state["step"])
         return out
 
