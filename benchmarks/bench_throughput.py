@@ -122,9 +122,11 @@ def competitors(total_steps: int):
     """name -> factory(params) returning a step() callable."""
     sched = schedules.get("linear-d2z", total_steps)
     out = {}
-    for name, why in d2z_optim.available_backends().items():
-        if why is None:
-            out[f"d2z {name}"] = lambda p, n=name: AdamW(p, backend=n, total_steps=total_steps).step
+    usable = [n for n, why in d2z_optim.available_backends().items() if why is None]
+    for name in usable:
+        out[f"d2z {name}"] = lambda p, n=name: AdamW(p, backend=n, total_steps=total_steps).step
+    # the cost of checking every gradient for NaN/Inf on the device, with the default backend
+    out["d2z auto + skip_nonfinite"] = lambda p: AdamW(p, total_steps=total_steps, skip_nonfinite=True).step
 
     def torch_with_lambdalr(**kw):
         def make(p):

@@ -79,8 +79,8 @@ def step(work: DeviceWork) -> None:
         group_index += [gi] * len(g.params)
         if any_amsgrad:
             max_sqs += g.max_exp_avg_sqs if g.amsgrad else [_placeholder(p) for p in g.params]
-    if not params:
-        work.step_count.add_(1)  # no gradients on this device: the schedule still moves
+    if not params:  # no gradients on this device: the schedule still moves (unless skipped)
+        work.step_count.add_(1 if work.found_inf is None else (work.found_inf.reshape(()) == 0).to(torch.int64))
         return
     hp = _hparams(groups, params[0].device)
     torch.ops.d2z.adamw_step_(
@@ -96,8 +96,8 @@ def step(work: DeviceWork) -> None:
         hp,
         group_index,
         work.independent_wd,
-        None,
-        None,
+        work.grad_scale,
+        work.found_inf,
     )
 
 
