@@ -2,6 +2,7 @@
 #
 #   make test    build, lint and run the whole suite
 #   make bench   build, then benchmark against torch on the present device
+#                (make bench ARGS=--full: bigger workloads, bf16, 1000 numerics steps)
 #
 # A fresh clone gets a .venv with torch==2.13.0 (a CPU build that installs from a
 # local file here; an unpinned torch would download a multi-GB CUDA build), unless
@@ -34,6 +35,7 @@ test: lint
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_throughput.py $(ARGS)
+	$(PY) benchmarks/bench_numerics.py $(if $(findstring --full,$(ARGS)),--steps 1000,)
 
 clean:
 	rm -rf build dist *.egg-info $(VENV)

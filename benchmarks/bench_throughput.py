@@ -1,15 +1,22 @@
 """Optimizer-step throughput: every d2z backend against torch.optim.AdamW, side by side.
 
     python benchmarks/bench_throughput.py            # quick (make bench)
-    python benchmarks/bench_throughput.py --full     # bigger workloads, more repeats
+    python benchmarks/bench_throughput.py --full     # bigger workloads, bf16, more repeats
+    python benchmarks/bench_throughput.py --compile  # add torch.compile of torch's AdamW step
 
-Each competitor steps the same parameters and gradients. Torch runs the same
-schedule as d2z through ``LambdaLR`` on the host (its usual setup). Reported:
-median step time with the 20%/80% quantiles, effective bandwidth under the
-bytes-per-parameter model (fp32: read p, g, m, v = 16 B, write p, m, v = 12 B),
-that bandwidth as a fraction of a plain copy measured in the same run, and the
-speedup over ``torch fused + LambdaLR``. Results go to stdout (Markdown) and to
-``benchmarks/results/<device>/throughput-<date>.{md,csv}``.
+Every competitor steps its own copy of the same parameters on the same gradients,
+and the competitors of a workload are timed *interleaved* (one step each, round
+after round), so a slow phase of a noisy machine hits all of them alike. Torch
+runs the same schedule as d2z (linear-d2z) through ``LambdaLR`` on the host.
+Reported: median step time with the 20%/80% quantiles after warm-up (CUDA events
+on GPU), effective bandwidth under the bytes-per-parameter model (read p, g, m,
+v; write p, m, v: 28 B for fp32, 14 B for bf16), that bandwidth as a fraction of
+the device's streaming bandwidth measured in the same run, the speedup over
+``torch fused + LambdaLR``, host syncs per step (aten host reads recorded on CPU;
+CUDA sync debug mode on GPU) and kernel launches per step (profiler, GPU).
+Competitors that cannot run here are listed as skipped, with the reason.
+Output: Markdown on stdout, and Markdown, CSV and a PNG chart under
+``benchmarks/results/<device>/``.
 """
 
 from __future__ import annotations
@@ -23,112 +30,147 @@ import platform
 import statistics
 import sys
 import time
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import d2z_optim
 from d2z_optim import AdamW, schedules
 
 RESULTS = Path(__file__).resolve().parent / "results"
+TOTAL_STEPS = 1000
+BASELINE = "torch fused + LambdaLR"
+HOST_READS = {"_local_scalar_dense", "item", "is_nonzero", "equal"}
 
 
+# ------------------------------------------------------------------ workloads
 def gpt2_small_shapes() -> list[tuple[int, ...]]:
     """GPT-2 small (124M): 148 tensors."""
-    d, v, ctx, layers = 768, 50257, 1024, 12
+    d, v, ctx = 768, 50257, 1024
     shapes: list[tuple[int, ...]] = [(v, d), (ctx, d)]
-    for _ in range(layers):
-        shapes += [
-            (d,),
-            (d,),
-            (d, 3 * d),
-            (3 * d,),
-            (d, d),
-            (d,),
-            (d,),
-            (d,),
-            (d, 4 * d),
-            (4 * d,),
-            (4 * d, d),
-            (d,),
-        ]
+    for _ in range(12):
+        shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
     return shapes + [(d,), (d,)]
 
 
-def workloads(full: bool) -> dict[str, list[tuple[int, ...]]]:
-    return {
-        "1 x 64M" if full else "1 x 16M": [(64 << 20,) if full else (16 << 20,)],
+def gpt_1b3_shapes() -> list[tuple[int, ...]]:
+    """A GPT-3 XL-like 1.3B shape list (d 2048, 24 layers, vocab 50257): 292 tensors."""
+    d, v, ctx = 2048, 50257, 2048
+    shapes: list[tuple[int, ...]] = [(v, d), (ctx, d)]
+    for _ in range(24):
+        shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
+    return shapes + [(d,), (d,)]
+
+
+def workloads(full: bool, device: torch.device) -> dict[str, list[tuple[int, ...]]]:
+    out = {
+        "1 x 64M": [(64 << 20,)] if (full or device.type == "cuda") else None,
+        "1 x 16M": None if (full or device.type == "cuda") else [(16 << 20,)],
         "GPT-2 small (124M, 148 tensors)": gpt2_small_shapes(),
+        "GPT 1.3B (292 tensors)": gpt_1b3_shapes() if (full or device.type == "cuda") else None,
         "10,000 x 1,024": [(1024,)] * 10_000,
     }
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def bytes_per_param(dtype: torch.dtype) -> int:
-    e = torch.tensor([], dtype=dtype).element_size()
-    return 7 * e  # read p, g, m, v; write p, m, v (states in the parameter's dtype)
+    return 7 * torch.tensor([], dtype=dtype).element_size()  # read p, g, m, v; write p, m, v
 
 
+# -------------------------------------------------------------------- timing
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
-def time_steps(step, device, warmup: int, reps: int) -> list[float]:
-    for _ in range(warmup):
+def timed(step: Callable[[], None], device: torch.device) -> float:
+    if device.type == "cuda":
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
         step()
-    sync(device)
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            step()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
-    return times
+        b.record()
+        torch.cuda.synchronize()
+        return a.elapsed_time(b) / 1e3
+    t0 = time.perf_counter()
+    step()
+    return time.perf_counter() - t0
 
 
-def copy_bandwidth(device, nbytes: int, reps: int) -> tuple[float, float]:
+def stream_bandwidth(device, nbytes: int, reps: int) -> tuple[float, float]:
     """GB/s of ``dst.copy_(src)`` (2 x bytes) and of ``dst.add_(src)`` (3 x bytes).
 
-    On CPUs a copy also reads ``dst`` before writing it (write-allocate), which
-    the 2 x count hides; the in-place add moves exactly what it counts, like an
-    optimizer step, whose written tensors are all read first. The larger of the
-    two is the roofline reference.
+    On CPUs a copy also reads ``dst`` before writing it (write-allocate), which the
+    2 x count hides; the in-place add moves exactly what it counts, like an optimizer
+    step, whose written tensors are all read first. The larger is the reference.
     """
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src).zero_()
-    t_copy = statistics.median(time_steps(lambda: dst.copy_(src), device, 2, reps))
-    t_add = statistics.median(time_steps(lambda: dst.add_(src), device, 2, reps))
+    for f in (lambda: dst.copy_(src), lambda: dst.add_(src)):
+        f()
+    t_copy = statistics.median(timed(lambda: dst.copy_(src), device) for _ in range(reps))
+    t_add = statistics.median(timed(lambda: dst.add_(src), device) for _ in range(reps))
     return 2 * nbytes / t_copy / 1e9, 3 * nbytes / t_add / 1e9
 
 
-def competitors(total_steps: int):
-    """name -> factory(params) returning a step() callable."""
-    sched = schedules.get("linear-d2z", total_steps)
-    out = {}
-    usable = [n for n, why in d2z_optim.available_backends().items() if why is None]
-    for name in usable:
-        out[f"d2z {name}"] = lambda p, n=name: AdamW(p, backend=n, total_steps=total_steps).step
-    # the cost of checking every gradient for NaN/Inf on the device, with the default backend
-    out["d2z auto + skip_nonfinite"] = lambda p: AdamW(p, total_steps=total_steps, skip_nonfinite=True).step
+class _HostReads(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.n = 0
 
-    def torch_with_lambdalr(**kw):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] in HOST_READS:
+            self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def host_syncs(step: Callable[[], None], device: torch.device) -> int:
+    """Host syncs of one step: aten host reads (CPU), CUDA sync-debug warnings (GPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as w:
+                warnings.simplefilter("always")
+                step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        return sum("synchroniz" in str(x.message) for x in w)
+    with _HostReads() as rec:
+        step()
+    return rec.n
+
+
+def kernel_launches(step: Callable[[], None], device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and e.name != "")
+
+
+# --------------------------------------------------------------- competitors
+def competitors(device: torch.device, with_compile: bool) -> tuple[dict, dict]:
+    """(name -> factory(params) -> step callable, name -> reason skipped)."""
+    sched = schedules.get("linear-d2z", TOTAL_STEPS)
+    table = sched.table(device)
+    out: dict[str, Callable] = {}
+    skipped: dict[str, str] = {}
+    for name, why in d2z_optim.available_backends().items():
+        runs_here = {"torch": True, "cpu": device.type == "cpu"}.get(name, device.type == "cuda")
+        if why is None and runs_here:
+            out[f"d2z {name}"] = lambda p, n=name: AdamW(p, backend=n, total_steps=TOTAL_STEPS).step
+        else:
+            skipped[f"d2z {name}"] = why or f"runs on {'CUDA devices' if name != 'cpu' else 'the CPU'}"
+    out["d2z auto + skip_nonfinite"] = lambda p: AdamW(p, total_steps=TOTAL_STEPS, skip_nonfinite=True).step
+
+    def with_lambdalr(**kw):
         def make(p):
             opt = torch.optim.AdamW(p, **kw)
             lam = torch.optim.lr_scheduler.LambdaLR(opt, sched.multiplier)
@@ -141,94 +183,263 @@ def competitors(total_steps: int):
 
         return make
 
-    out["torch fused + LambdaLR"] = torch_with_lambdalr(fused=True)
-    out["torch foreach + LambdaLR"] = torch_with_lambdalr(foreach=True)
+    out[BASELINE] = with_lambdalr(fused=True)
+    out["torch fused (no schedule)"] = lambda p: torch.optim.AdamW(p, fused=True).step
+    out["torch foreach + LambdaLR"] = with_lambdalr(foreach=True)
+    out["torch for-loop + LambdaLR"] = with_lambdalr(foreach=False)
+
+    def capturable(p):  # torch's way to keep the LR on the device: a tensor LR the host refills
+        lr = torch.tensor(1e-3, device=device)
+        opt = torch.optim.AdamW(p, lr=lr, fused=True, capturable=True)
+        k = [0]
+
+        def step():
+            opt.step()
+            k[0] += 1
+            opt.param_groups[0]["lr"].copy_(table[min(k[0], TOTAL_STEPS - 1)] * 1e-3)
+
+        return step
+
+    out["torch fused capturable + tensor LR"] = capturable
+    if with_compile:
+
+        def compiled(p):
+            opt = torch.optim.AdamW(p, lr=torch.tensor(1e-3, device=device), foreach=True, capturable=True)
+            return torch.compile(opt.step)
+
+        out["torch.compile(torch AdamW.step)"] = compiled
+    else:
+        skipped["torch.compile(torch AdamW.step)"] = "pass --compile (compiling takes minutes on 2 cores)"
+    peers = (
+        ("apex FusedAdam", "apex.optimizers", "FusedAdam"),
+        ("Transformer Engine FusedAdam", "transformer_engine.pytorch.optimizers", "FusedAdam"),
+    )
+    for label, mod, cls in peers:
+        try:
+            fused_cls = getattr(__import__(mod, fromlist=[cls]), cls)
+        except Exception as e:  # any import failure: not available here
+            skipped[label] = f"not importable ({type(e).__name__})"
+            continue
+        if device.type != "cuda":
+            skipped[label] = "runs on CUDA devices"
+            continue
+        out[label] = lambda p, c=fused_cls: c(p, adam_w_mode=True).step
+    return out, skipped
+
+
+def graph_rows(params_fn, device) -> dict[str, Callable]:
+    """CUDA: the step captured in a CUDA graph. d2z needs nothing from the host per step;
+    torch needs a capturable optimizer and a host refill of its LR tensor outside the graph."""
+    sched = schedules.get("linear-d2z", TOTAL_STEPS).table(device)
+    out = {}
+
+    def d2z_graph(p):
+        opt = AdamW(p, total_steps=TOTAL_STEPS)
+        opt.step()  # state exists before capture
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            opt.step()
+        return g.replay
+
+    def torch_graph(p):
+        lr = torch.tensor(1e-3, device=device)
+        opt = torch.optim.AdamW(p, lr=lr, fused=True, capturable=True)
+        opt.step()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            opt.step()
+        k = [0]
+
+        def step():
+            g.replay()
+            k[0] += 1
+            lr.copy_(sched[min(k[0], TOTAL_STEPS - 1)] * 1e-3)  # the host still drives the schedule
+
+        return step
+
+    out["d2z (CUDA graph replay)"] = d2z_graph
+    out["torch fused capturable (CUDA graph) + LR refill"] = torch_graph
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--full", action="store_true", help="bigger workloads and more repeats")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--reps", type=int, default=None)
-    ap.add_argument("--out", type=Path, default=RESULTS)
-    args = ap.parse_args()
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    reps = args.reps or (20 if args.full else 7)
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
-    threads = torch.get_num_threads()
-    print(
-        f"device: {device} ({dev_name}), threads: {threads}, torch {torch.__version__}, "
-        f"d2z_optim {d2z_optim.__version__}, dtype {args.dtype}, median of {reps} steps"
-    )
-    copy_gbs, add_gbs = copy_bandwidth(device, 512 << 20 if args.full else 256 << 20, reps)
-    print(f"same run: copy_ {copy_gbs:.1f} GB/s (read+write), add_ {add_gbs:.1f} GB/s (2 reads + write)")
-    copy_gbs = max(copy_gbs, add_gbs)
-    print(f"bytes per parameter per step: {bytes_per_param(dtype)} (read p, g, m, v; write p, m, v)\n")
+# ---------------------------------------------------------------------- main
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
 
-    rows = []
-    comps = competitors(total_steps=1000)
-    todo = [(w, c) for w in workloads(args.full) for c in comps]
-    for n, (wname, cname) in enumerate(todo, 1):
-        shapes = workloads(args.full)[wname]
-        print(f"\r[{n}/{len(todo)}] {wname}: {cname}".ljust(78), end="", file=sys.stderr, flush=True)
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(device, dtype)) for s in shapes]
-        for p in params:
-            p.grad = torch.randn(p.shape, generator=gen).to(device, dtype) * 1e-2
-        step = comps[cname](params)
-        times = time_steps(step, device, warmup=2, reps=reps)
-        numel = sum(p.numel() for p in params)
-        med = statistics.median(times)
-        q = statistics.quantiles(times, n=5) if len(times) > 1 else [med] * 4
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+
+
+def device_folder(root: Path, device: torch.device) -> Path:
+    name = f"{device.type}-{device_name(device)}"
+    folder = root / "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def progress(n: int, total: int, text: str) -> None:
+    bar = "#" * int(24 * n / total)
+    print(f"\r[{bar:<24}] {n}/{total} {text}"[:100].ljust(100), end="", file=sys.stderr, flush=True)
+
+
+def bench_workload(wname, shapes, dtype, device, comps, reps, warmup, extra):
+    gen = torch.Generator().manual_seed(0)
+    init = [torch.randn(s, generator=gen).to(device, dtype) for s in shapes]
+    grads = [(torch.randn(s, generator=gen) * 1e-2).to(device, dtype) for s in shapes]
+    steps, rows = {}, []
+    for cname, make in comps.items():
+        params = [torch.nn.Parameter(t.clone()) for t in init]
+        for p, g in zip(params, grads):
+            p.grad = g  # shared, read-only for every competitor
+        try:
+            steps[cname] = (make(params), params)
+        except Exception as e:  # a competitor that cannot take this workload
+            extra[f"{cname} @ {wname}"] = f"{type(e).__name__}: {str(e)[:80]}"
+    for _ in range(warmup):
+        for step, _ in steps.values():
+            step()
+    sync(device)
+    syncs = {c: host_syncs(s, device) for c, (s, _) in steps.items()}
+    launches = {c: kernel_launches(s, device) for c, (s, _) in steps.items()}
+    times: dict[str, list[float]] = {c: [] for c in steps}
+    for _ in range(reps):  # interleaved: one step of each competitor per round
+        for c, (s, _) in steps.items():
+            times[c].append(timed(s, device))
+    numel = sum(t.numel() for t in init)
+    for c, ts in times.items():
+        med = statistics.median(ts)
+        q = statistics.quantiles(ts, n=5) if len(ts) > 1 else [med] * 4
         gbs = numel * bytes_per_param(dtype) / med / 1e9
         rows.append(
             dict(
                 workload=wname,
-                competitor=cname,
+                dtype=str(dtype).replace("torch.", ""),
+                competitor=c,
                 median_ms=med * 1e3,
                 p20_ms=q[0] * 1e3,
                 p80_ms=q[3] * 1e3,
                 gb_s=gbs,
-                frac_copy=gbs / copy_gbs,
+                host_syncs=syncs[c],
+                launches=launches[c],
             )
         )
-        del params, step
-        gc.collect()
-    print("\r".ljust(79), file=sys.stderr)
+    del steps, init, grads
+    gc.collect()
+    return rows
 
-    base = {r["workload"]: r["median_ms"] for r in rows if r["competitor"] == "torch fused + LambdaLR"}
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--full", action="store_true", help="bigger workloads, bf16 too, more repeats")
+    ap.add_argument("--compile", action="store_true", help="add torch.compile of torch's AdamW step")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    reps = args.reps or (20 if args.full else 7)
+    dtypes = [torch.float32, torch.bfloat16] if (args.full or device.type == "cuda") else [torch.float32]
+    threads = torch.get_num_threads()
+    print(
+        f"device: {device} ({device_name(device)}), threads: {threads}, torch {torch.__version__}, "
+        f"d2z_optim {d2z_optim.__version__}, median of {reps} interleaved steps after 2 warm-up steps"
+    )
+    copy_gbs, add_gbs = stream_bandwidth(device, 512 << 20 if args.full else 256 << 20, reps)
+    ref_gbs = max(copy_gbs, add_gbs)
+    print(f"same run: copy_ {copy_gbs:.1f} GB/s (read+write), add_ {add_gbs:.1f} GB/s (2 reads + write)")
+    print("bytes per parameter per step: read p, g, m, v + write p, m, v = 7 x element size\n")
+
+    comps, skipped = competitors(device, args.compile)
+    if device.type == "cuda":
+        comps.update(graph_rows(None, device))
+    loads = workloads(args.full, device)
+    todo = [(w, d) for w in loads for d in dtypes]
+    rows: list[dict] = []
+    for n, (wname, dtype) in enumerate(todo):
+        progress(n, len(todo), f"{wname} {dtype}")
+        rows += bench_workload(wname, loads[wname], dtype, device, comps, reps, 2, skipped)
+    progress(len(todo), len(todo), "done")
+    print(file=sys.stderr)
+
+    base = {(r["workload"], r["dtype"]): r["median_ms"] for r in rows if r["competitor"] == BASELINE}
     for r in rows:
-        r["speedup_vs_torch_fused"] = base[r["workload"]] / r["median_ms"]
-    head = "| workload | competitor | median ms (p20-p80) | GB/s | of copy | vs torch fused |"
-    lines = [head, "|---|---|---|---|---|---|"]
+        r["frac_of_stream"] = r["gb_s"] / ref_gbs
+        r["speedup_vs_torch_fused"] = base[(r["workload"], r["dtype"])] / r["median_ms"]
+    head = (
+        "| workload | dtype | competitor | median ms (p20-p80) | GB/s | of stream | vs torch fused | syncs | launches |"
+    )
+    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        launches = "-" if r["launches"] is None else r["launches"]
         lines.append(
-            f"| {r['workload']} | {r['competitor']} | {r['median_ms']:.2f} ({r['p20_ms']:.2f}-{r['p80_ms']:.2f}) "
-            f"| {r['gb_s']:.1f} | {r['frac_copy']:.0%} | {r['speedup_vs_torch_fused']:.2f}x |"
+            f"| {r['workload']} | {r['dtype']} | {r['competitor']} | {r['median_ms']:.2f} "
+            f"({r['p20_ms']:.2f}-{r['p80_ms']:.2f}) | {r['gb_s']:.1f} | {r['frac_of_stream']:.0%} "
+            f"| {r['speedup_vs_torch_fused']:.2f}x | {r['host_syncs']} | {launches} |"
         )
+    lines += ["", "Skipped:"] + [f"- {k}: {v}" for k, v in skipped.items()]
     table = "\n".join(lines)
     print(table)
 
     stamp = dt.datetime.now().strftime("%Y-%m-%d")
-    folder = args.out / "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{device.type}-{dev_name}")
-    folder.mkdir(parents=True, exist_ok=True)
-    tag = f"throughput-{args.dtype}{'-full' if args.full else ''}-{stamp}"
+    folder = device_folder(args.out, device)
+    tag = f"throughput{'-full' if args.full else ''}-{stamp}"
+    cmd = (
+        "python benchmarks/bench_throughput.py"
+        + (" --full" if args.full else "")
+        + (" --compile" if args.compile else "")
+    )
     header = (
-        f"# Throughput, {device.type} ({dev_name}), {threads} threads, {stamp}\n\n"
+        f"# Throughput, {device.type} ({device_name(device)}), {threads} threads, {stamp}\n\n"
         f"torch {torch.__version__}, d2z_optim {d2z_optim.__version__}, python {platform.python_version()}, "
-        f"{os.cpu_count()} CPUs. dtype {args.dtype}, {bytes_per_param(dtype)} B/param, median of {reps} steps "
-        f"after 2 warm-up steps. Copy bandwidth in the same run (the larger of copy_ and in-place add_, "
-        f"bytes moved as counted): {copy_gbs:.1f} GB/s.\n"
-        "Command: `python benchmarks/bench_throughput.py" + (" --full" if args.full else "") + "`\n\n"
+        f"{os.cpu_count()} CPUs. Median of {reps} interleaved steps after 2 warm-up steps. Stream bandwidth "
+        f"in the same run: copy_ {copy_gbs:.1f} GB/s, in-place add_ {add_gbs:.1f} GB/s (bytes as counted); "
+        f"'of stream' is GB/s over the larger. Bytes per parameter: 7 x element size.\n"
+        f"Command: `{cmd}`\n\n"
     )
     (folder / f"{tag}.md").write_text(header + table + "\n")
     with open(folder / f"{tag}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    print(f"\nwrote {folder / tag}.md and .csv")
+    chart(rows, folder / f"{tag}.png", device)
+    print(f"\nwrote {folder / tag}.md, .csv, .png")
+
+
+def chart(rows: list[dict], path: Path, device: torch.device) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no chart (pip install 'd2z_optim[plot]')", file=sys.stderr)
+        return
+    groups = sorted(
+        {(r["workload"], r["dtype"]) for r in rows}, key=lambda x: [r["workload"] for r in rows].index(x[0])
+    )
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4.8), squeeze=False)
+    for ax, (w, d) in zip(axes[0], groups):
+        sel = [r for r in rows if r["workload"] == w and r["dtype"] == d]
+        ax.barh(
+            [r["competitor"] for r in sel],
+            [r["speedup_vs_torch_fused"] for r in sel],
+            color=["tab:blue" if r["competitor"].startswith("d2z") else "tab:gray" for r in sel],
+        )
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.set(title=f"{w}, {d}", xlabel="speedup vs torch fused + LambdaLR")
+        ax.invert_yaxis()
+        ax.tick_params(axis="y", labelsize=7)
+    fig.suptitle(f"AdamW step throughput on {device_name(device)}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,173 @@
+"""Numerics: each backend's and torch's AdamW error against a float64 reference, step by step.
+
+    python benchmarks/bench_numerics.py            # 200 steps (make bench)
+    python benchmarks/bench_numerics.py --steps 1000
+
+Every competitor steps the same parameters on the same fixed-seed gradients
+(scales 1e-3 .. 10 across tensors; fp16 1e-1 .. 10, since smaller squared
+gradients underflow fp16 states for everyone) under linear-d2z. Torch runs the
+schedule through ``LambdaLR``. The reference (``d2z_optim.reference.Fp64AdamW``)
+starts from the same (rounded) initial parameters and sees the same gradients in
+float64. Reported per dtype: max and mean absolute and relative error at the
+last step, and the worst max-abs error over all steps; a PNG plots max-abs
+error against the step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import sys
+from pathlib import Path
+
+import torch
+
+import d2z_optim
+from d2z_optim import AdamW, schedules
+from d2z_optim.reference import Fp64AdamW
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SHAPES = [(256, 64), (64,), (1000,), (33, 17), (4097,)]
+HP = dict(lr=1e-2, weight_decay=0.1)
+
+
+def grad_scales(dtype: torch.dtype) -> list[float]:
+    exps = (-1, 0, 1) if dtype == torch.float16 else (-3, -2, -1, 0, 1)
+    return [10.0 ** exps[j % len(exps)] for j in range(len(SHAPES))]
+
+
+def competitors(sched, device):
+    out = {}
+    for name, why in d2z_optim.available_backends().items():
+        if why is None and name in ("torch", "cpu") + (("cuda", "triton") if device.type == "cuda" else ()):
+            out[f"d2z {name}"] = lambda p, n=name: (AdamW(p, backend=n, schedule=sched, **HP), None)
+        elif why is not None:
+            print(f"skipped: d2z {name} ({why})", file=sys.stderr)
+    for label, kw in (
+        ("torch fused", dict(fused=True)),
+        ("torch foreach", dict(foreach=True)),
+        ("torch for-loop", dict(foreach=False)),
+    ):
+
+        def make(p, kw=kw):
+            opt = torch.optim.AdamW(p, **HP, **kw)
+            return opt, torch.optim.lr_scheduler.LambdaLR(opt, sched.multiplier)
+
+        out[label] = make
+    return out
+
+
+def run(dtype: torch.dtype, steps: int, device: torch.device):
+    sched = schedules.get("linear-d2z", steps)
+    gen = torch.Generator().manual_seed(0)
+    init = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in SHAPES]
+    ref = Fp64AdamW(init, mult=sched.multiplier, **HP)
+    comps = {}
+    for name, make in competitors(sched, device).items():
+        params = [torch.nn.Parameter(t.clone().to(device)) for t in init]
+        try:
+            opt, lam = make(params)
+        except (RuntimeError, ValueError) as e:  # e.g. a dtype a kernel does not take
+            print(f"skipped: {name} at {dtype} ({e})", file=sys.stderr)
+            continue
+        comps[name] = (params, opt, lam)
+    curves = {name: [] for name in comps}
+    scales = grad_scales(dtype)
+    for k in range(steps):
+        g = torch.Generator().manual_seed(10_000 + k)
+        grads = [(torch.randn(s, generator=g, dtype=torch.float64) * c).to(dtype) for s, c in zip(SHAPES, scales)]
+        ref.step(grads)
+        for name, (params, opt, lam) in comps.items():
+            for p, gr in zip(params, grads):
+                p.grad = gr.to(device)
+            opt.step()
+            if lam is not None:
+                lam.step()
+            curves[name].append(max(float((p.detach().cpu().double() - r).abs().max()) for p, r in zip(params, ref.p)))
+    rows = []
+    for name, (params, _, _) in comps.items():
+        err = torch.cat([(p.detach().cpu().double() - r).abs().flatten() for p, r in zip(params, ref.p)])
+        mag = torch.cat([r.abs().flatten() for r in ref.p]).clamp(min=1e-3)  # relative to |p|, floor 1e-3
+        rel = err / mag
+        rows.append(
+            dict(
+                dtype=str(dtype).replace("torch.", ""),
+                competitor=name,
+                max_abs=float(err.max()),
+                mean_abs=float(err.mean()),
+                max_rel=float(rel.max()),
+                mean_rel=float(rel.mean()),
+                worst_max_abs=max(curves[name]),
+                finite=all(map(lambda x: x == x and x != float("inf"), curves[name])),
+            )
+        )
+    return rows, curves
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--no-plot", action="store_true")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    all_rows, all_curves = [], {}
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        print(f"\rnumerics: {dtype} ...".ljust(40), end="", file=sys.stderr, flush=True)
+        rows, curves = run(dtype, args.steps, device)
+        all_rows += rows
+        all_curves[str(dtype).replace("torch.", "")] = curves
+    print("\r".ljust(41), file=sys.stderr)
+    lines = [
+        f"Error vs a float64 reference after {args.steps} steps of linear-d2z (lr 1e-2, wd 0.1), {device.type}",
+        "",
+        "| dtype | competitor | max abs | mean abs | max rel | mean rel | worst max abs over steps |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in all_rows:
+        lines.append(
+            f"| {r['dtype']} | {r['competitor']} | {r['max_abs']:.3g} | {r['mean_abs']:.3g} | {r['max_rel']:.3g} "
+            f"| {r['mean_rel']:.3g} | {r['worst_max_abs']:.3g}{'' if r['finite'] else ' (non-finite!)'} |"
+        )
+    table = "\n".join(lines)
+    print(table)
+
+    from bench_throughput import device_folder  # same folder naming as the throughput table
+
+    folder = device_folder(args.out, device)
+    stamp = dt.datetime.now().strftime("%Y-%m-%d")
+    tag = f"numerics-{stamp}"
+    (folder / f"{tag}.md").write_text(
+        f"# Numerics, {stamp}\n\ntorch {torch.__version__}, d2z_optim {d2z_optim.__version__}. "
+        f"Command: `python benchmarks/bench_numerics.py --steps {args.steps}`\n\n{table}\n"
+    )
+    with open(folder / f"{tag}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(all_rows[0]))
+        w.writeheader()
+        w.writerows(all_rows)
+    if not args.no_plot:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print("matplotlib not installed: no plot (pip install 'd2z_optim[plot]')", file=sys.stderr)
+        else:
+            fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+            for ax, (dtype, curves) in zip(axes, all_curves.items()):
+                for name, ys in curves.items():
+                    ax.plot(range(1, len(ys) + 1), ys, label=name, lw=1.2)
+                ax.set(title=dtype, xlabel="step", ylabel="max |p - p_fp64|", yscale="log")
+                ax.grid(alpha=0.3)
+                ax.legend(fontsize="small")
+            fig.tight_layout()
+            fig.savefig(folder / f"{tag}.png", dpi=90)
+            plt.close(fig)
+    print(f"\nwrote {folder / tag}.md, .csv, .png")
+
+
+if __name__ == "__main__":
+    main()
