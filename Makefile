@@ -2,6 +2,7 @@
 #
 #   make test    build, lint and run the whole suite
 #   make bench   build, then benchmark against torch on the present device
+#   make reproduce   the paper's D2Z-vs-10x sweep at small scale (ARGS=--quick: ~5 min)
 #                (make bench ARGS=--full: bigger workloads, bf16, 1000 numerics steps)
 #
 # A fresh clone gets a .venv with torch==2.13.0 (a CPU build that installs from a
@@ -14,7 +15,7 @@ TORCH  ?= torch==2.13.0
 ARGS   ?=
 STAMP  := $(VENV)/.d2z-installed
 
-.PHONY: test bench lint setup clean
+.PHONY: test bench lint setup clean reproduce
 
 setup: $(STAMP)
 
@@ -36,6 +37,9 @@ test: lint
 bench: $(STAMP)
 	$(PY) benchmarks/bench_throughput.py $(ARGS)
 	$(PY) benchmarks/bench_numerics.py $(if $(findstring --full,$(ARGS)),--steps 1000,)
+
+reproduce: $(STAMP)
+	$(PY) benchmarks/tpp_sweep.py $(ARGS)
 
 clean:
 	rm -rf build dist *.egg-info $(VENV)
