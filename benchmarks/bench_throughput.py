@@ -47,22 +47,20 @@ HOST_READS = {"_local_scalar_dense", "item", "is_nonzero", "equal"}
 
 
 # ------------------------------------------------------------------ workloads
+def gpt_shapes(d: int, layers: int, vocab: int = 50257, ctx: int = 1024) -> list[tuple[int, ...]]:
+    """A GPT-2-style parameter list: embeddings, 12 tensors per block, final LayerNorm."""
+    block = [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
+    return [(vocab, d), (ctx, d)] + block * layers + [(d,), (d,)]
+
+
 def gpt2_small_shapes() -> list[tuple[int, ...]]:
     """GPT-2 small (124M): 148 tensors."""
-    d, v, ctx = 768, 50257, 1024
-    shapes: list[tuple[int, ...]] = [(v, d), (ctx, d)]
-    for _ in range(12):
-        shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
-    return shapes + [(d,), (d,)]
+    return gpt_shapes(768, 12)
 
 
 def gpt_1b3_shapes() -> list[tuple[int, ...]]:
-    """A GPT-3 XL-like 1.3B shape list (d 2048, 24 layers, vocab 50257): 292 tensors."""
-    d, v, ctx = 2048, 50257, 2048
-    shapes: list[tuple[int, ...]] = [(v, d), (ctx, d)]
-    for _ in range(24):
-        shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
-    return shapes + [(d,), (d,)]
+    """A GPT-3 XL-like 1.3B shape list (d 2048, 24 layers, context 2048): 292 tensors."""
+    return gpt_shapes(2048, 24, ctx=2048)
 
 
 def workloads(full: bool, device: torch.device) -> dict[str, list[tuple[int, ...]]]:
