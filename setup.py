@@ -4,13 +4,99 @@ The pure-Python package always builds. ``triton_kernels/`` ships inside the whee
 as ``d2z_optim.triton_kernels``: a top-level ``triton_kernels`` module already
 exists in the Triton project.
 
+The C++ extension ``d2z_optim._C`` (``csrc/``) registers the ``d2z::`` ops: a
+``CppExtension`` (CPU kernel, grid replay) everywhere, a ``CUDAExtension`` adding
+the CUDA kernel when torch is a CUDA build and a CUDA toolkit (nvcc) is found.
+
     pip install --no-build-isolation -e .     # development
     pip wheel --no-build-isolation .          # a wheel, against the installed torch
+
+Environment:
+    D2Z_FORCE_CPU=1       build the CPU-only extension even with CUDA available
+    D2Z_FORCE_CUDA=1      build the CUDA extension or fail (no silent CPU-only fallback)
+    D2Z_CUDA_ARCH_LIST    CUDA architectures, default "8.0;9.0" (sets TORCH_CUDA_ARCH_LIST)
+    MAX_JOBS              parallel compile jobs (honoured by torch's BuildExtension/ninja)
+A compile error fails the build: the extension is never skipped silently.
 """
 
+import os
+import shutil
+import sys
+
 from setuptools import setup
+
+CSRC = "csrc"
+CPU_SOURCES = [f"{CSRC}/adamw_ops.cpp", f"{CSRC}/adamw_cpu.cpp", f"{CSRC}/adamw_replay.cpp"]
+CUDA_SOURCES = [f"{CSRC}/adamw_cuda.cu", f"{CSRC}/adamw_cuda_glue.cpp"]
+HEADERS = [f"{CSRC}/{h}" for h in ("adamw_math.h", "adamw_checks.h", "adamw_cuda.cuh", "adamw_plan_torch.h")]
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _cuda_home() -> str | None:
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+        return home
+    nvcc = shutil.which("nvcc")
+    return os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None
+
+
+def _nvidia_include_dirs() -> list[str]:
+    """Headers of the nvidia-* pip packages a CUDA torch wheel depends on (cusparse.h etc.)."""
+    dirs = []
+    for entry in sys.path:
+        base = os.path.join(entry, "nvidia")
+        if not os.path.isdir(base):
+            continue
+        for sub in sorted(os.listdir(base)):
+            inc = os.path.join(base, sub, "include")
+            if os.path.isdir(inc):
+                dirs.append(inc)
+    return dirs
+
+
+def _extensions():
+    import torch
+    from torch.utils import cpp_extension
+
+    force_cpu, force_cuda = _flag("D2Z_FORCE_CPU"), _flag("D2Z_FORCE_CUDA")
+    if force_cpu and force_cuda:
+        raise RuntimeError("D2Z_FORCE_CPU and D2Z_FORCE_CUDA are both set")
+    cuda_home = _cuda_home()
+    want_cuda = bool(torch.version.cuda) and cuda_home is not None and not force_cpu
+    if force_cuda and not want_cuda:
+        raise RuntimeError(
+            f"D2Z_FORCE_CUDA=1 but torch.version.cuda={torch.version.cuda!r} and CUDA toolkit={cuda_home!r}"
+        )
+
+    cxx = ["-O3", "-std=c++17", "-fno-math-errno"]  # sqrt without errno: the loop vectorises
+    if "OpenMP" in torch.__config__.parallel_info():
+        cxx.append("-fopenmp")  # at::parallel_for is inline: it needs the compiler's OpenMP
+    common = {"sources": CPU_SOURCES, "include_dirs": [os.path.abspath(CSRC)], "depends": HEADERS}
+    if not want_cuda:
+        return [cpp_extension.CppExtension("d2z_optim._C", extra_compile_args={"cxx": cxx}, **common)]
+
+    os.environ["CUDA_HOME"] = cuda_home
+    cpp_extension.CUDA_HOME = cuda_home
+    os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ.get("D2Z_CUDA_ARCH_LIST", "8.0;9.0")
+    nvcc = ["-O3", "-std=c++17", "-lineinfo"]
+    common["sources"] = CPU_SOURCES + CUDA_SOURCES
+    common["include_dirs"] += _nvidia_include_dirs()
+    return [cpp_extension.CUDAExtension("d2z_optim._C", extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **common)]
+
+
+def _setup_kwargs():
+    try:
+        from torch.utils.cpp_extension import BuildExtension
+    except ImportError:  # no torch at all (e.g. metadata-only calls): the error comes at build time
+        return {}
+    return {"ext_modules": _extensions(), "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
+
 
 setup(
     packages=["d2z_optim", "d2z_optim.backends", "d2z_optim.triton_kernels"],
     package_dir={"d2z_optim.triton_kernels": "triton_kernels"},
+    **_setup_kwargs(),
 )

@@ -1,0 +1,153 @@
+// Argument checks of d2z::adamw_step_, shared by the CPU, grid-replay and CUDA implementations.
+// Every check runs before anything is written.
+#pragma once
+
+#include <torch/library.h>
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <vector>
+
+#include "adamw_math.h"
+
+namespace d2z {
+
+// The op's arguments, as the dispatcher hands them to a kernel.
+struct StepArgs {
+  at::TensorList params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps;
+  const at::Tensor& step_count;
+  const at::Tensor& lr_table;
+  const at::Tensor& wd_table;
+  const at::Tensor& hparams;
+  c10::IntArrayRef group_index;
+  bool independent_wd;
+  const std::optional<at::Tensor>& grad_scale;
+  const std::optional<at::Tensor>& found_inf;
+};
+
+inline Dtype to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return kF32;
+    case at::kBFloat16:
+      return kBF16;
+    default:
+      return kF16;
+  }
+}
+
+// Strided (dense) layout; cheaper than layout(), which is checked once per call per tensor.
+inline bool is_dense(const at::Tensor& t) { return !t.is_sparse() && !t.is_sparse_csr() && !t.is_mkldnn(); }
+
+inline void check_on(const at::Tensor& t, const at::Device& dev, const char* name, int64_t i) {
+  TORCH_CHECK(t.device() == dev, "d2z::adamw_step_: ", name, "[", i, "] is on ", t.device(), " but the call is on ", dev,
+              " (all tensors of one call must be on one device)");
+}
+
+inline void check_scalar(const at::Tensor& t, const at::Device& dev, at::ScalarType dtype, const char* name) {
+  TORCH_CHECK(t.layout() == at::kStrided, "d2z::adamw_step_: ", name, " must be a dense tensor");
+  TORCH_CHECK(t.scalar_type() == dtype, "d2z::adamw_step_: ", name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.numel() == 1, "d2z::adamw_step_: ", name, " must have one element, got ", t.numel());
+  TORCH_CHECK(t.device() == dev, "d2z::adamw_step_: ", name, " is on ", t.device(), " but the call is on ", dev);
+}
+
+// Checks everything; `expected` is the device type of the implementation. Returns the device.
+inline at::Device check_step_args(const StepArgs& a, c10::DeviceType expected) {
+  const at::Device dev = a.step_count.device();
+  TORCH_CHECK(dev.type() == expected, "d2z::adamw_step_: step_count is on ", dev, ", this implementation runs on ",
+              expected);
+  const size_t n = a.params.size();
+  auto same_len = [&](size_t len, const char* name) {
+    TORCH_CHECK(len == n, "d2z::adamw_step_: ", name, " has ", len, " entries but params has ", n);
+  };
+  same_len(a.grads.size(), "grads");
+  same_len(a.exp_avgs.size(), "exp_avgs");
+  same_len(a.exp_avg_sqs.size(), "exp_avg_sqs");
+  same_len(a.steps.size(), "steps");
+  same_len(a.group_index.size(), "group_index");
+  TORCH_CHECK(a.max_exp_avg_sqs.empty() || a.max_exp_avg_sqs.size() == n, "d2z::adamw_step_: max_exp_avg_sqs has ",
+              a.max_exp_avg_sqs.size(), " entries: it must be empty or as long as params (", n, ")");
+
+  check_scalar(a.step_count, dev, at::kLong, "step_count");
+  for (const auto* tab : {&a.lr_table, &a.wd_table}) {
+    const char* name = tab == &a.lr_table ? "lr_table" : "wd_table";
+    TORCH_CHECK(tab->layout() == at::kStrided && tab->dim() == 1 && tab->scalar_type() == at::kFloat,
+                "d2z::adamw_step_: ", name, " must be a 1-D float32 tensor, got ", tab->scalar_type(), " with ",
+                tab->dim(), " dims");
+    TORCH_CHECK(tab->numel() > 0, "d2z::adamw_step_: ", name, " is empty");
+    TORCH_CHECK(tab->is_contiguous(), "d2z::adamw_step_: ", name, " must be contiguous");
+    TORCH_CHECK(tab->device() == dev, "d2z::adamw_step_: ", name, " is on ", tab->device(), " but the call is on ", dev);
+  }
+  TORCH_CHECK(a.lr_table.numel() == a.wd_table.numel(), "d2z::adamw_step_: lr_table (", a.lr_table.numel(),
+              ") and wd_table (", a.wd_table.numel(), ") must have the same length");
+  TORCH_CHECK(a.hparams.layout() == at::kStrided && a.hparams.scalar_type() == at::kDouble && a.hparams.dim() == 2 &&
+                  a.hparams.size(1) == kHpCols && a.hparams.is_contiguous(),
+              "d2z::adamw_step_: hparams must be a contiguous float64 tensor [G, 8], got ", a.hparams.scalar_type(), " ",
+              a.hparams.sizes());
+  TORCH_CHECK(a.hparams.device() == dev, "d2z::adamw_step_: hparams is on ", a.hparams.device(),
+              " but the call is on ", dev);
+  if (a.grad_scale.has_value()) check_scalar(*a.grad_scale, dev, at::kFloat, "grad_scale");
+  if (a.found_inf.has_value()) check_scalar(*a.found_inf, dev, at::kFloat, "found_inf");
+
+  const int64_t groups = a.hparams.size(0);
+  for (size_t k = 0; k < n; ++k) {
+    const int64_t i = static_cast<int64_t>(k);
+    const at::Tensor& p = a.params[k];
+    TORCH_CHECK(a.group_index[k] >= 0 && a.group_index[k] < groups, "d2z::adamw_step_: group_index[", i, "] = ",
+                a.group_index[k], " is out of range for hparams with ", groups, " rows");
+    TORCH_CHECK(is_dense(p), "d2z::adamw_step_: params[", i, "] must be a dense tensor");
+    const auto dt = p.scalar_type();
+    TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, "d2z::adamw_step_: params[", i,
+                "] has dtype ", dt, "; supported: float32, bfloat16, float16");
+    check_on(p, dev, "params", i);
+    TORCH_CHECK(p.is_contiguous(), "d2z::adamw_step_: params[", i, "] is not contiguous");
+    struct Named {
+      const at::Tensor* t;
+      const char* name;
+    };
+    Named same[4] = {{&a.grads[k], "grads"}, {&a.exp_avgs[k], "exp_avgs"}, {&a.exp_avg_sqs[k], "exp_avg_sqs"}, {}};
+    int n_same = 3;
+    if (!a.max_exp_avg_sqs.empty() && a.max_exp_avg_sqs[k].numel() != 0) {
+      same[n_same++] = {&a.max_exp_avg_sqs[k], "max_exp_avg_sqs"};
+    }
+    for (int j = 0; j < n_same; ++j) {
+      const Named& s = same[j];
+      const at::Tensor& t = *s.t;
+      TORCH_CHECK(t.defined(), "d2z::adamw_step_: ", s.name, "[", i, "] is undefined");
+      TORCH_CHECK(is_dense(t), "d2z::adamw_step_: ", s.name, "[", i, "] is ", t.layout(),
+                  "; only dense (strided) tensors are supported");
+      TORCH_CHECK(t.scalar_type() == dt, "d2z::adamw_step_: ", s.name, "[", i, "] has dtype ", t.scalar_type(),
+                  " but params[", i, "] has ", dt);
+      TORCH_CHECK(t.sizes() == p.sizes(), "d2z::adamw_step_: ", s.name, "[", i, "] has shape ", t.sizes(),
+                  " but params[", i, "] has ", p.sizes());
+      check_on(t, dev, s.name, i);
+      TORCH_CHECK(t.is_contiguous(), "d2z::adamw_step_: ", s.name, "[", i, "] is not contiguous");
+    }
+    if (!a.max_exp_avg_sqs.empty()) {
+      const at::Tensor& x = a.max_exp_avg_sqs[k];
+      TORCH_CHECK(is_dense(x) && x.scalar_type() == dt, "d2z::adamw_step_: max_exp_avg_sqs[", i,
+                  "] must be a dense ", dt, " tensor (a 0-element placeholder when its group has no amsgrad)");
+      check_on(x, dev, "max_exp_avg_sqs", i);
+    }
+    const at::Tensor& st = a.steps[k];
+    TORCH_CHECK(is_dense(st) && st.scalar_type() == at::kFloat && st.numel() == 1,
+                "d2z::adamw_step_: steps[", i, "] must be a float32 tensor with one element");
+    check_on(st, dev, "steps", i);
+  }
+  return dev;
+}
+
+// CPU-side check that needs the hparams values (CPU and grid replay only; on CUDA reading them
+// would be a sync): a group with amsgrad = 1 needs full-size max_exp_avg_sqs.
+inline void check_amsgrad_states(const StepArgs& a, const double* hp) {
+  for (size_t k = 0; k < a.params.size(); ++k) {
+    if (hp[a.group_index[k] * kHpCols + kAmsgrad] == 0.0) continue;
+    const bool ok = !a.max_exp_avg_sqs.empty() && a.max_exp_avg_sqs[k].numel() == a.params[k].numel() &&
+                    (a.params[k].numel() != 0 || a.max_exp_avg_sqs[k].sizes() == a.params[k].sizes());
+    TORCH_CHECK(ok || a.params[k].numel() == 0, "d2z::adamw_step_: params[", k, "] is in group ", a.group_index[k],
+                " with amsgrad = 1 but max_exp_avg_sqs[", k, "] is ",
+                a.max_exp_avg_sqs.empty() ? "missing (empty list)" : "a placeholder");
+  }
+}
+
+}  // namespace d2z

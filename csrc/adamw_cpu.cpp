@@ -1,0 +1,283 @@
+// The CPU implementation of d2z::adamw_step_: every (tensor, chunk) of the call in one parallel
+// region, an inner loop the compiler vectorises, chosen at run time among builds of it for
+// AVX-512, AVX2+FMA and the portable baseline (no -march=native needed).
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "adamw_checks.h"
+
+namespace d2z {
+namespace {
+
+constexpr int64_t kCpuChunk = 1 << 16;  // elements per work item
+constexpr int64_t kItemCost = 256;      // fixed cost of an item (scalars, dispatch), in elements
+
+struct CpuTensor {
+  void* p;
+  const void* g;
+  void* m;
+  void* v;
+  void* vmax;  // nullptr without amsgrad
+  int64_t n;
+  const double* hp;
+  Dtype dtype;
+  float t;  // the new step
+};
+
+struct Item {
+  int32_t tensor;
+  int64_t begin, end;
+};
+
+template <int D, bool kFma, bool kAms>
+__attribute__((always_inline)) inline void cpu_loop(const CpuTensor& ct, int64_t b, int64_t e, ElemScalars s) {
+  using T = typename Storage<D>::type;
+  using S = Storage<D>;
+  T* __restrict__ p = static_cast<T*>(ct.p);
+  const T* __restrict__ g = static_cast<const T*>(ct.g);
+  T* __restrict__ m = static_cast<T*>(ct.m);
+  T* __restrict__ v = static_cast<T*>(ct.v);
+  T* __restrict__ x = static_cast<T*>(ct.vmax);
+  for (int64_t i = b; i < e; ++i) {
+    float fp = S::load(p[i]), fm = S::load(m[i]), fv = S::load(v[i]);
+    float fx = kAms ? S::load(x[i]) : 0.0f;
+    adamw_element<kFma, kAms>(fp, S::load(g[i]), fm, fv, fx, s);
+    p[i] = S::store(fp);
+    m[i] = S::store(fm);
+    v[i] = S::store(fv);
+    if (kAms) x[i] = S::store(fx);
+  }
+}
+
+template <bool kFma>
+__attribute__((always_inline)) inline void cpu_item(const CpuTensor& ct, int64_t b, int64_t e, const ElemScalars& s) {
+  const bool ams = ct.vmax != nullptr;
+  switch (ct.dtype) {
+    case kF32:
+      ams ? cpu_loop<kF32, kFma, true>(ct, b, e, s) : cpu_loop<kF32, kFma, false>(ct, b, e, s);
+      break;
+    case kBF16:
+      ams ? cpu_loop<kBF16, kFma, true>(ct, b, e, s) : cpu_loop<kBF16, kFma, false>(ct, b, e, s);
+      break;
+    default:
+      ams ? cpu_loop<kF16, kFma, true>(ct, b, e, s) : cpu_loop<kF16, kFma, false>(ct, b, e, s);
+      break;
+  }
+}
+
+// Small tensors live on pages of their own, where the hardware prefetchers cannot run ahead:
+// ask for the next small item's cache lines (into L2) while this one is computed.
+inline void prefetch_item(const std::vector<CpuTensor>& ts, const Item& it) {
+  constexpr int64_t kMaxBytes = 16384;  // per array
+  const CpuTensor& ct = ts[it.tensor];
+  const int64_t esize = ct.dtype == kF32 ? 4 : 2;
+  const int64_t bytes = (it.end - it.begin) * esize;
+  if (bytes > kMaxBytes) return;
+  const char* arrays[5] = {static_cast<const char*>(ct.p), static_cast<const char*>(ct.g),
+                           static_cast<const char*>(ct.m), static_cast<const char*>(ct.v),
+                           static_cast<const char*>(ct.vmax)};
+  for (const char* base : arrays) {
+    if (base == nullptr) continue;
+    base += it.begin * esize;
+    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(base + off, 1, 2);
+  }
+}
+
+using ItemFn = void (*)(const CpuTensor&, int64_t, int64_t, const ElemScalars&);
+
+// Baseline x86-64 (SSE2) or any other architecture: no hardware FMA assumed, so a*b+c
+// (std::fma would be a libm call per element there).
+void item_baseline(const CpuTensor& ct, int64_t b, int64_t e, const ElemScalars& s) { cpu_item<false>(ct, b, e, s); }
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// Function multiversioning by hand: the same loop built for two more ISA levels, chosen once at
+// run time with __builtin_cpu_supports (GCC's target attribute; the callee templates are
+// always_inline so they are compiled for the caller's ISA).
+__attribute__((target("avx2,fma,f16c,bmi,bmi2")))
+void item_avx2(const CpuTensor& ct, int64_t b, int64_t e, const ElemScalars& s) {
+  cpu_item<true>(ct, b, e, s);
+}
+
+__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx512cd,avx2,fma,f16c,bmi,bmi2,prefer-vector-width=512")))
+void item_avx512(const CpuTensor& ct, int64_t b, int64_t e, const ElemScalars& s) {
+  cpu_item<true>(ct, b, e, s);
+}
+#endif
+
+int best_isa() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512cd")) {
+    return 2;
+  }
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
+      __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2")) {
+    return 1;
+  }
+#endif
+  return 0;
+}
+
+std::atomic<int> g_isa{-1};
+
+int active_isa() {
+  int isa = g_isa.load(std::memory_order_relaxed);
+  if (isa < 0) {
+    isa = best_isa();
+    g_isa.store(isa, std::memory_order_relaxed);
+  }
+  return isa;
+}
+
+ItemFn item_fn(int isa) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (isa == 2) return item_avx512;
+  if (isa == 1) return item_avx2;
+#endif
+  return item_baseline;
+}
+
+const char* isa_name(int isa) { return isa == 2 ? "avx512" : (isa == 1 ? "avx2" : "baseline"); }
+
+// Test/diagnostic op: force (0 baseline, 1 avx2, 2 avx512, capped at what the CPU has; -1 keeps
+// the current choice) and return the active ISA's name.
+std::string cpu_isa(int64_t force) {
+  if (force >= 0) g_isa.store(static_cast<int>(std::min<int64_t>(force, best_isa())));
+  return isa_name(active_isa());
+}
+
+void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                    at::TensorList max_exp_avg_sqs, at::TensorList steps, const at::Tensor& step_count,
+                    const at::Tensor& lr_table, const at::Tensor& wd_table, const at::Tensor& hparams,
+                    c10::IntArrayRef group_index, bool independent_wd, const std::optional<at::Tensor>& grad_scale,
+                    const std::optional<at::Tensor>& found_inf) {
+  const StepArgs a{params,   grads,       exp_avgs,       exp_avg_sqs, max_exp_avg_sqs, steps,   step_count, lr_table,
+                   wd_table, hparams,     group_index,    independent_wd, grad_scale, found_inf};
+  check_step_args(a, c10::DeviceType::CPU);
+  const double* hp = hparams.data_ptr<double>();
+  check_amsgrad_states(a, hp);
+  // ---- nothing is written above this line ----
+  if (found_inf.has_value() && found_inf->data_ptr<float>()[0] != 0.0f) return;  // AMP: skip the step
+
+  const int64_t T = lr_table.numel();
+  int64_t* sc = step_count.data_ptr<int64_t>();
+  const int64_t idx = std::clamp<int64_t>(*sc, 0, T - 1);
+  const float lr_mult = lr_table.data_ptr<float>()[idx];
+  const float wd_mult = wd_table.data_ptr<float>()[idx];
+  const float* gs = grad_scale.has_value() ? grad_scale->data_ptr<float>() : nullptr;
+
+  const size_t n = params.size();
+  std::vector<CpuTensor> ts(n);
+  std::vector<Item> items;
+  std::vector<int64_t> cost;  // prefix sums of item costs
+  int64_t total = 0;
+  for (size_t k = 0; k < n; ++k) {
+    const double* row = hp + group_index[k] * kHpCols;
+    const bool ams = row[kAmsgrad] != 0.0 && !max_exp_avg_sqs.empty() && max_exp_avg_sqs[k].numel() > 0;
+    CpuTensor& ct = ts[k];
+    ct = {params[k].data_ptr(),
+          grads[k].data_ptr(),
+          exp_avgs[k].data_ptr(),
+          exp_avg_sqs[k].data_ptr(),
+          ams ? max_exp_avg_sqs[k].data_ptr() : nullptr,
+          params[k].numel(),
+          row,
+          to_dtype(params[k].scalar_type()),
+          steps[k].data_ptr<float>()[0] + 1.0f};
+    for (int64_t b = 0; b < ct.n; b += kCpuChunk) {
+      const int64_t e = std::min(ct.n, b + kCpuChunk);
+      items.push_back({static_cast<int32_t>(k), b, e});
+      total += (e - b) + kItemCost;
+      cost.push_back(total);
+    }
+  }
+
+  const ItemFn fn = item_fn(active_isa());
+  auto run = [&](size_t i0, size_t i1) {
+    int32_t last = -1;
+    ElemScalars s{};
+    for (size_t i = i0; i < i1; ++i) {
+      const Item& it = items[i];
+      const CpuTensor& ct = ts[it.tensor];
+      if (it.tensor != last) {
+        s = make_scalars(ct.hp, lr_mult, wd_mult, ct.t, independent_wd, gs);
+        last = it.tensor;
+      }
+      if (i + 1 < i1) prefetch_item(ts, items[i + 1]);
+      fn(ct, it.begin, it.end, s);
+    }
+  };
+  // One parallel region; each thread takes a contiguous run of items of about equal cost.
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total / (4 * kCpuChunk)));
+  if (threads <= 1 || items.size() < 2) {
+    run(0, items.size());
+  } else {
+    at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const auto lo = std::lower_bound(cost.begin(), cost.end(), total * t / threads + 1) - cost.begin();
+        const auto hi = std::lower_bound(cost.begin(), cost.end(), total * (t + 1) / threads + 1) - cost.begin();
+        run(static_cast<size_t>(lo), static_cast<size_t>(hi));
+      }
+    });
+  }
+  for (size_t k = 0; k < n; ++k) steps[k].data_ptr<float>()[0] = ts[k].t;
+  *sc += 1;
+}
+
+template <int D>
+void cast_to(const float* src, void* dst, int64_t n) {
+  auto* out = static_cast<typename Storage<D>::type*>(dst);
+  for (int64_t i = 0; i < n; ++i) out[i] = Storage<D>::store(src[i]);
+}
+
+template <int D>
+void cast_from(const void* src, float* dst, int64_t n) {
+  const auto* in = static_cast<const typename Storage<D>::type*>(src);
+  for (int64_t i = 0; i < n; ++i) dst[i] = Storage<D>::load(in[i]);
+}
+
+void test_cast(const at::Tensor& src, const at::Tensor& dst) {
+  TORCH_CHECK(src.is_contiguous() && dst.is_contiguous() && src.numel() == dst.numel() && src.is_cpu() && dst.is_cpu(),
+              "_test_cast_: contiguous CPU tensors of one size");
+  TORCH_CHECK(src.scalar_type() == at::kFloat || dst.scalar_type() == at::kFloat, "_test_cast_: one side float32");
+  const int64_t n = src.numel();
+  if (src.scalar_type() == at::kFloat) {
+    const float* s = src.data_ptr<float>();
+    switch (dst.scalar_type()) {
+      case at::kBFloat16:
+        return cast_to<kBF16>(s, dst.data_ptr(), n);
+      case at::kHalf:
+        return cast_to<kF16>(s, dst.data_ptr(), n);
+      default:
+        return cast_to<kF32>(s, dst.data_ptr(), n);
+    }
+  }
+  float* d = dst.data_ptr<float>();
+  switch (src.scalar_type()) {
+    case at::kBFloat16:
+      return cast_from<kBF16>(src.data_ptr(), d, n);
+    case at::kHalf:
+      return cast_from<kF16>(src.data_ptr(), d, n);
+    default:
+      TORCH_CHECK(false, "_test_cast_: unsupported dtype ", src.scalar_type());
+  }
+}
+
+}  // namespace
+}  // namespace d2z
+
+TORCH_LIBRARY_FRAGMENT(d2z, m) { m.def("_cpu_isa(int force=-1) -> str", &d2z::cpu_isa); }
+
+TORCH_LIBRARY_IMPL(d2z, CPU, m) {
+  m.impl("adamw_step_", &d2z::adamw_step_cpu);
+  m.impl("_test_cast_", &d2z::test_cast);
+}
+
+// A sparse grad routes the call to the sparse key: the same kernel, whose checks reject it by name.
+TORCH_LIBRARY_IMPL(d2z, SparseCPU, m) { m.impl("adamw_step_", &d2z::adamw_step_cpu); }

@@ -1,0 +1,29 @@
+// CUDA kernels of the fused AdamW step: thin __global__ wrappers around the per-thread bodies of
+// adamw_cuda.cuh, and their launcher. Torch-free (raw pointers, cudaStream_t).
+#include <cuda_runtime.h>
+
+#include "adamw_cuda.cuh"
+
+namespace d2z {
+
+// 256 threads and at least 4 resident blocks per SM: at most 64 registers per thread.
+__global__ void __launch_bounds__(kBlockThreads, 4) adamw_kernel(const LaunchArgs a) {
+  adamw_thread(blockIdx.x, threadIdx.x, blockDim.x, a);
+}
+
+__global__ void __launch_bounds__(kBlockThreads) counter_kernel(const LaunchArgs a) {
+  counter_thread(blockIdx.x, threadIdx.x, blockDim.x, a);
+}
+
+int launch_adamw(const LaunchArgs& a, int64_t n_blocks, void* stream_ptr) {
+  cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+  if (n_blocks > 0) {
+    adamw_kernel<<<static_cast<unsigned>(n_blocks), kBlockThreads, 0, stream>>>(a);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return static_cast<int>(err);
+  }
+  counter_kernel<<<static_cast<unsigned>(counter_blocks(a.n_tensors)), kBlockThreads, 0, stream>>>(a);
+  return static_cast<int>(cudaGetLastError());
+}
+
+}  // namespace d2z

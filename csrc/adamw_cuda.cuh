@@ -1,0 +1,233 @@
+// The CUDA multi-tensor AdamW kernel: metadata, work list and per-thread bodies. Torch-free.
+//
+// Every block updates one chunk (kChunk elements) of one tensor; the work list maps blocks to
+// (tensor, chunk). The per-thread bodies are D2Z_HD functions of (block, thread, block_dim,
+// arguments) so that the host compiler builds them too: the grid replay op
+// (adamw_replay.cpp) runs every block and thread of the real grid on the CPU.
+//
+// Launches per call: adamw_kernel (all tensors, all dtypes, amsgrad or not) then
+// counter_kernel (per-tensor steps and the schedule counter, which every block of the first
+// kernel reads and so cannot be advanced inside it without a grid-wide barrier).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "adamw_math.h"
+
+namespace d2z {
+
+constexpr int kBlockThreads = 256;
+constexpr int64_t kChunk = 16384;  // elements per block: 16 x 128-bit accesses per thread (fp32)
+
+// One tensor of the call. 64 bytes.
+struct TensorMeta {
+  void* p;
+  const void* g;
+  void* m;
+  void* v;
+  void* vmax;   // nullptr: no amsgrad state for this tensor (its group has amsgrad = 0)
+  float* step;  // float32 per-parameter step, incremented by counter_kernel
+  int64_t n;
+  int32_t group;  // row of hparams
+  int16_t dtype;  // Dtype
+  int16_t vec;    // 1 when every pointer of the tensor is 16-byte aligned: 128-bit accesses
+};
+
+struct BlockWork {
+  int32_t tensor;
+  int32_t chunk;
+};
+
+// Kernel arguments (passed by value).
+struct LaunchArgs {
+  const TensorMeta* tensors;
+  const BlockWork* blocks;
+  const double* hparams;  // [G, kHpCols]
+  const float* lr_table;
+  const float* wd_table;
+  int64_t table_len;
+  int64_t* step_count;
+  const float* grad_scale;  // nullptr when absent
+  const float* found_inf;   // nullptr when absent
+  int32_t n_tensors;
+  int32_t independent_wd;
+};
+
+D2Z_INLINE bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
+
+// ---- the work list (host) ----
+// Metadata buffer layout: [TensorMeta x n_tensors][BlockWork x n_blocks], one upload.
+struct Plan {
+  std::vector<TensorMeta> tensors;
+  std::vector<BlockWork> blocks;
+  size_t bytes() const { return tensors.size() * sizeof(TensorMeta) + blocks.size() * sizeof(BlockWork); }
+  void pack(void* dst) const {
+    std::memcpy(dst, tensors.data(), tensors.size() * sizeof(TensorMeta));
+    std::memcpy(static_cast<char*>(dst) + tensors.size() * sizeof(TensorMeta), blocks.data(),
+                blocks.size() * sizeof(BlockWork));
+  }
+};
+
+// Fills plan.blocks from plan.tensors (whose pointers, sizes and dtypes are set) and sets vec.
+inline void build_work_list(Plan& plan) {
+  plan.blocks.clear();
+  for (size_t i = 0; i < plan.tensors.size(); ++i) {
+    TensorMeta& t = plan.tensors[i];
+    t.vec = aligned16(t.p) && aligned16(t.g) && aligned16(t.m) && aligned16(t.v) &&
+            (t.vmax == nullptr || aligned16(t.vmax));
+    const int64_t chunks = (t.n + kChunk - 1) / kChunk;
+    for (int64_t c = 0; c < chunks; ++c) plan.blocks.push_back({static_cast<int32_t>(i), static_cast<int32_t>(c)});
+  }
+}
+
+// ---- per-thread bodies (host and device) ----
+D2Z_INLINE void load16(const void* base, int64_t k, uint32_t (&w)[4]) {
+#if defined(__CUDA_ARCH__)
+  const uint4 r = reinterpret_cast<const uint4*>(base)[k];
+  w[0] = r.x;
+  w[1] = r.y;
+  w[2] = r.z;
+  w[3] = r.w;
+#else
+  std::memcpy(w, static_cast<const char*>(base) + k * 16, 16);
+#endif
+}
+
+D2Z_INLINE void store16(void* base, int64_t k, const uint32_t (&w)[4]) {
+#if defined(__CUDA_ARCH__)
+  reinterpret_cast<uint4*>(base)[k] = make_uint4(w[0], w[1], w[2], w[3]);
+#else
+  std::memcpy(static_cast<char*>(base) + k * 16, w, 16);
+#endif
+}
+
+// One element given as storage values, updated in place.
+template <int D, bool kAms>
+D2Z_INLINE void update_stored(typename Storage<D>::type& p, typename Storage<D>::type g, typename Storage<D>::type& m,
+                              typename Storage<D>::type& v, typename Storage<D>::type* vmax, const ElemScalars& s) {
+  using S = Storage<D>;
+  float fp = S::load(p), fm = S::load(m), fv = S::load(v);
+  float fx = kAms ? S::load(*vmax) : 0.0f;
+  adamw_element<true, kAms>(fp, S::load(g), fm, fv, fx, s);
+  p = S::store(fp);
+  m = S::store(fm);
+  v = S::store(fv);
+  if (kAms) *vmax = S::store(fx);
+}
+
+// 16 bytes of each array (4 fp32 or 8 bf16/fp16 elements), vector index k.
+template <int D, bool kAms>
+D2Z_INLINE void update_vec16(const TensorMeta& t, int64_t k, const ElemScalars& s) {
+  uint32_t p[4], g[4], m[4], v[4], x[4] = {0, 0, 0, 0};
+  load16(t.p, k, p);
+  load16(t.g, k, g);
+  load16(t.m, k, m);
+  load16(t.v, k, v);
+  if (kAms) load16(t.vmax, k, x);
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+    if constexpr (D == kF32) {
+      float fp = bits_to_float(p[w]), fm = bits_to_float(m[w]), fv = bits_to_float(v[w]), fx = bits_to_float(x[w]);
+      adamw_element<true, kAms>(fp, bits_to_float(g[w]), fm, fv, fx, s);
+      p[w] = float_to_bits(fp);
+      m[w] = float_to_bits(fm);
+      v[w] = float_to_bits(fv);
+      x[w] = float_to_bits(fx);
+    } else {
+      uint16_t p2[2] = {uint16_t(p[w]), uint16_t(p[w] >> 16)}, m2[2] = {uint16_t(m[w]), uint16_t(m[w] >> 16)};
+      uint16_t v2[2] = {uint16_t(v[w]), uint16_t(v[w] >> 16)}, x2[2] = {uint16_t(x[w]), uint16_t(x[w] >> 16)};
+      const uint16_t g2[2] = {uint16_t(g[w]), uint16_t(g[w] >> 16)};
+#pragma unroll
+      for (int h = 0; h < 2; ++h) update_stored<D, kAms>(p2[h], g2[h], m2[h], v2[h], &x2[h], s);
+      p[w] = uint32_t(p2[0]) | (uint32_t(p2[1]) << 16);
+      m[w] = uint32_t(m2[0]) | (uint32_t(m2[1]) << 16);
+      v[w] = uint32_t(v2[0]) | (uint32_t(v2[1]) << 16);
+      x[w] = uint32_t(x2[0]) | (uint32_t(x2[1]) << 16);
+    }
+  }
+  store16(t.p, k, p);
+  store16(t.m, k, m);
+  store16(t.v, k, v);
+  if (kAms) store16(t.vmax, k, x);
+}
+
+template <int D, bool kAms>
+D2Z_INLINE void update_chunk(const TensorMeta& t, const ElemScalars& s, int64_t start, int64_t end, int thread,
+                             int block_dim) {
+  using T = typename Storage<D>::type;
+  int64_t e0 = start;
+  if (t.vec) {  // start is a multiple of kChunk, so of the vector width: whole vectors, then a tail
+    constexpr int64_t kV = 16 / sizeof(T);
+    const int64_t v0 = start / kV;
+    const int64_t nv = (end - start) / kV;
+    for (int64_t k = thread; k < nv; k += block_dim) update_vec16<D, kAms>(t, v0 + k, s);
+    e0 = start + nv * kV;
+  }
+  T* p = static_cast<T*>(t.p);
+  const T* g = static_cast<const T*>(t.g);
+  T* m = static_cast<T*>(t.m);
+  T* v = static_cast<T*>(t.v);
+  T* x = static_cast<T*>(t.vmax);
+  for (int64_t e = e0 + thread; e < end; e += block_dim) {
+    T xe = kAms ? x[e] : T(0);
+    update_stored<D, kAms>(p[e], g[e], m[e], v[e], &xe, s);
+    if (kAms) x[e] = xe;
+  }
+}
+
+template <int D>
+D2Z_INLINE void update_chunk_dtype(const TensorMeta& t, bool ams, const ElemScalars& s, int64_t start, int64_t end,
+                                   int thread, int block_dim) {
+  if (ams) {
+    update_chunk<D, true>(t, s, start, end, thread, block_dim);
+  } else {
+    update_chunk<D, false>(t, s, start, end, thread, block_dim);
+  }
+}
+
+// The body of adamw_kernel: thread `thread` of block `block`.
+D2Z_HD inline void adamw_thread(int64_t block, int thread, int block_dim, const LaunchArgs& a) {
+  if (a.found_inf != nullptr && *a.found_inf != 0.0f) return;  // AMP: skip the whole step
+  const BlockWork w = a.blocks[block];
+  const TensorMeta& t = a.tensors[w.tensor];
+  // Table lookup, bias corrections and step size: once per block (each thread in registers).
+  int64_t idx = *a.step_count;
+  idx = idx < 0 ? 0 : (idx > a.table_len - 1 ? a.table_len - 1 : idx);
+  const double* hp = a.hparams + static_cast<int64_t>(t.group) * kHpCols;
+  const ElemScalars s =
+      make_scalars(hp, a.lr_table[idx], a.wd_table[idx], *t.step + 1.0f, a.independent_wd != 0, a.grad_scale);
+  const bool ams = t.vmax != nullptr && hp[kAmsgrad] != 0.0;
+  const int64_t start = static_cast<int64_t>(w.chunk) * kChunk;
+  const int64_t end = start + kChunk < t.n ? start + kChunk : t.n;
+  switch (t.dtype) {
+    case kF32:
+      update_chunk_dtype<kF32>(t, ams, s, start, end, thread, block_dim);
+      break;
+    case kBF16:
+      update_chunk_dtype<kBF16>(t, ams, s, start, end, thread, block_dim);
+      break;
+    default:
+      update_chunk_dtype<kF16>(t, ams, s, start, end, thread, block_dim);
+      break;
+  }
+}
+
+// The body of counter_kernel (after adamw_kernel, same stream): steps[i] += 1 and step_count += 1.
+D2Z_HD inline void counter_thread(int64_t block, int thread, int block_dim, const LaunchArgs& a) {
+  if (a.found_inf != nullptr && *a.found_inf != 0.0f) return;
+  const int64_t i = block * block_dim + thread;
+  if (i < a.n_tensors) *a.tensors[i].step += 1.0f;
+  if (i == 0) *a.step_count += 1;
+}
+
+inline int64_t counter_blocks(int64_t n_tensors) {
+  const int64_t b = (n_tensors + kBlockThreads - 1) / kBlockThreads;
+  return b < 1 ? 1 : b;
+}
+
+// Launches adamw_kernel (n_blocks blocks, skipped when 0) and counter_kernel on `stream`.
+// Returns the first launch error (cudaSuccess otherwise). Defined in adamw_cuda.cu.
+int launch_adamw(const LaunchArgs& a, int64_t n_blocks, void* stream);
+
+}  // namespace d2z

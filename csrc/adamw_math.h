@@ -1,0 +1,200 @@
+// The single source of the AdamW math in C++: per-step scalars and the per-element update.
+//
+// Torch-free and usable from host code (g++: the CPU kernel, the CUDA grid replay) and device
+// code (nvcc). Semantics follow d2z_optim/backends/torch_backend.py:
+//   scalars, once per tensor (double, rounded once to float):
+//     idx = min(step_count, T-1); lr_t = lr * lr_table[idx]; wm = wd_table[idx]
+//     decay = (independent_wd ? lr_table[idx] : lr_t) * (weight_decay * wm)
+//     t = steps[i] + 1 (float32, written back); bc1 = 1 - beta1^t; bc2_sqrt = sqrt(1 - beta2^t)
+//     step_size = lr_t / bc1
+//   element, fp32 registers:
+//     g = grad * (maximize ? -1 : 1) / grad_scale
+//     p = p - decay * p;  m = m + (1 - beta1) * (g - m);  v = beta2 * v + (1 - beta2) * g * g
+//     vhat = amsgrad ? (vmax = max(vmax, v)) : v;  p = p - step_size * m / (sqrt(vhat) / bc2_sqrt + eps)
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define D2Z_HD __host__ __device__
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#else
+#define D2Z_HD
+#endif
+
+#define D2Z_INLINE D2Z_HD inline __attribute__((always_inline))
+
+namespace d2z {
+
+// Storage dtypes of params/grads/states (grads and states have their param's dtype).
+enum Dtype : int32_t { kF32 = 0, kBF16 = 1, kF16 = 2 };
+
+// Columns of the hparams [G, 8] float64 tensor.
+enum HpCol : int { kLr = 0, kBeta1, kBeta2, kEps, kWeightDecay, kAmsgrad, kMaximize, kHpCols = 8 };
+
+// Per-tensor scalars of one step, rounded once from double to float.
+struct ElemScalars {
+  float gmul;           // (maximize ? -1 : 1) / grad_scale: exact for 1 and powers of two
+  float neg_decay;      // -decay: p = fma(-decay, p, p)
+  float w1;             // 1 - beta1 (lerp weight)
+  float beta2;
+  float omb2;           // 1 - beta2
+  float bc2_sqrt;       // sqrt(1 - beta2^t)
+  float eps;
+  float neg_step_size;  // -lr_t / (1 - beta1^t)
+};
+
+// hp: this tensor's hparams row; lr_mult/wd_mult: lr_table[idx], wd_table[idx]; t: the new step
+// (old + 1); grad_scale: nullptr when absent. All in double, as torch's Python scalars are.
+D2Z_INLINE ElemScalars make_scalars(const double* hp, float lr_mult, float wd_mult, float t, bool independent_wd,
+                                    const float* grad_scale) {
+  const double m = static_cast<double>(lr_mult);
+  const double wm = static_cast<double>(wd_mult);
+  const double lr_t = m * hp[kLr];
+  const double decay = (independent_wd ? m : lr_t) * (hp[kWeightDecay] * wm);
+  const double td = static_cast<double>(t);
+  const double bc1 = 1.0 - pow(hp[kBeta1], td);
+  const double bc2_sqrt = sqrt(1.0 - pow(hp[kBeta2], td));
+  double gmul = hp[kMaximize] != 0.0 ? -1.0 : 1.0;
+  if (grad_scale != nullptr) gmul = gmul * (1.0 / static_cast<double>(*grad_scale));
+  ElemScalars s;
+  s.gmul = static_cast<float>(gmul);
+  s.neg_decay = static_cast<float>(-decay);
+  s.w1 = static_cast<float>(1.0 - hp[kBeta1]);
+  s.beta2 = static_cast<float>(hp[kBeta2]);
+  s.omb2 = static_cast<float>(1.0 - hp[kBeta2]);
+  s.bc2_sqrt = static_cast<float>(bc2_sqrt);
+  s.eps = static_cast<float>(hp[kEps]);
+  s.neg_step_size = static_cast<float>(-lr_t / bc1);
+  return s;
+}
+
+// a * b + c. On the device and in kFma host code a fused multiply-add (one rounding). The
+// kFma=false variant is for host code compiled without hardware FMA, where std::fma is a slow libm
+// call: there it is a plain multiply then add (two roundings), fine for the accuracy target.
+template <bool kFma>
+D2Z_INLINE float madd(float a, float b, float c) {
+#if defined(__CUDA_ARCH__)
+  return fmaf(a, b, c);
+#else
+  if constexpr (kFma) {
+    return __builtin_fmaf(a, b, c);
+  } else {
+    return a * b + c;
+  }
+#endif
+}
+
+// The update of one element; p, m, v (and vmax when kAmsgrad) are updated in place.
+template <bool kFma, bool kAmsgrad>
+D2Z_INLINE void adamw_element(float& p, float g, float& m, float& v, float& vmax, const ElemScalars& s) {
+  g = g * s.gmul;
+  p = madd<kFma>(s.neg_decay, p, p);
+  m = madd<kFma>(s.w1, g - m, m);
+  v = madd<kFma>(s.beta2, v, (s.omb2 * g) * g);
+  float vhat = v;
+  if constexpr (kAmsgrad) {
+    vmax = (vmax > v || vmax != vmax) ? vmax : v;  // a NaN in either propagates, as torch.maximum
+    vhat = vmax;
+  }
+  const float denom = sqrtf(vhat) / s.bc2_sqrt + s.eps;
+  p = madd<kFma>(s.neg_step_size, m / denom, p);
+}
+
+// ---- storage conversions (round to nearest even), bit-exact with torch's .to(dtype) ----
+D2Z_INLINE float bits_to_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+#endif
+}
+
+D2Z_INLINE uint32_t float_to_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+#endif
+}
+
+D2Z_INLINE float bf16_to_float(uint16_t h) { return bits_to_float(static_cast<uint32_t>(h) << 16); }
+
+D2Z_INLINE uint16_t float_to_bf16(float f) {
+#if defined(__CUDA_ARCH__)
+  return __bfloat16_as_ushort(__float2bfloat16_rn(f));
+#else
+  const uint32_t u = float_to_bits(f);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const bool is_nan = (u & 0x7fffffffu) > 0x7f800000u;
+  return static_cast<uint16_t>(is_nan ? 0x7fc0u : rounded);
+#endif
+}
+
+D2Z_INLINE float f16_to_float(uint16_t h) {
+#if defined(__CUDA_ARCH__)
+  return __half2float(__ushort_as_half(h));
+#else
+  // Shift exponent and mantissa into place, rebias; Inf/NaN get the rest of the exponent;
+  // subnormals are normalised by a float subtraction (exact). Branch-free so it vectorises.
+  const uint32_t hu = h;
+  uint32_t o = (hu & 0x7fffu) << 13;
+  const uint32_t exp = o & 0x0f800000u;
+  o += (127u - 15u) << 23;
+  // Inf/NaN; a NaN comes back quiet, as the hardware conversion (and torch) gives it.
+  const uint32_t o_inf = (o + ((128u - 16u) << 23)) | ((hu & 0x3ffu) != 0u ? 0x00400000u : 0u);
+  const float sub = bits_to_float(o + (1u << 23)) - bits_to_float(113u << 23);
+  const uint32_t o_sub = float_to_bits(sub);
+  o = exp == 0x0f800000u ? o_inf : (exp == 0u ? o_sub : o);
+  return bits_to_float(o | ((hu & 0x8000u) << 16));
+#endif
+}
+
+D2Z_INLINE uint16_t float_to_f16(float f) {
+#if defined(__CUDA_ARCH__)
+  return __half_as_ushort(__float2half_rn(f));
+#else
+  uint32_t u = float_to_bits(f);
+  const uint32_t sign = u & 0x80000000u;
+  u ^= sign;
+  // Overflow to Inf (NaN stays a quiet NaN).
+  const uint32_t o_big = u > 0x7f800000u ? 0x7e00u : 0x7c00u;
+  // Subnormal results: adding 0.5f aligns the mantissa so the FPU rounds to nearest even.
+  const uint32_t o_sub = float_to_bits(bits_to_float(u) + 0.5f) - 0x3f000000u;
+  // Normal results: rebias, round to nearest even on bit 13.
+  const uint32_t mant_odd = (u >> 13) & 1u;
+  const uint32_t o_norm = (u + 0xc8000fffu + mant_odd) >> 13;  // (15 - 127) << 23 + 0xfff, mod 2^32
+  const uint32_t o = u >= 0x47800000u ? o_big : (u < 0x38800000u ? o_sub : o_norm);
+  return static_cast<uint16_t>(o | (sign >> 16));
+#endif
+}
+
+template <int kDtype>
+struct Storage;
+template <>
+struct Storage<kF32> {
+  using type = float;
+  static D2Z_INLINE float load(float x) { return x; }
+  static D2Z_INLINE float store(float x) { return x; }
+};
+template <>
+struct Storage<kBF16> {
+  using type = uint16_t;
+  static D2Z_INLINE float load(uint16_t x) { return bf16_to_float(x); }
+  static D2Z_INLINE uint16_t store(float x) { return float_to_bf16(x); }
+};
+template <>
+struct Storage<kF16> {
+  using type = uint16_t;
+  static D2Z_INLINE float load(uint16_t x) { return f16_to_float(x); }
+  static D2Z_INLINE uint16_t store(float x) { return float_to_f16(x); }
+};
+
+}  // namespace d2z

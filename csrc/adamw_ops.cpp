@@ -1,0 +1,26 @@
+// Schema of the d2z ops. Implementations: adamw_cpu.cpp (CPU), adamw_replay.cpp (the CUDA grid
+// replayed on the CPU, tests only), adamw_cuda_glue.cpp (CUDA builds).
+#include <torch/library.h>
+
+#define D2Z_STEP_ARGS                                                                                           \
+  "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "                    \
+  "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, Tensor(f!) step_count, Tensor lr_table, Tensor wd_table, " \
+  "Tensor hparams, int[] group_index, bool independent_wd, Tensor? grad_scale, Tensor? found_inf) -> ()"
+
+TORCH_LIBRARY(d2z, m) {
+  // One AdamW step of every tensor: lr_table[step_count] and wd_table[step_count] scale the
+  // group's lr and weight decay; steps and step_count advance (unless found_inf is nonzero).
+  m.def("adamw_step_" D2Z_STEP_ARGS);
+  // Test only: the CUDA kernel's grid (every block and thread) replayed on the CPU.
+  m.def("adamw_step_grid_replay_" D2Z_STEP_ARGS);
+  // Test only: dst.copy_(src) through the kernels' own float <-> bf16/fp16 conversions (CPU).
+  m.def("_test_cast_(Tensor src, Tensor(a!) dst) -> ()");
+}
+
+// `import d2z_optim._C` loads this library, which registers the ops above; the module itself is
+// empty (the ops are reached through torch.ops.d2z).
+#include <Python.h>
+
+static struct PyModuleDef d2z_module = {PyModuleDef_HEAD_INIT, "_C", "d2z:: ops (torch.ops.d2z)", -1, nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&d2z_module); }
