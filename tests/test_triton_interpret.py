@@ -1,0 +1,349 @@
+"""The Triton kernel under TRITON_INTERPRET=1 on CPU tensors, against the torch backend.
+
+TRITON_INTERPRET must be set before Triton is imported, and another test module may
+import Triton first: so every check runs in one child process (this file run as a
+script) with the variable set, and reports each case's outcome as JSON. The pytest
+tests below only read that report, one test per case.
+
+Tolerances, per output tensor (a, b: kernel and torch backend):
+    |a - b| <= k * ulp_storage(max(|a|, |b|)) + 4 * eps_fp32 * max|b|
+  * fp32, k = 4: the kernel rounds like the C++ op (one fma each for the decay, the v
+    update and the final update), the torch backend like torch's foreach ops (separate
+    multiply and add): each differs by at most one rounding of an intermediate.
+  * bf16/fp16, k = 1: one ulp of the storage dtype, from those fp32 differences and,
+    for bf16, from the interpreter itself: it converts fp32 to bf16 by truncation where
+    the GPU rounds to nearest even (cvt.rn.bf16.f32, checked in test_triton_aot.py).
+  * the absolute term covers cancellation (m or p crossing zero): there both sides
+    carry an error of one rounding of the operands, whose scale is the tensor's.
+Each step starts both sides from the same (reference) state, so the checks are per step
+and differences do not compound.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import traceback
+
+import pytest
+
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+pytestmark = pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed (pip install triton)")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ------------------------------------------------------------------ child process
+def _helpers():
+    import torch
+
+    from d2z_optim.backends import torch_backend
+    from d2z_optim.backends._work import DeviceWork, GroupWork
+
+    def group(dtype, sizes, seed, **hp):
+        g = torch.Generator().manual_seed(seed)
+        kw = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, amsgrad=False, maximize=False)
+        kw.update(hp)
+        gw = GroupWork(**kw)
+        for n in sizes:
+            r = lambda s=1.0, n=n: (torch.randn(n, generator=g, dtype=torch.float64) * s).to(dtype)
+            gw.params.append(r())
+            gw.grads.append(r(10.0 ** (n % 3 - 1)))
+            gw.exp_avgs.append(r(0.1))
+            gw.exp_avg_sqs.append(r(0.01).abs())
+            if gw.amsgrad:
+                gw.max_exp_avg_sqs.append(gw.exp_avg_sqs[-1] * 1.5)
+            gw.steps.append(torch.tensor(float(n % 4)))
+        return gw
+
+    def work(groups, T=3, independent=False, step_count=1, wd_table=True):
+        lr = torch.linspace(1.0, 0.25, T)
+        wd = torch.linspace(0.5, 1.0, T) if wd_table else torch.ones(T)
+        return DeviceWork(lr, wd, torch.tensor(step_count), independent, groups)
+
+    def arrays(w):
+        out = []
+        for gi, g in enumerate(w.groups):
+            for name in ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps"):
+                out += [(f"group {gi} {name}[{i}]", t) for i, t in enumerate(getattr(g, name))]
+        return out + [("step_count", w.step_count)]
+
+    def compare(a_work, b_work, k=None):
+        for (name, a), (_, b) in zip(arrays(a_work), arrays(b_work)):
+            assert a.dtype == b.dtype and a.shape == b.shape, name
+            if a.dtype in (torch.int64,) or (name.startswith("group") and "steps" in name):
+                assert torch.equal(a, b), f"{name}: {a} != {b}"
+                continue
+            if a.numel() == 0:
+                continue
+            kk = k if k is not None else (4 if a.dtype == torch.float32 else 1)
+            fa, fb = a.double(), b.double()
+            assert torch.isfinite(fa).all() and torch.isfinite(fb).all(), name
+            eps = torch.finfo(a.dtype).eps
+            tol = kk * eps * fa.abs().maximum(fb.abs()) + 4 * torch.finfo(torch.float32).eps * fb.abs().max()
+            err = (fa - fb).abs()
+            assert (err <= tol).all(), f"{name} ({a.dtype}): max err {err.max().item():.3g}, tol {tol.min():.3g}"
+
+    def run_steps(w, n_steps, **kw):
+        """n_steps of the kernel and the reference from equal states; compare after each."""
+        from d2z_optim.triton_kernels import adamw
+
+        for _ in range(n_steps):
+            ref = copy.deepcopy(w)
+            adamw.step(w, **kw)
+            torch_backend.step(ref) if not kw else _ref_amp(ref, **kw)
+            compare(w, ref)
+            for (_, a), (_, b) in zip(arrays(w), arrays(ref)):
+                a.copy_(b)  # in place: the addresses stay, so the cached plan is reused
+
+    def _ref_amp(ref, grad_scale=None, found_inf=None):
+        ref.grad_scale, ref.found_inf = grad_scale, found_inf
+        torch_backend.step(ref)
+
+    return torch, group, work, run_steps, compare, arrays
+
+
+def _cases():
+    torch, group, work, run_steps, compare, arrays = _helpers()
+    from d2z_optim.triton_kernels import adamw
+
+    DT = (torch.float32, torch.bfloat16, torch.float16)
+    ODD = [1, 5, 1023, 4099, 0]
+
+    def mixed_groups(dtype, seed=0):
+        many = [int(x) for x in torch.randint(0, 40, (200,), generator=torch.Generator().manual_seed(seed))]
+        return [
+            group(dtype, ODD, seed + 1, amsgrad=True),
+            group(dtype, [7, 2048, 3], seed + 2, maximize=True, lr=3e-3, beta1=0.8, beta2=0.99, weight_decay=0.0),
+            group(dtype, many, seed + 3, eps=1e-6, weight_decay=0.3),
+            group(dtype, [33, 0], seed + 4, amsgrad=True, maximize=True, beta1=0.0),  # lerp weight 1
+        ]
+
+    def parity(dtype, independent):
+        # 4 steps over a 3-entry table: the index clamps at T - 1 on the last
+        run_steps(work(mixed_groups(dtype), independent=independent, step_count=0), 4)
+
+    def small_chunks():
+        # BLOCK 64, CHUNK 256 (the defaults are 1024-2048 and 8x that): 1023 and 4099 span
+        # many programs, with full and tail iterations
+        old = dict(adamw.BLOCK), adamw.CHUNK_BLOCKS
+        adamw.BLOCK.update({d: 64 for d in DT})
+        adamw.CHUNK_BLOCKS = 4
+        try:
+            for dtype in DT:
+                run_steps(work([group(dtype, ODD + [256, 64], 7, amsgrad=True), group(dtype, [300], 8)]), 2)
+        finally:
+            adamw.BLOCK.update(old[0])
+            adamw.CHUNK_BLOCKS = old[1]
+
+    def misaligned():
+        # storage offset 1: 4 (fp32) or 2 (bf16/fp16) bytes off a 16-byte boundary,
+        # alone and mixed with aligned tensors of the same group
+        for dtype in DT:
+            g = group(dtype, [4099, 1023, 1], 11, amsgrad=True)
+            for name in ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"):
+                lst = getattr(g, name)
+                for i in (0, 2):
+                    base = torch.empty(lst[i].numel() + 1, dtype=dtype)
+                    view = base[1:]
+                    view.copy_(lst[i])
+                    lst[i] = view
+            w = work([g])
+            run_steps(w, 2)
+            plan = next(reversed(adamw._PLANS.values()))
+            aligned = plan.meta.view(-1, adamw.NCOLS)[:, 8].tolist()
+            assert aligned == [0, 1, 0], aligned
+
+    def amp_scale():
+        for dtype in DT:
+            w = work(mixed_groups(dtype, 5))
+            run_steps(w, 2, grad_scale=torch.tensor(1024.0), found_inf=torch.tensor(0.0))
+            run_steps(w, 1, grad_scale=torch.tensor(0.37))
+
+    def found_inf_noop():
+        for dtype in DT:
+            w = work(mixed_groups(dtype, 9), step_count=2)
+            before = [t.clone() for _, t in arrays(w)]
+            grads = [t.clone() for g in w.groups for t in g.grads]
+            adamw.step(w, grad_scale=torch.tensor(8.0), found_inf=torch.tensor(1.0))
+            for (name, t), b in zip(arrays(w), before):
+                assert torch.equal(t, b), f"{name} changed on a skipped step"
+            assert all(torch.equal(a, b) for a, b in zip((t for g in w.groups for t in g.grads), grads))
+            run_steps(w, 1, found_inf=torch.tensor(0.0))  # and the next step is a normal one
+
+    def grads_read_only():
+        w = work(mixed_groups(torch.float32, 3))
+        grads = [t.clone() for g in w.groups for t in g.grads]
+        adamw.step(w)
+        assert all(torch.equal(a, b) for a, b in zip((t for g in w.groups for t in g.grads), grads))
+
+    def tensor_lr():
+        for dtype in (torch.float32, torch.bfloat16):
+            gs = mixed_groups(dtype, 21)
+            gs[1].lr = torch.tensor(2e-3, dtype=torch.float64)
+            run_steps(work(gs), 2)
+
+    def one_launch_per_dtype():
+        # fp32, bf16 and fp16 groups in one call: three kernel launches and one counter launch
+        gs = [group(torch.float32, [5, 9], 1), group(torch.bfloat16, [7], 2), group(torch.float16, [3, 0], 3)]
+        w = work(gs)
+        calls = []
+        orig_a, orig_c = adamw._adamw_kernel.run, adamw._counter_kernel.run
+        adamw._adamw_kernel.run = lambda *a, **k: calls.append("adamw") or orig_a(*a, **k)
+        adamw._counter_kernel.run = lambda *a, **k: calls.append("counter") or orig_c(*a, **k)
+        try:
+            run_steps(w, 1)
+        finally:
+            adamw._adamw_kernel.run, adamw._counter_kernel.run = orig_a, orig_c
+        assert calls == ["adamw"] * 3 + ["counter"], calls
+
+    def empty_work():
+        w = work([], step_count=5)
+        adamw.step(w)
+        assert w.step_count.item() == 6
+        adamw.step(w, found_inf=torch.tensor(1.0))
+        assert w.step_count.item() == 6
+        w = work([group(torch.float32, [0, 0], 1)])  # only empty tensors: steps still advance
+        run_steps(w, 1)
+
+    def plan_cache():
+        adamw._PLANS.clear()
+        w = work([group(torch.float32, [5, 100], 1)])
+        run_steps(w, 2)
+        assert len(adamw._PLANS) == 1  # same addresses: built once
+        w.groups[0].params[1] = w.groups[0].params[1].clone()  # a new address: a new plan
+        run_steps(w, 1)
+        assert len(adamw._PLANS) == 2
+
+    def bad_input():
+        def expect(msg, mutate, **kw):
+            w = work([group(torch.float32, [5, 9], 1, amsgrad=True), group(torch.float32, [4], 2)])
+            mutate(w)
+            before = [t.clone() for _, t in arrays(w)]
+            try:
+                adamw.step(w, **kw)
+            except RuntimeError as e:
+                assert msg in str(e), f"{msg!r} not in {e}"
+            else:
+                raise AssertionError(f"no error for {msg!r}")
+            for (name, t), b in zip(arrays(w), before):
+                assert t.shape != b.shape or torch.equal(t, b), f"{name} written before the error"
+
+        def setp(attr, i, value, gi=0):
+            return lambda w: getattr(w.groups[gi], attr).__setitem__(i, value(getattr(w.groups[gi], attr)[i]))
+
+        expect("grads[1] has dtype torch.float16", setp("grads", 1, lambda t: t.half()))
+        expect("exp_avgs[0] has shape [4]", setp("exp_avgs", 0, lambda t: t[:4]))
+        expect("params[2] is not contiguous", setp("params", 0, lambda t: t.expand(2, 4)[:, 0], gi=1))
+        expect("params[0] has dtype torch.float64", setp("params", 0, lambda t: t.double()))
+        expect("steps[1] must be a float32", setp("steps", 1, lambda t: t.double()))
+        expect("max_exp_avg_sqs[1] has 0 elements", setp("max_exp_avg_sqs", 1, lambda t: t[:0]))
+        expect("grad_scale must be torch.float32", lambda w: None, grad_scale=torch.tensor(2.0, dtype=torch.float64))
+        expect("found_inf must have one element", lambda w: None, found_inf=torch.zeros(2))
+        expect("step_count must be torch.int64", lambda w: setattr(w, "step_count", torch.tensor(1.0)))
+        expect("lr_table (3) and wd_table (2)", lambda w: setattr(w, "wd_table", torch.ones(2)))
+
+    def compiled():
+        # a proper op: torch.compile(fullgraph=True) traces the launcher without a graph break
+        import torch._dynamo
+
+        w = work(mixed_groups(torch.float32, 31))
+        ref = copy.deepcopy(w)
+        torch._dynamo.reset()
+        fn = torch.compile(lambda: adamw.step(w), fullgraph=True, backend="aot_eager")
+        for _ in range(2):
+            fn()
+            adamw.step(ref)
+            compare(w, ref, k=0)  # same kernel both ways: identical
+
+    return {f.__name__: f for f in (small_chunks, misaligned, amp_scale, found_inf_noop, grads_read_only,
+                                    tensor_lr, one_launch_per_dtype, empty_work, plan_cache, bad_input, compiled)} | {
+        f"parity_{str(d).split('.')[1]}_{mode}": (lambda d=d, i=(mode == "independent"): parity(d, i))
+        for d in DT
+        for mode in ("coupled", "independent")
+    }  # fmt: skip
+
+
+def _main(out_path: str) -> None:
+    assert os.environ.get("TRITON_INTERPRET") == "1" and "triton" not in sys.modules
+    results = {}
+    for name, fn in _cases().items():
+        try:
+            fn()
+            results[name] = None
+        except Exception:
+            results[name] = traceback.format_exc()
+    with open(out_path, "w") as f:
+        json.dump(results, f)
+
+
+def _main_no_interpreter() -> None:
+    """Without TRITON_INTERPRET: CPU tensors are refused, nothing written."""
+    assert "TRITON_INTERPRET" not in os.environ
+    torch, group, work, *_ = _helpers()
+    from d2z_optim.triton_kernels import adamw
+
+    w = work([group(torch.float32, [5], 1)])
+    before = w.groups[0].params[0].clone()
+    try:
+        adamw.step(w)
+    except RuntimeError as e:
+        assert "Triton runs on CUDA devices" in str(e), e
+        assert "TRITON_INTERPRET=1" in str(e), e
+    else:
+        raise AssertionError("CPU tensors accepted without the interpreter")
+    assert torch.equal(w.groups[0].params[0], before) and w.step_count.item() == 1
+    print("OK")
+
+
+# ------------------------------------------------------------------------- pytest
+CASES = (
+    [f"parity_{d}_{m}" for d in ("float32", "bfloat16", "float16") for m in ("coupled", "independent")]
+    + ["small_chunks", "misaligned", "amp_scale", "found_inf_noop", "grads_read_only", "tensor_lr"]
+    + ["one_launch_per_dtype", "empty_work", "plan_cache", "bad_input", "compiled"]
+)
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("triton_interpret") / "report.json"
+    proc = subprocess.run(
+        [sys.executable, __file__, "--interpret", str(out)],
+        env=_env(TRITON_INTERPRET="1"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0 and out.exists(), f"child failed:\n{proc.stdout}\n{proc.stderr}"
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_interpreter(report, case):
+    assert set(report) == set(CASES), sorted(set(report) ^ set(CASES))
+    assert report[case] is None, report[case]
+
+
+def test_cpu_tensors_need_the_interpreter():
+    proc = subprocess.run(
+        [sys.executable, __file__, "--no-interpret"], env=_env(), capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "--interpret":
+        _main(sys.argv[2])
+    else:
+        _main_no_interpreter()
