@@ -36,11 +36,15 @@ def _flag(name: str) -> bool:
 
 
 def _cuda_home() -> str | None:
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
-        return home
+    """A CUDA toolkit root: bin/nvcc and include/cuda_runtime_api.h (nvcc on PATH may be a wrapper)."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
     nvcc = shutil.which("nvcc")
-    return os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    for home in candidates:
+        if home and all(os.path.exists(os.path.join(home, *f)) for f in (("bin", "nvcc"), ("include", "cuda.h"))):
+            return home
+    return None
 
 
 def _nvidia_include_dirs() -> list[str]:
@@ -71,7 +75,10 @@ def _extensions():
             f"D2Z_FORCE_CUDA=1 but torch.version.cuda={torch.version.cuda!r} and CUDA toolkit={cuda_home!r}"
         )
 
-    cxx = ["-O3", "-std=c++17", "-fno-math-errno"]  # sqrt without errno: the loop vectorises
+    # No -std: torch's cpp_extension picks the standard its headers need (C++17 or C++20).
+    # -fno-math-errno: sqrt without errno, so the loop vectorises (results unchanged).
+    # -ffp-contract=off: a*b+c is never silently fused; fmas are explicit (adamw_math.h).
+    cxx = ["-O3", "-fno-math-errno", "-ffp-contract=off"]
     if "OpenMP" in torch.__config__.parallel_info():
         cxx.append("-fopenmp")  # at::parallel_for is inline: it needs the compiler's OpenMP
     common = {"sources": CPU_SOURCES, "include_dirs": [os.path.abspath(CSRC)], "depends": HEADERS}
@@ -81,9 +88,13 @@ def _extensions():
     os.environ["CUDA_HOME"] = cuda_home
     cpp_extension.CUDA_HOME = cuda_home
     os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ.get("D2Z_CUDA_ARCH_LIST", "8.0;9.0")
-    nvcc = ["-O3", "-std=c++17", "-lineinfo"]
+    nvcc = ["-O3", "-lineinfo"]
     common["sources"] = CPU_SOURCES + CUDA_SOURCES
-    common["include_dirs"] += _nvidia_include_dirs()
+    # Fallback headers (e.g. cusparse.h) from the nvidia pip packages, searched after the
+    # toolkit's own (-idirafter): their partial copies of cuda_runtime_api.h must not shadow it.
+    # The .cu sources are torch-free and need none of them.
+    for inc in _nvidia_include_dirs():
+        cxx += ["-idirafter", inc]
     return [cpp_extension.CUDAExtension("d2z_optim._C", extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **common)]
 
 

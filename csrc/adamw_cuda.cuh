@@ -15,6 +15,12 @@
 
 #include "adamw_math.h"
 
+#if defined(__CUDACC__)
+#define D2Z_UNROLL _Pragma("unroll")
+#else
+#define D2Z_UNROLL
+#endif
+
 namespace d2z {
 
 constexpr int kBlockThreads = 256;
@@ -84,11 +90,13 @@ inline void build_work_list(Plan& plan) {
 // ---- per-thread bodies (host and device) ----
 D2Z_INLINE void load16(const void* base, int64_t k, uint32_t (&w)[4]) {
 #if defined(__CUDA_ARCH__)
-  const uint4 r = reinterpret_cast<const uint4*>(base)[k];
-  w[0] = r.x;
-  w[1] = r.y;
-  w[2] = r.z;
-  w[3] = r.w;
+  // Explicit global-space 128-bit access: the pointers come from the metadata in memory, so the
+  // compiler cannot prove their state space and would emit generic ld.v4 / st.v4. volatile
+  // keeps the loads before the stores to the same addresses.
+  const uint4* ptr = reinterpret_cast<const uint4*>(base) + k;
+  asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3])
+               : "l"(ptr));
 #else
   std::memcpy(w, static_cast<const char*>(base) + k * 16, 16);
 #endif
@@ -96,7 +104,9 @@ D2Z_INLINE void load16(const void* base, int64_t k, uint32_t (&w)[4]) {
 
 D2Z_INLINE void store16(void* base, int64_t k, const uint32_t (&w)[4]) {
 #if defined(__CUDA_ARCH__)
-  reinterpret_cast<uint4*>(base)[k] = make_uint4(w[0], w[1], w[2], w[3]);
+  uint4* ptr = reinterpret_cast<uint4*>(base) + k;
+  asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(ptr), "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3])
+               : "memory");
 #else
   std::memcpy(static_cast<char*>(base) + k * 16, w, 16);
 #endif
@@ -125,7 +135,7 @@ D2Z_INLINE void update_vec16(const TensorMeta& t, int64_t k, const ElemScalars& 
   load16(t.m, k, m);
   load16(t.v, k, v);
   if (kAms) load16(t.vmax, k, x);
-#pragma unroll
+D2Z_UNROLL
   for (int w = 0; w < 4; ++w) {
     if constexpr (D == kF32) {
       float fp = bits_to_float(p[w]), fm = bits_to_float(m[w]), fv = bits_to_float(v[w]), fx = bits_to_float(x[w]);
@@ -138,7 +148,7 @@ D2Z_INLINE void update_vec16(const TensorMeta& t, int64_t k, const ElemScalars& 
       uint16_t p2[2] = {uint16_t(p[w]), uint16_t(p[w] >> 16)}, m2[2] = {uint16_t(m[w]), uint16_t(m[w] >> 16)};
       uint16_t v2[2] = {uint16_t(v[w]), uint16_t(v[w] >> 16)}, x2[2] = {uint16_t(x[w]), uint16_t(x[w] >> 16)};
       const uint16_t g2[2] = {uint16_t(g[w]), uint16_t(g[w] >> 16)};
-#pragma unroll
+D2Z_UNROLL
       for (int h = 0; h < 2; ++h) update_stored<D, kAms>(p2[h], g2[h], m2[h], v2[h], &x2[h], s);
       p[w] = uint32_t(p2[0]) | (uint32_t(p2[1]) << 16);
       m[w] = uint32_t(m2[0]) | (uint32_t(m2[1]) << 16);

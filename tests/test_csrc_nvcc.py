@@ -1,0 +1,103 @@
+"""The CUDA sources compile for sm_80 and sm_90 with no spills, at most 64 registers per thread,
+and 128-bit global loads and stores on the fp32 path. Needs nvcc only (no GPU, no CUDA torch)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+NVCC = shutil.which("nvcc")
+ARCHS = ("80", "90")
+MAX_REGISTERS = 64
+
+pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH: the CUDA compile checks need a toolkit")
+
+# fp32 path alone, so that its PTX (not another dtype's) is what the vector-access check sees.
+FP32_ONLY = r"""
+#include "adamw_cuda.cuh"
+using namespace d2z;
+__global__ void __launch_bounds__(kBlockThreads, 4) fp32_only(const TensorMeta t, const ElemScalars s) {
+  update_chunk<kF32, false>(t, s, blockIdx.x * kChunk, t.n, threadIdx.x, blockDim.x);
+}
+"""
+
+
+def _nvcc(args, cwd):
+    cmd = [NVCC, "-std=c++17", "-O3", f"-I{CSRC}", *args]
+    r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stdout}\n{r.stderr}"
+    return r.stdout + r.stderr
+
+
+def _parse_ptxas(log: str) -> dict[tuple[str, str], dict]:
+    """{(function, arch): {"registers": int, "spill_stores": int, "spill_loads": int}} from -Xptxas -v."""
+    out: dict[tuple[str, str], dict] = {}
+    current = None
+    for line in log.splitlines():
+        m = re.search(r"(?:Compiling entry function|Function properties for) '?([\w$.]+)'?(?: for '(sm_\d+)')?", line)
+        if m:
+            arch = m.group(2) or (current[1] if current else "?")
+            current = (m.group(1), arch)
+            out.setdefault(current, {})
+            continue
+        if current is None:
+            continue
+        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m:
+            out[current]["spill_stores"] = int(m.group(1))
+            out[current]["spill_loads"] = int(m.group(2))
+        m = re.search(r"Used (\d+) registers", line)
+        if m:
+            out[current]["registers"] = int(m.group(1))
+    return out
+
+
+@pytest.fixture(scope="module")
+def ptxas_report(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("nvcc")
+    reports = {}
+    for cu in sorted(CSRC.glob("*.cu")):
+        gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS]
+        log = _nvcc(["-c", str(cu), "-o", str(tmp / (cu.stem + ".o")), "-Xptxas", "-v", *gencode], tmp)
+        reports[cu.name] = (_parse_ptxas(log), log)
+    return reports
+
+
+def test_every_cu_file_is_checked(ptxas_report):
+    assert "adamw_cuda.cu" in ptxas_report
+
+
+def test_no_spills_and_at_most_64_registers(ptxas_report):
+    for name, (funcs, log) in ptxas_report.items():
+        entries = [k for k, v in funcs.items() if "registers" in v]
+        for arch in ARCHS:
+            kernels = {f for f, a in entries if a == f"sm_{arch}"}
+            for kernel in ("adamw_kernel", "counter_kernel"):
+                assert any(kernel in k for k in kernels), f"{name}: no {kernel} for sm_{arch}\n{log}"
+        for (func, arch), v in funcs.items():
+            assert v.get("spill_stores", 0) == 0 and v.get("spill_loads", 0) == 0, f"{name} {func} {arch} spills\n{log}"
+            if "registers" in v:
+                assert v["registers"] <= MAX_REGISTERS, f"{name} {func} {arch}: {v['registers']} registers\n{log}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fp32_path_has_128_bit_global_accesses(tmp_path, arch):
+    src = tmp_path / "fp32_only.cu"
+    src.write_text(FP32_ONLY)
+    _nvcc(["-ptx", str(src), "-o", "fp32_only.ptx", f"-arch=compute_{arch}"], tmp_path)
+    ptx = (tmp_path / "fp32_only.ptx").read_text()
+    assert re.search(r"\bld\.global\.v4\.", ptx), "no 128-bit global load in the fp32 path"
+    assert re.search(r"\bst\.global\.v4\.", ptx), "no 128-bit global store in the fp32 path"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_whole_kernel_ptx_has_128_bit_global_accesses(tmp_path, arch):
+    _nvcc(["-ptx", str(CSRC / "adamw_cuda.cu"), "-o", "k.ptx", f"-arch=compute_{arch}"], tmp_path)
+    ptx = (tmp_path / "k.ptx").read_text()
+    assert len(re.findall(r"\bld\.global\.v4\.", ptx)) >= 4  # p, g, m, v at least
+    assert len(re.findall(r"\bst\.global\.v4\.", ptx)) >= 3  # p, m, v
