@@ -9,7 +9,8 @@
 //     step_size = lr_t / bc1
 //   element, fp32 registers:
 //     g = grad * (maximize ? -1 : 1) / grad_scale
-//     p = p - decay * p;  m = m + (1 - beta1) * (g - m);  v = beta2 * v + (1 - beta2) * g * g
+//     p = p - decay * p;  m = lerp(m, g, 1 - beta1) as ATen computes it (see lerp_m below)
+//     v = beta2 * v + (1 - beta2) * g * g
 //     vhat = amsgrad ? (vmax = max(vmax, v)) : v;  p = p - step_size * m / (sqrt(vhat) / bc2_sqrt + eps)
 #pragma once
 
@@ -39,7 +40,8 @@ enum HpCol : int { kLr = 0, kBeta1, kBeta2, kEps, kWeightDecay, kAmsgrad, kMaxim
 struct ElemScalars {
   float gmul;           // (maximize ? -1 : 1) / grad_scale: exact for 1 and powers of two
   float neg_decay;      // -decay: p = fma(-decay, p, p)
-  float w1;             // 1 - beta1 (lerp weight)
+  float lerp_w;         // w = 1 - beta1 (the lerp weight, rounded to float) when w < 0.5, else w - 1 (exact)
+  bool lerp_low;        // w < 0.5
   float beta2;
   float omb2;           // 1 - beta2
   float bc2_sqrt;       // sqrt(1 - beta2^t)
@@ -63,7 +65,9 @@ D2Z_INLINE ElemScalars make_scalars(const double* hp, float lr_mult, float wd_mu
   ElemScalars s;
   s.gmul = static_cast<float>(gmul);
   s.neg_decay = static_cast<float>(-decay);
-  s.w1 = static_cast<float>(1.0 - hp[kBeta1]);
+  const float w1 = static_cast<float>(1.0 - hp[kBeta1]);
+  s.lerp_low = w1 < 0.5f;
+  s.lerp_w = s.lerp_low ? w1 : w1 - 1.0f;
   s.beta2 = static_cast<float>(hp[kBeta2]);
   s.omb2 = static_cast<float>(1.0 - hp[kBeta2]);
   s.bc2_sqrt = static_cast<float>(bc2_sqrt);
@@ -93,7 +97,9 @@ template <bool kFma, bool kAmsgrad>
 D2Z_INLINE void adamw_element(float& p, float g, float& m, float& v, float& vmax, const ElemScalars& s) {
   g = g * s.gmul;
   p = madd<kFma>(s.neg_decay, p, p);
-  m = madd<kFma>(s.w1, g - m, m);
+  // ATen's lerp: fma(w, g - m, m) for w < 0.5, else fma(w - 1, g - m, g), so beta1 = 0 gives m = g
+  // exactly (m + 1 * (g - m) would not: g - m rounds at m's magnitude).
+  m = madd<kFma>(s.lerp_w, g - m, s.lerp_low ? m : g);
   v = madd<kFma>(s.beta2, v, (s.omb2 * g) * g);
   float vhat = v;
   if constexpr (kAmsgrad) {

@@ -59,6 +59,24 @@ def test_torch_backend_for_loop_path_matches(backend):
     assert_same(ours, ref, exact=(backend == "torch"))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("beta1", [0.0, 0.3, 0.5, 0.9])
+def test_first_moment_is_torchs_lerp_bit_for_bit(backend, beta1, dtype):
+    """m = lerp(m, g, 1 - beta1) as ATen rounds it: for weights >= 0.5 (beta1 <= 0.5) ATen uses
+    g - (g - m) * beta1, so beta1 = 0 gives m = g exactly; m + w * (g - m) would lose the low bits
+    of small gradients next to a large m (found by test_fuzz: 5e-6 error on a 0.27 parameter)."""
+    p0 = make_params(dtype=dtype)
+    ours, ref = clone_params(p0), clone_params(p0)
+    opts = dict(betas=(beta1, 0.999), weight_decay=0.1)
+    a = run(lambda p: AdamW(p, backend=backend, **opts), ours, 5)
+    b = run(lambda p: torch.optim.AdamW(p, foreach=True, **opts), ref, 5)
+    for x, y in zip(ours, ref):
+        torch.testing.assert_close(a.state[x]["exp_avg"], b.state[y]["exp_avg"], rtol=0, atol=0)
+    if beta1 == 0.0:
+        for x in ours:
+            torch.testing.assert_close(a.state[x]["exp_avg"], x.grad, rtol=0, atol=0)
+
+
 def groups_of(params, lrs=(1e-3, 3e-2, 1e-2), wds=(0.0, 0.1, 0.05)):
     return [
         {"params": params[0:2], "lr": lrs[0], "weight_decay": wds[0]},
