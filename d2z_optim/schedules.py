@@ -152,6 +152,10 @@ class Schedule:
     def __len__(self) -> int:
         return self.total_steps
 
+    def __getstate__(self) -> dict[str, Any]:
+        # pickle / deepcopy: the multipliers themselves (the building function is a closure)
+        return {**self.__dict__, "_cache": self.multipliers(), "_fn": None}
+
     def __repr__(self) -> str:
         extra = "".join(f", {k}={v!r}" for k, v in self.params.items() if k != "values")
         return f"Schedule({self.name!r}, total_steps={self.total_steps}, warmup_steps={self.warmup_steps}{extra})"

@@ -285,3 +285,63 @@ def test_closure_is_called_with_grad_enabled():
         return loss
 
     assert opt.step(closure).item() == 3.0
+
+
+def test_the_cached_step_layout_follows_every_change(backend):
+    """The step's tensor lists are reused across steps; each change that alters them is seen:
+    parameters gaining or losing gradients, a new group, loaded state, a state tensor or a
+    parameter's whole state dict replaced by the user (e.g. states moved to another device)."""
+    p0 = make_params()
+    ours, ref = clone_params(p0), clone_params(p0)
+    kw = dict(lr=1e-2, weight_decay=0.1)
+    a = AdamW(ours[:3], backend=backend, **kw)
+    b = AdamW(ref[:3], backend="torch", **kw)
+
+    def steps(k0, n, skip=lambda k, i: False):
+        for k in range(k0, k0 + n):
+            for i, (x, y, g) in enumerate(zip(ours, ref, grads_for(k, [tuple(q.shape) for q in p0]))):
+                x.grad = y.grad = None if skip(k, i) else g
+            a.step()
+            b.step()
+        for x, y in zip(ours, ref):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+            for k in a.state[x]:
+                torch.testing.assert_close(a.state[x][k], b.state[y][k], rtol=1e-5, atol=1e-6)
+
+    steps(0, 3)
+    steps(3, 3, skip=lambda k, i: i == 1)  # a parameter without gradient: not updated, step lags
+    a.add_param_group({"params": ours[3:]})
+    b.add_param_group({"params": ref[3:]})
+    steps(6, 3)
+    a.load_state_dict(a.state_dict())
+    b.load_state_dict(b.state_dict())
+    steps(9, 2)
+    for opt, ps in ((a, ours), (b, ref)):  # same state values, new tensors: the step must use them
+        st = opt.state[ps[0]]
+        st["exp_avg"] = st["exp_avg"].clone()
+    steps(11, 2)
+    for opt, ps in ((a, ours), (b, ref)):  # a whole state dict replaced
+        opt.state[ps[2]] = {k: v.clone() for k, v in opt.state[ps[2]].items()}
+    steps(13, 2)
+
+
+def test_a_bad_gradient_after_good_steps_raises_and_writes_nothing(backend):
+    p = make_params()
+    opt = AdamW(p, backend=backend)
+    for _ in range(2):
+        for q in p:
+            q.grad = torch.ones_like(q)
+        opt.step()
+    before = [q.detach().clone() for q in p] + [v.clone() for q in p for v in opt.state[q].values()]
+    p[1].grad = torch.ones(p[1].shape).to_sparse()
+    with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+        opt.step()
+    p[1].grad = torch.ones_like(p[1])
+    p[1].data = torch.zeros(p[1].numel() + 2)  # torch checks grads on assignment, not after .data swaps
+    with pytest.raises(RuntimeError, match="grad of a parameter must match it"):
+        opt.step()
+    p[1].data = before[1].clone()
+    after = [q.detach().clone() for q in p] + [v.clone() for q in p for v in opt.state[q].values()]
+    for x, y in zip(before, after):
+        assert torch.equal(x, y)
+    assert int(opt.step_count) == 2

@@ -115,3 +115,21 @@ def test_schedule_position_is_saved_with_the_schedule():
     assert int(sd["step_count"]) == 5 and sd["total_steps"] == 30
     assert sd["schedule"] == {"name": "linear-d2z", "decay_to": 0.0}
     assert sd["weight_decay_mode"] == "coupled"
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copied_optimizer_continues_like_the_original(backend, how):
+    """copy.deepcopy / pickle of model and optimizer together (as torch's own optimizers allow)."""
+    import copy
+    import pickle
+
+    p = make_params()
+    opt = AdamW(p, lr=1e-2, amsgrad=True, total_steps=2 * K, backend=backend)
+    train(opt, p, 0, K, skip_some)
+    p2, opt2 = copy.deepcopy((p, opt)) if how == "deepcopy" else pickle.loads(pickle.dumps((p, opt)))
+    assert opt2.state[p2[0]]["exp_avg"] is not opt.state[p[0]]["exp_avg"]
+    train(opt, p, K, K, skip_some)
+    train(opt2, p2, K, K, skip_some)
+    for a, b in zip(p, p2):
+        assert torch.equal(a, b)
+    assert int(opt2.step_count) == int(opt.step_count) == 2 * K
