@@ -200,14 +200,18 @@ void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
 
   const ItemFn fn = item_fn(active_isa());
   auto run = [&](size_t i0, size_t i1) {
-    int32_t last = -1;
+    // The scalars depend on the tensor only through its group row and step: consecutive tensors
+    // of one group at one step (the usual case) share them, and skip the two pow() calls.
+    const double* last_hp = nullptr;
+    float last_t = -1.0f;
     ElemScalars s{};
     for (size_t i = i0; i < i1; ++i) {
       const Item& it = items[i];
       const CpuTensor& ct = ts[it.tensor];
-      if (it.tensor != last) {
+      if (ct.hp != last_hp || ct.t != last_t) {
         s = make_scalars(ct.hp, lr_mult, wd_mult, ct.t, independent_wd, gs);
-        last = it.tensor;
+        last_hp = ct.hp;
+        last_t = ct.t;
       }
       if (i + 1 < i1) prefetch_item(ts, items[i + 1]);
       fn(ct, it.begin, it.end, s);

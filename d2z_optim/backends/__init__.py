@@ -21,7 +21,10 @@ from ._work import DeviceWork, GroupWork
 __all__ = ["NAMES", "Backend", "DeviceWork", "GroupWork", "Selection", "available", "resolve"]
 
 NAMES = ("auto", "torch", "cpu", "cuda", "triton")
-FUSED_FOR = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}  # what "auto" prefers, per device type
+# what "auto" prefers, per device type, in order: on CUDA the Triton kernel when Triton is
+# installed (the design's choice: readable and tunable, compiled for the GPU at hand), else
+# the CUDA C++ kernel of a CUDA build
+FUSED_FOR = {"cpu": ("cpu",), "cuda": ("triton", "cuda")}
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,10 @@ class Backend:
     def unsupported(self, device: torch.device, dtypes: Iterable[torch.dtype]) -> str | None:
         if self.device_type is not None and device.type != self.device_type:
             where = "CUDA devices" if self.device_type == "cuda" else f"{self.device_type.upper()} tensors"
-            return f"backend {self.name!r} runs on {where}, but a parameter is on {device}"
+            why = f"backend {self.name!r} runs on {where}, but a parameter is on {device}"
+            if self.name == "triton":
+                why += " (TRITON_INTERPRET=1 runs Triton on CPU tensors, for tests only)"
+            return why
         bad = sorted({str(d) for d in dtypes if self.dtypes is not None and d not in self.dtypes})
         if bad:
             allowed = ", ".join(str(d) for d in self.dtypes)
@@ -58,8 +64,13 @@ def _load(name: str) -> Backend | str:
         if not cpp_backend.has_kernel(key):
             return f"d2z_optim._C was built without a {key} kernel (a CPU-only build; see README: building for CUDA)"
         return Backend(name, cpp_backend.step, name, cpp_backend.DTYPES)
-    if name == "triton":
-        return "the Triton kernel is not part of this build"
+    if name == "triton":  # imported here, on first use: a CPU install never needs Triton
+        try:
+            from ..triton_kernels import adamw
+        except Exception as e:  # not installed, or an install that cannot load
+            return f"Triton is not installed or failed to import ({type(e).__name__}: {e}); pip install triton"
+        # under TRITON_INTERPRET=1 (tests) the kernel runs on CPU tensors
+        return Backend("triton", adamw.step, None if adamw._interpreting() else "cuda", adamw.DTYPES)
     raise AssertionError(name)
 
 
