@@ -3,6 +3,9 @@
 #   make test    build, lint and run the whole suite
 #   make bench   build, then benchmark against torch on the present device
 #   make reproduce   the paper's D2Z-vs-10x sweep at small scale (ARGS=--quick: ~5 min)
+#   make wheel-cuda  the CUDA wheel for sm_80/sm_90 against torch==2.14.1+cu130 (no GPU needed):
+#                    build, install in a cached venv, check the device code and the CUDA kernels
+#                    are registered, run the CPU suite against that install (wheel left in dist/)
 #                (make bench ARGS=--full: bigger workloads, bf16, 1000 numerics steps)
 #
 # A fresh clone gets a .venv with torch==2.13.0 (a CPU build that installs from a
@@ -15,7 +18,14 @@ TORCH  ?= torch==2.13.0
 ARGS   ?=
 STAMP  := $(VENV)/.d2z-installed
 
-.PHONY: test bench lint setup clean reproduce
+# make wheel-cuda: a venv outside the clone, kept between runs (torch's CUDA build is 5.5 GB)
+CUDA_VENV  ?= $(HOME)/.cache/d2z_optim/venv-cu130
+CUDA_PY    := $(CUDA_VENV)/bin/python
+CUDA_TORCH ?= torch==2.14.1
+CUDA_ARCHS ?= 8.0;9.0
+CUDA_STAGE := build/wheel-cuda
+
+.PHONY: test bench lint setup clean reproduce wheel-cuda
 
 setup: $(STAMP)
 
@@ -40,6 +50,24 @@ bench: $(STAMP)
 
 reproduce: $(STAMP)
 	$(PY) benchmarks/tpp_sweep.py $(ARGS)
+
+wheel-cuda:
+	@test -x $(CUDA_PY) || python3 -m venv $(CUDA_VENV)
+	@$(CUDA_PY) -c "import torch, sys; sys.exit(not torch.version.cuda)" 2>/dev/null || $(CUDA_PY) -m pip install -q $(CUDA_TORCH)
+	$(CUDA_PY) -m pip install -q pytest==9.0.3 expecttest==0.3.0 hypothesis==6.155.2 numpy matplotlib 'setuptools>=70' wheel ninja
+	$(CUDA_PY) tools/check_cuda_build_errors.py
+	@# build from a copy of the tracked tree: its own build folder, never the CPU build's objects
+	rm -rf $(CUDA_STAGE) && mkdir -p $(CUDA_STAGE)/src dist
+	git ls-files -z | xargs -0 cp --parents -t $(CUDA_STAGE)/src
+	rm -f dist/d2z_optim-*.whl
+	cd $(CUDA_STAGE)/src && D2Z_FORCE_CUDA=1 D2Z_CUDA_ARCH_LIST='$(CUDA_ARCHS)' MAX_JOBS=$${MAX_JOBS:-2} \
+		$(CUDA_PY) -m pip wheel -q --no-build-isolation --no-deps -w $(CURDIR)/dist .
+	$(CUDA_PY) -m pip install -q --no-deps --force-reinstall dist/d2z_optim-*.whl
+	@# from outside the clone, so `import d2z_optim` is the installed wheel
+	cd $(CUDA_STAGE) && $(CUDA_PY) $(CURDIR)/tools/check_cuda_wheel.py $(CURDIR)/dist/d2z_optim-*.whl --arch 80 --arch 90
+	@# the CPU suite against that install: a copy of the tests and what they read, no package source
+	cp -r tests benchmarks csrc tools pyproject.toml $(CUDA_STAGE)/
+	cd $(CUDA_STAGE) && $(CUDA_PY) -m pytest -q -p no:cacheprovider tests --ignore=tests/test_packaging.py
 
 clean:
 	rm -rf build dist *.egg-info $(VENV)

@@ -20,7 +20,9 @@ A compile error fails the build: the extension is never skipped silently.
 """
 
 import os
+import re
 import shutil
+import subprocess
 import sys
 
 from setuptools import setup
@@ -45,6 +47,26 @@ def _cuda_home() -> str | None:
         if home and all(os.path.exists(os.path.join(home, *f)) for f in (("bin", "nvcc"), ("include", "cuda.h"))):
             return home
     return None
+
+
+def _nvcc_release(cuda_home: str) -> str:
+    """The toolkit's version, e.g. "13.0", from ``nvcc --version`` ("... release 13.0, V13.0.88")."""
+    out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True, text=True).stdout
+    m = re.search(r"release (\d+)\.(\d+)", out)
+    if not m:
+        raise RuntimeError(f"cannot read the CUDA version from {cuda_home}/bin/nvcc --version:\n{out}")
+    return f"{m.group(1)}.{m.group(2)}"
+
+
+def _check_cuda_versions(torch_cuda: str, nvcc: str, cuda_home: str) -> None:
+    """nvcc and torch must agree on the CUDA major version, or the link/ABI breaks in obscure ways."""
+    if torch_cuda.split(".")[0] != nvcc.split(".")[0]:
+        raise RuntimeError(
+            f"CUDA version mismatch: torch is built for CUDA {torch_cuda} but the toolkit at {cuda_home} "
+            f"is CUDA {nvcc} (nvcc). Either point CUDA_HOME at a CUDA {torch_cuda.split('.')[0]}.x toolkit, "
+            f"install a torch built for CUDA {nvcc.split('.')[0]}, or build the CPU-only extension with "
+            "D2Z_FORCE_CPU=1."
+        )
 
 
 def _nvidia_include_dirs() -> list[str]:
@@ -85,6 +107,7 @@ def _extensions():
     if not want_cuda:
         return [cpp_extension.CppExtension("d2z_optim._C", extra_compile_args={"cxx": cxx}, **common)]
 
+    _check_cuda_versions(torch.version.cuda, _nvcc_release(cuda_home), cuda_home)
     os.environ["CUDA_HOME"] = cuda_home
     cpp_extension.CUDA_HOME = cuda_home
     os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ.get("D2Z_CUDA_ARCH_LIST", "8.0;9.0")

@@ -144,6 +144,47 @@ def test_compiled_step_fullgraph_no_recompiles_while_lr_changes(backend):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
 
 
+def test_compiled_whole_train_step_breaks_only_at_backward_and_never_recompiles(backend):
+    """torch.compile of forward + backward + opt.step() + zeroing: dynamo itself cannot trace
+    `loss.backward()` in torch 2.13 (one graph break there, torch's limitation; fullgraph=True is
+    refused for that reason), the optimizer adds no break of its own, and nothing recompiles
+    while the LR changes every step."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    def model_and_opt():
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+        for p in m.parameters():
+            p.grad = torch.zeros_like(p)
+        return m, AdamW(m.parameters(), lr=1e-2, total_steps=20, warmup=3, backend=backend)
+
+    def train_step(m, opt, x, y):
+        loss = ((m(x) - y) ** 2).mean()
+        loss.backward()
+        opt.step()
+        torch._foreach_zero_([p.grad for p in m.parameters()])
+        return loss
+
+    torch._dynamo.reset()
+    counters.clear()
+    (m1, o1), (m2, o2) = model_and_opt(), model_and_opt()
+    compiled = torch.compile(train_step)
+    for k in range(20):
+        g = torch.Generator().manual_seed(k)
+        x, y = torch.randn(4, 8, generator=g), torch.randn(4, 1, generator=g)
+        compiled(m1, o1, x, y)
+        train_step(m2, o2, x, y)
+        if k == 2:
+            graphs = counters["stats"]["unique_graphs"]
+    assert counters["stats"]["unique_graphs"] == graphs, dict(counters["stats"])  # no recompiles
+    breaks = list(counters["graph_break"])
+    assert breaks and all("backward" in b for b in breaks), breaks
+    assert int(o1.step_count) == 20
+    for x, y in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
 # -------------------------------------------------------------- CUDA graphs
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device (none here)")
 def test_cuda_graph_whole_training_step_replays_like_eager():
