@@ -38,20 +38,18 @@ kernel): ``torch.compile`` keeps it as one opaque call instead of breaking the g
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from d2z_optim.backends._work import DeviceWork, GroupWork
+from d2z_optim.backends._work import HP_COLUMNS, DeviceWork, flatten
 
 __all__ = ["BLOCK", "CHUNK_BLOCKS", "DTYPES", "NUM_WARPS", "step"]
 
 OP = "d2z::adamw_step_triton"
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-HP_COLUMNS = ("lr", "beta1", "beta2", "eps", "weight_decay", "amsgrad", "maximize", "unused")  # as cpp_backend
 # Columns of the meta table (constexpr: read inside the kernels)
 NCOLS = 9
 META_COLS = tl.constexpr(NCOLS)
@@ -529,35 +527,6 @@ class _on_device:
 
 
 # ---------------------------------------------------------------------- launcher
-_HP_CACHE: dict[tuple, Tensor] = {}
-
-
-def _hparams(groups: Sequence[GroupWork], device: torch.device) -> Tensor:
-    """float64 [G, 8] on the device, cached by value; a tensor LR is filled in on the device."""
-    rows, tensor_lrs = [], []
-    for gi, g in enumerate(groups):
-        lr = g.lr
-        if isinstance(lr, Tensor):
-            tensor_lrs.append((gi, lr))
-            lr = 0.0
-        rows.append((float(lr), g.beta1, g.beta2, g.eps, g.weight_decay, float(g.amsgrad), float(g.maximize), 0.0))
-    key = (device, tuple(rows))
-    hp = _HP_CACHE.get(key)
-    if hp is None:
-        if len(_HP_CACHE) > 64:
-            _HP_CACHE.clear()
-        host = torch.tensor(rows, dtype=torch.float64)
-        if device.type == "cuda":
-            host = host.pin_memory()
-        hp = host.to(device, non_blocking=True)
-        _HP_CACHE[key] = hp
-    if tensor_lrs:
-        hp = hp.clone()
-        for gi, lr in tensor_lrs:
-            hp[gi, 0] = lr.reshape(()).to(hp.device, torch.float64)
-    return hp
-
-
 def step(work: DeviceWork, grad_scale: Tensor | None = None, found_inf: Tensor | None = None) -> None:
     """Apply one AdamW step to every tensor of ``work`` and advance ``work.step_count`` on the device.
 
@@ -566,10 +535,7 @@ def step(work: DeviceWork, grad_scale: Tensor | None = None, found_inf: Tensor |
     """
     grad_scale = work.grad_scale if grad_scale is None else grad_scale
     found_inf = work.found_inf if found_inf is None else found_inf
-    groups = [g for g in work.groups if g.params]
-    params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, group_index = [], [], [], [], [], [], []
-    any_amsgrad = any(g.amsgrad for g in groups)
-    for gi, g in enumerate(groups):
+    for gi, g in enumerate(work.groups):  # what the flat lists can no longer tell apart
         k = len(g.params)
         for name in ("grads", "exp_avgs", "exp_avg_sqs", "steps"):
             if len(getattr(g, name)) != k:
@@ -580,33 +546,20 @@ def step(work: DeviceWork, grad_scale: Tensor | None = None, found_inf: Tensor |
             for j, (p, x) in enumerate(zip(g.params, g.max_exp_avg_sqs)):
                 if x.numel() != p.numel():
                     _fail(f"group {gi}: max_exp_avg_sqs[{j}] has {x.numel()} elements but its param {p.numel()}")
-        params += g.params
-        grads += g.grads
-        exp_avgs += g.exp_avgs
-        exp_avg_sqs += g.exp_avg_sqs
-        steps += g.steps
-        group_index += [gi] * k
-        if any_amsgrad:
-            max_sqs += g.max_exp_avg_sqs if g.amsgrad else [_placeholder(p) for p in g.params]
-    dev = work.step_count.device
-    hp = _hparams(groups, dev) if groups else torch.zeros((1, len(HP_COLUMNS)), dtype=torch.float64, device=dev)
+    f = flatten(work)
     torch.ops.d2z.adamw_step_triton(
-        params,
-        grads,
-        exp_avgs,
-        exp_avg_sqs,
-        max_sqs,
-        steps,
+        f.params,
+        f.grads,
+        f.exp_avgs,
+        f.exp_avg_sqs,
+        f.max_exp_avg_sqs,
+        f.steps,
         work.step_count,
         work.lr_table,
         work.wd_table,
-        hp,
-        group_index,
+        f.hparams,
+        f.group_index,
         work.independent_wd,
         grad_scale,
         found_inf,
     )
-
-
-def _placeholder(p: Tensor) -> Tensor:
-    return torch.empty(0, dtype=p.dtype, device=p.device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
 
@@ -38,3 +39,76 @@ class DeviceWork:
     groups: list[GroupWork] = field(default_factory=list)
     grad_scale: Tensor | None = None  # float32 0-d: grads are divided by it (AMP)
     found_inf: Tensor | None = None  # float32 0-d: nonzero makes the whole step a no-op
+
+
+# Columns of the per-group hyperparameter table the fused kernels read (float64 [G, 8]).
+HP_COLUMNS = ("lr", "beta1", "beta2", "eps", "weight_decay", "amsgrad", "maximize", "unused")
+
+
+@dataclass
+class FlatWork:
+    """A DeviceWork as the fused ops take it: one list per argument, the group of each tensor,
+    and the groups' hyperparameters as a float64 [G, 8] device tensor (columns HP_COLUMNS)."""
+
+    params: list[Tensor]
+    grads: list[Tensor]
+    exp_avgs: list[Tensor]
+    exp_avg_sqs: list[Tensor]
+    max_exp_avg_sqs: list[Tensor]  # empty when no group has amsgrad; else 0-element placeholders
+    steps: list[Tensor]
+    group_index: list[int]
+    hparams: Tensor
+
+
+def flatten(work: DeviceWork) -> FlatWork:
+    """The groups with tensors, concatenated (empty groups are dropped)."""
+    groups = [g for g in work.groups if g.params]
+    dev = work.step_count.device
+    flat = FlatWork([], [], [], [], [], [], [], _hparams(groups, dev))
+    any_amsgrad = any(g.amsgrad for g in groups)
+    for gi, g in enumerate(groups):
+        flat.params += g.params
+        flat.grads += g.grads
+        flat.exp_avgs += g.exp_avgs
+        flat.exp_avg_sqs += g.exp_avg_sqs
+        flat.steps += g.steps
+        flat.group_index += [gi] * len(g.params)
+        if any_amsgrad:
+            flat.max_exp_avg_sqs += g.max_exp_avg_sqs if g.amsgrad else [_placeholder(p) for p in g.params]
+    return flat
+
+
+def _placeholder(p: Tensor) -> Tensor:
+    return torch.empty(0, dtype=p.dtype, device=p.device)
+
+
+_HP_CACHE: dict[tuple, Tensor] = {}
+
+
+def _hparams(groups: list[GroupWork], device: torch.device) -> Tensor:
+    """float64 [G, 8] on the device, cached by value and rebuilt only when a value changes:
+    one upload from pinned memory then, never a sync. A tensor LR is filled in on the device."""
+    if not groups:
+        return torch.zeros((1, len(HP_COLUMNS)), dtype=torch.float64, device=device)
+    rows, tensor_lrs = [], []
+    for gi, g in enumerate(groups):
+        lr = g.lr
+        if isinstance(lr, Tensor):
+            tensor_lrs.append((gi, lr))
+            lr = 0.0
+        rows.append((float(lr), g.beta1, g.beta2, g.eps, g.weight_decay, float(g.amsgrad), float(g.maximize), 0.0))
+    key = (device, tuple(rows))
+    hp = _HP_CACHE.get(key)
+    if hp is None:
+        if len(_HP_CACHE) > 64:  # hyperparameters changed many times (a host LR schedule): drop stale ones
+            _HP_CACHE.clear()
+        host = torch.tensor(rows, dtype=torch.float64)
+        if device.type == "cuda":
+            host = host.pin_memory()  # a pageable upload would wait for the stream: a sync
+        hp = host.to(device, non_blocking=True)
+        _HP_CACHE[key] = hp
+    if tensor_lrs:
+        hp = hp.clone()
+        for gi, lr in tensor_lrs:
+            hp[gi, 0] = lr.reshape(()).to(hp.device, torch.float64)
+    return hp
