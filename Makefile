@@ -22,7 +22,7 @@ STAMP  := $(VENV)/.d2z-installed
 CUDA_VENV  ?= $(HOME)/.cache/d2z_optim/venv-cu130
 CUDA_PY    := $(CUDA_VENV)/bin/python
 CUDA_TORCH ?= torch==2.14.1
-CUDA_ARCHS ?= 8.0;9.0
+CUDA_ARCHS ?= 8.0;9.0+PTX
 CUDA_STAGE := build/wheel-cuda
 
 .PHONY: test bench lint setup clean reproduce wheel-cuda
@@ -64,7 +64,7 @@ wheel-cuda:
 		$(CUDA_PY) -m pip wheel -q --no-build-isolation --no-deps -w $(CURDIR)/dist .
 	$(CUDA_PY) -m pip install -q --no-deps --force-reinstall dist/d2z_optim-*.whl
 	@# from outside the clone, so `import d2z_optim` is the installed wheel
-	cd $(CUDA_STAGE) && $(CUDA_PY) $(CURDIR)/tools/check_cuda_wheel.py $(CURDIR)/dist/d2z_optim-*.whl --arch 80 --arch 90
+	cd $(CUDA_STAGE) && $(CUDA_PY) $(CURDIR)/tools/check_cuda_wheel.py $(CURDIR)/dist/d2z_optim-*.whl --arch 80 --arch 90 --ptx 90
 	@# the CPU suite against that install: a copy of the tests and what they read, no package source
 	cp -r tests benchmarks csrc tools pyproject.toml $(CUDA_STAGE)/
 	cd $(CUDA_STAGE) && $(CUDA_PY) -m pytest -q -p no:cacheprovider tests --ignore=tests/test_packaging.py

@@ -14,7 +14,8 @@ the CUDA kernel when torch is a CUDA build and a CUDA toolkit (nvcc) is found.
 Environment:
     D2Z_FORCE_CPU=1       build the CPU-only extension even with CUDA available
     D2Z_FORCE_CUDA=1      build the CUDA extension or fail (no silent CPU-only fallback)
-    D2Z_CUDA_ARCH_LIST    CUDA architectures, default "8.0;9.0" (sets TORCH_CUDA_ARCH_LIST)
+    D2Z_CUDA_ARCH_LIST    CUDA architectures, default "8.0;9.0+PTX" (sets TORCH_CUDA_ARCH_LIST): cubins
+                          for A100 and H100, and sm_90 PTX that newer GPUs compile when loading
     MAX_JOBS              parallel compile jobs (honoured by torch's BuildExtension/ninja)
 A compile error fails the build: the extension is never skipped silently.
 """
@@ -110,7 +111,7 @@ def _extensions():
     _check_cuda_versions(torch.version.cuda, _nvcc_release(cuda_home), cuda_home)
     os.environ["CUDA_HOME"] = cuda_home
     cpp_extension.CUDA_HOME = cuda_home
-    os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ.get("D2Z_CUDA_ARCH_LIST", "8.0;9.0")
+    os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ.get("D2Z_CUDA_ARCH_LIST", "8.0;9.0+PTX")
     nvcc = ["-O3", "-lineinfo"]
     common["sources"] = CPU_SOURCES + CUDA_SOURCES
     # Fallback headers (e.g. cusparse.h) from the nvidia pip packages, searched after the

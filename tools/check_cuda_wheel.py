@@ -1,6 +1,6 @@
 """Check a CUDA build of d2z_optim without a GPU: what the wheel holds and what the install registers.
 
-    python tools/check_cuda_wheel.py dist/d2z_optim-*.whl --arch 80 --arch 90
+    python tools/check_cuda_wheel.py dist/d2z_optim-*.whl --arch 80 --arch 90 --ptx 90
 
 1. The wheel's extension holds device code (an ELF cubin in a fatbin) for every
    ``--arch``. Read from the fatbin headers directly (no cuobjdump here): a fatbin
@@ -47,6 +47,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("wheel")
     ap.add_argument("--arch", type=int, action="append", default=[], help="SM version that must have a cubin")
+    ap.add_argument("--ptx", type=int, action="append", default=[], help="compute version that must have PTX")
     ap.add_argument("--no-import", action="store_true", help="only inspect the wheel")
     args = ap.parse_args()
     ok = True
@@ -60,6 +61,10 @@ def main() -> int:
     for a in args.arch:
         if a not in archs["cubin"]:
             print(f"FAIL: no sm_{a} cubin in {exts[0]}")
+            ok = False
+    for a in args.ptx:
+        if a not in archs["ptx"]:
+            print(f"FAIL: no compute_{a} PTX in {exts[0]} (newer GPUs need it to JIT the kernels)")
             ok = False
     if not args.no_import:
         import torch
