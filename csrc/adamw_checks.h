@@ -39,6 +39,20 @@ inline Dtype to_dtype(at::ScalarType t) {
 // Strided (dense) layout; cheaper than layout(), which is checked once per call per tensor.
 inline bool is_dense(const at::Tensor& t) { return !t.is_sparse() && !t.is_sparse_csr() && !t.is_mkldnn(); }
 
+// The elements fill one block of numel() elements starting at data_ptr() (contiguous, channels_last,
+// any dense permutation): the kernels walk that block, so it is all they need.
+inline bool fills_block(const at::Tensor& t) { return t.is_contiguous() || t.is_non_overlapping_and_dense(); }
+
+// t stores its elements in the same order as p (strides of size-1 dims do not matter).
+inline bool same_layout(const at::Tensor& t, const at::Tensor& p) {
+  if (t.is_contiguous() && p.is_contiguous()) return true;
+  if (!fills_block(t)) return false;
+  for (int64_t d = 0; d < p.dim(); ++d) {
+    if (p.size(d) > 1 && t.stride(d) != p.stride(d)) return false;
+  }
+  return true;
+}
+
 inline void check_on(const at::Tensor& t, const at::Device& dev, const char* name, int64_t i) {
   TORCH_CHECK(t.device() == dev, "d2z::adamw_step_: ", name, "[", i, "] is on ", t.device(), " but the call is on ", dev,
               " (all tensors of one call must be on one device)");
@@ -100,7 +114,8 @@ inline at::Device check_step_args(const StepArgs& a, c10::DeviceType expected) {
     TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, "d2z::adamw_step_: params[", i,
                 "] has dtype ", dt, "; supported: float32, bfloat16, float16");
     check_on(p, dev, "params", i);
-    TORCH_CHECK(p.is_contiguous(), "d2z::adamw_step_: params[", i, "] is not contiguous");
+    TORCH_CHECK(fills_block(p), "d2z::adamw_step_: params[", i, "] is not dense (strides ", p.strides(),
+                "): its elements must fill one block of memory, as contiguous and channels_last tensors do");
     struct Named {
       const at::Tensor* t;
       const char* name;
@@ -121,7 +136,8 @@ inline at::Device check_step_args(const StepArgs& a, c10::DeviceType expected) {
       TORCH_CHECK(t.sizes() == p.sizes(), "d2z::adamw_step_: ", s.name, "[", i, "] has shape ", t.sizes(),
                   " but params[", i, "] has ", p.sizes());
       check_on(t, dev, s.name, i);
-      TORCH_CHECK(t.is_contiguous(), "d2z::adamw_step_: ", s.name, "[", i, "] is not contiguous");
+      TORCH_CHECK(same_layout(t, p), "d2z::adamw_step_: ", s.name, "[", i, "] has strides ", t.strides(),
+                  " but params[", i, "] has ", p.strides(), " (the tensors of a parameter must share its memory layout)");
     }
     if (!a.max_exp_avg_sqs.empty()) {
       const at::Tensor& x = a.max_exp_avg_sqs[k];

@@ -129,6 +129,8 @@ class _StepLayout:
             gl = grads[gi] if idx is None else [grads[gi][i] for i in idx]
             if self.dtensor:
                 gl = [_local(g) for g in gl]
+            if opt._chosen[dev] is not backends.TORCH:  # the fused kernels walk a grad like its param
+                gl = backends.in_layout_of(gl, tmpl.params)
             gw = opt._group_work(opt.param_groups[gi], dev)
             gw.params, gw.exp_avgs, gw.exp_avg_sqs = tmpl.params, tmpl.exp_avgs, tmpl.exp_avg_sqs
             gw.max_exp_avg_sqs, gw.steps, gw.grads = tmpl.max_exp_avg_sqs, tmpl.steps, gl
@@ -341,10 +343,12 @@ class AdamW(torch.optim.Optimizer):
         # chosen once, from every parameter's device and dtype: a backend that cannot take
         # them fails here, not in step(), and step() does no selection work
         dtypes: dict[torch.device, set] = {}
+        dense: dict[torch.device, bool] = {}
         for group in self.param_groups:
             for p in group["params"]:
                 dtypes.setdefault(p.device, set()).add(p.dtype)
-        self._chosen = {dev: self._backends.for_device(dev, dts) for dev, dts in dtypes.items()}
+                dense[p.device] = dense.get(p.device, True) and backends.fills_block(_local(p))
+        self._chosen = {dev: self._backends.for_device(dev, dts, dense[dev]) for dev, dts in dtypes.items()}
 
     @property
     def backend_name(self) -> str:

@@ -15,7 +15,7 @@ import torch
 
 from d2z_optim import AdamW, schedules
 
-from .conftest import SHAPES, Fp64AdamW, clone_params, grads_for, make_params, run
+from .conftest import BACKENDS, SHAPES, Fp64AdamW, clone_params, grads_for, make_params, run
 
 STEPS = 60
 TORCH_PATHS = {"forloop": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
@@ -345,3 +345,50 @@ def test_a_bad_gradient_after_good_steps_raises_and_writes_nothing(backend):
     for x, y in zip(before, after):
         assert torch.equal(x, y)
     assert int(opt.step_count) == 2
+
+
+def test_channels_last_params_and_strided_grads_like_torch(backend):
+    """Layouts torch's AdamW takes: a channels_last parameter (its grads and states channels_last
+    too), and gradients laid out unlike their parameter (transposed, expanded). The fused kernels
+    walk a parameter's block of memory; a gradient in another layout is copied into the
+    parameter's first (never written)."""
+    g = torch.Generator().manual_seed(7)
+    p0 = [
+        torch.randn(2, 3, 4, 5, generator=g).to(memory_format=torch.channels_last),
+        torch.randn(4, 6, generator=g),
+        torch.randn(5, 3, generator=g),
+    ]
+    ours = [torch.nn.Parameter(p.clone(memory_format=torch.preserve_format)) for p in p0]
+    ref = [torch.nn.Parameter(p.clone(memory_format=torch.preserve_format)) for p in p0]
+    a = AdamW(ours, lr=1e-2, weight_decay=0.1, amsgrad=True, backend=backend)
+    b = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1, amsgrad=True, foreach=True)
+    for _ in range(5):
+        gs = [
+            torch.randn(2, 3, 4, 5, generator=g).to(memory_format=torch.channels_last),
+            torch.randn(6, 4, generator=g).t(),  # transposed: not the parameter's layout
+            torch.randn(1, 3, generator=g).expand(5, 3),  # expanded: overlapping
+        ]
+        for x, y, gr in zip(ours, ref, gs):
+            x.grad, y.grad = gr, gr.clone(memory_format=torch.preserve_format)
+        before = [gr.clone(memory_format=torch.preserve_format) for gr in gs]
+        a.step()
+        b.step()
+        for gr, bb in zip(gs, before):
+            assert torch.equal(gr, bb)  # gradients are read, never written
+    assert a.state[ours[0]]["exp_avg"].is_contiguous(memory_format=torch.channels_last)
+    for x, y in zip(ours, ref):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+        for key in a.state[x]:
+            torch.testing.assert_close(a.state[x][key], b.state[y][key], rtol=1e-5, atol=1e-6)
+
+
+def test_a_parameter_with_gaps_goes_to_the_torch_backend_or_is_refused():
+    """A parameter that is a strided view with gaps cannot be walked as one block by the fused
+    kernels: "auto" gives its device the torch backend; naming a fused backend is an error."""
+    gapped = torch.nn.Parameter(torch.randn(4, 6)[:, ::2])
+    assert not gapped.is_contiguous()
+    assert AdamW([gapped]).backend_name == "torch"
+    fused = [n for n in BACKENDS if n != "torch"]
+    for name in fused:
+        with pytest.raises(ValueError, match="fill one block of memory"):
+            AdamW([gapped], backend=name)

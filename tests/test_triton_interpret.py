@@ -238,7 +238,7 @@ def _cases():
 
         expect("grads[1] has dtype torch.float16", setp("grads", 1, lambda t: t.half()))
         expect("exp_avgs[0] has shape [4]", setp("exp_avgs", 0, lambda t: t[:4]))
-        expect("params[2] is not contiguous", setp("params", 0, lambda t: t.expand(2, 4)[:, 0], gi=1))
+        expect("params[2] is not dense", setp("params", 0, lambda t: t.expand(2, 4)[:, 0], gi=1))
         expect("params[0] has dtype torch.float64", setp("params", 0, lambda t: t.double()))
         expect("steps[1] must be a float32", setp("steps", 1, lambda t: t.double()))
         expect("max_exp_avg_sqs[1] has 0 elements", setp("max_exp_avg_sqs", 1, lambda t: t[:0]))
@@ -267,8 +267,9 @@ def _cases():
 
         gen = torch.Generator().manual_seed(5)
         p0 = [torch.randn(n, generator=gen) for n in (3, 1027, 0, 64, 9)]
-        ours = [torch.nn.Parameter(p.clone()) for p in p0]
-        ref = [torch.nn.Parameter(p.clone()) for p in p0]
+        p0.append(torch.randn(2, 3, 4, 5, generator=gen).to(memory_format=torch.channels_last))
+        ours = [torch.nn.Parameter(p.clone(memory_format=torch.preserve_format)) for p in p0]
+        ref = [torch.nn.Parameter(p.clone(memory_format=torch.preserve_format)) for p in p0]
 
         def groups(ps):
             return [{"params": ps[:2], "amsgrad": True}, {"params": ps[2:], "lr": 3e-3, "betas": (0.0, 0.99)}]
@@ -279,6 +280,8 @@ def _cases():
         for k in range(6):
             for i, (x, y) in enumerate(zip(ours, ref)):
                 g = None if (i == 3 and k % 2) else torch.randn(x.shape, generator=gen)
+                if g is not None and i == 5:  # the channels_last parameter gets a grad in another layout
+                    g = torch.randn(tuple(reversed(x.shape)), generator=gen).permute(3, 2, 1, 0)
                 x.grad, y.grad = g, (None if g is None else g.clone())
             if k == 4:  # an overflow step, as GradScaler hands it over: nothing moves
                 a.found_inf = b.found_inf = torch.ones(())

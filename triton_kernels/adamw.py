@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from d2z_optim.backends._work import HP_COLUMNS, DeviceWork, flatten
+from d2z_optim.backends._work import HP_COLUMNS, DeviceWork, fills_block, flatten, same_layout
 
 __all__ = ["BLOCK", "CHUNK_BLOCKS", "DTYPES", "NUM_WARPS", "step"]
 
@@ -339,8 +339,11 @@ def _check(
             _fail(f"params[{i}] has dtype {p.dtype}; supported: float32, bfloat16, float16")
         if p.device != dev:
             _fail(f"params[{i}] is on {p.device} but the call is on {dev} (all tensors of one call on one device)")
-        if not p.is_contiguous():
-            _fail(f"params[{i}] is not contiguous")
+        if not fills_block(p):
+            _fail(
+                f"params[{i}] is not dense (strides {list(p.stride())}): its elements must fill one block "
+                "of memory, as contiguous and channels_last tensors do"
+            )
         same = [(grads[i], "grads"), (exp_avgs[i], "exp_avgs"), (exp_avg_sqs[i], "exp_avg_sqs")]
         if max_exp_avg_sqs and max_exp_avg_sqs[i].numel() != 0:
             same.append((max_exp_avg_sqs[i], "max_exp_avg_sqs"))
@@ -353,8 +356,11 @@ def _check(
                 _fail(f"{name}[{i}] has shape {list(t.shape)} but params[{i}] has {list(p.shape)}")
             if t.device != dev:
                 _fail(f"{name}[{i}] is on {t.device} but the call is on {dev}")
-            if not t.is_contiguous():
-                _fail(f"{name}[{i}] is not contiguous")
+            if not same_layout(t, p):
+                _fail(
+                    f"{name}[{i}] has strides {list(t.stride())} but params[{i}] has {list(p.stride())} "
+                    "(the tensors of a parameter must share its memory layout)"
+                )
         if max_exp_avg_sqs:
             x = max_exp_avg_sqs[i]
             if x.layout != torch.strided or x.dtype != p.dtype:

@@ -16,9 +16,19 @@ from functools import cache
 import torch
 
 from . import cpp_backend, torch_backend
-from ._work import DeviceWork, GroupWork
+from ._work import DeviceWork, GroupWork, fills_block, in_layout_of
 
-__all__ = ["NAMES", "Backend", "DeviceWork", "GroupWork", "Selection", "available", "resolve"]
+__all__ = [
+    "NAMES",
+    "Backend",
+    "DeviceWork",
+    "GroupWork",
+    "Selection",
+    "available",
+    "fills_block",
+    "in_layout_of",
+    "resolve",
+]
 
 NAMES = ("auto", "torch", "cpu", "cuda", "triton")
 # what "auto" prefers, per device type, in order: on CUDA the Triton kernel when Triton is
@@ -34,7 +44,7 @@ class Backend:
     device_type: str | None = None  # None: any device
     dtypes: tuple[torch.dtype, ...] | None = None  # None: any dtype
 
-    def unsupported(self, device: torch.device, dtypes: Iterable[torch.dtype]) -> str | None:
+    def unsupported(self, device: torch.device, dtypes: Iterable[torch.dtype], dense: bool = True) -> str | None:
         if self.device_type is not None and device.type != self.device_type:
             where = "CUDA devices" if self.device_type == "cuda" else f"{self.device_type.upper()} tensors"
             why = f"backend {self.name!r} runs on {where}, but a parameter is on {device}"
@@ -45,6 +55,11 @@ class Backend:
         if bad:
             allowed = ", ".join(str(d) for d in self.dtypes)
             return f"backend {self.name!r} takes parameters of dtype {allowed}, got {', '.join(bad)}"
+        if not dense and self.name != "torch":
+            return (
+                f"backend {self.name!r} takes parameters whose elements fill one block of memory "
+                "(contiguous, channels_last, ...), but a parameter is a strided view with gaps or overlaps"
+            )
         return None
 
 
@@ -85,22 +100,23 @@ class Selection:
     def __init__(self, name: str, fused: bool | None) -> None:
         self.name, self.fused = name, fused
 
-    def for_device(self, device: torch.device, dtypes: Iterable[torch.dtype]) -> Backend:
+    def for_device(self, device: torch.device, dtypes: Iterable[torch.dtype], dense: bool = True) -> Backend:
+        """``dense``: every parameter fills one block of memory (see ``_work.fills_block``)."""
         dtypes = set(dtypes)
         if self.name != "auto":
             b = _load(self.name)
-            why = b.unsupported(device, dtypes)
+            why = b.unsupported(device, dtypes, dense)
             if why:
                 raise ValueError(f"{why}; use backend='auto' or 'torch' for such parameters")
             return b
         if self.fused is not False:
             for n in FUSED_FOR.get(device.type, ()):
                 b = _load(n)
-                if isinstance(b, Backend) and b.unsupported(device, dtypes) is None:
+                if isinstance(b, Backend) and b.unsupported(device, dtypes, dense) is None:
                     return b
         if self.fused:
             reasons = "; ".join(
-                f"{n}: {b if isinstance(b, str) else b.unsupported(device, dtypes)}"
+                f"{n}: {b if isinstance(b, str) else b.unsupported(device, dtypes, dense)}"
                 for n in FUSED_FOR.get(device.type, ("cpu",))
                 for b in [_load(n)]
             )

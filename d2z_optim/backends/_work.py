@@ -112,3 +112,32 @@ def _hparams(groups: list[GroupWork], device: torch.device) -> Tensor:
         for gi, lr in tensor_lrs:
             hp[gi, 0] = lr.reshape(()).to(hp.device, torch.float64)
     return hp
+
+
+# ---- memory layouts the fused kernels take: a parameter and its tensors walked as one flat block
+def fills_block(t: Tensor) -> bool:
+    """The elements fill one block of ``numel()`` elements from ``data_ptr()``: contiguous,
+    channels_last, any dense permutation (no gaps, no overlap). All the fused kernels need."""
+    if t.is_contiguous() or t.numel() == 0:
+        return True
+    expected = 1
+    for stride, n in sorted((st, n) for st, n in zip(t.stride(), t.shape) if n != 1):
+        if stride != expected:
+            return False
+        expected *= n
+    return True
+
+
+def same_layout(t: Tensor, p: Tensor) -> bool:
+    """``t`` stores its elements in the order ``p`` does (strides of size-1 dims do not matter)."""
+    if t.is_contiguous() and p.is_contiguous():
+        return True
+    return fills_block(t) and all(n == 1 or a == b for a, b, n in zip(t.stride(), p.stride(), p.shape))
+
+
+def in_layout_of(grads: list[Tensor], params: list[Tensor]) -> list[Tensor]:
+    """The gradients, each in its parameter's memory layout: a copy where it is not (e.g. a
+    transposed or expanded gradient); the usual case costs one stride comparison per tensor."""
+    if list(map(Tensor.stride, grads)) == list(map(Tensor.stride, params)):
+        return grads
+    return [g if same_layout(g, p) else torch.empty_like(p).copy_(g) for g, p in zip(grads, params)]
