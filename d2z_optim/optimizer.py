@@ -54,13 +54,13 @@ class _StepLayout:
     """
 
     def __init__(self, opt: AdamW, grads: list[list[Tensor | None]]) -> None:
-        self.groups = []  # per group: (params list, its length, amsgrad, grad-present mask)
+        self.groups = []  # per group: (params list, a copy of it, amsgrad, grad-present mask)
         self.slots = []  # per (group, device): (group index, device, indices into the group, GroupWork template)
         self.dtensor = False
         for gi, (group, gl) in enumerate(zip(opt.param_groups, grads)):
             params = group["params"]
             mask = [g is not None for g in gl]
-            self.groups.append((params, len(params), group["amsgrad"], mask))
+            self.groups.append((params, list(params), group["amsgrad"], mask))
             per_dev: dict[torch.device, tuple[list[int], backends.GroupWork]] = {}
             for i, (p, present) in enumerate(zip(params, mask)):
                 if not present:
@@ -94,8 +94,10 @@ class _StepLayout:
         """Same groups, parameters with a gradient and state objects: the cached lists still hold."""
         if len(grads) != len(self.groups):
             return False
-        for group, gl, (params, n, amsgrad, mask) in zip(opt.param_groups, grads, self.groups):
-            if group["params"] is not params or len(params) != n or group["amsgrad"] != amsgrad:
+        for group, gl, (params, copy, amsgrad, mask) in zip(opt.param_groups, grads, self.groups):
+            if group["params"] is not params or group["amsgrad"] != amsgrad:
+                return False
+            if len(params) != len(copy) or not all(map(operator.is_, params, copy)):
                 return False
             if [g is not None for g in gl] != mask:
                 return False

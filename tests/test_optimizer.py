@@ -290,7 +290,8 @@ def test_closure_is_called_with_grad_enabled():
 def test_the_cached_step_layout_follows_every_change(backend):
     """The step's tensor lists are reused across steps; each change that alters them is seen:
     parameters gaining or losing gradients, a new group, loaded state, a state tensor or a
-    parameter's whole state dict replaced by the user (e.g. states moved to another device)."""
+    parameter's whole state dict replaced by the user (e.g. states moved to another device), a
+    parameter swapped in place in its group's list."""
     p0 = make_params()
     ours, ref = clone_params(p0), clone_params(p0)
     kw = dict(lr=1e-2, weight_decay=0.1)
@@ -323,6 +324,13 @@ def test_the_cached_step_layout_follows_every_change(backend):
     for opt, ps in ((a, ours), (b, ref)):  # a whole state dict replaced
         opt.state[ps[2]] = {k: v.clone() for k, v in opt.state[ps[2]].items()}
     steps(13, 2)
+    for opt, ps in ((a, ours), (b, ref)):  # a parameter swapped in place in its group's list
+        fresh = torch.nn.Parameter(ps[1].detach().clone())
+        opt.param_groups[0]["params"][1] = fresh
+        ps[1] = fresh
+    start = ours[1].detach().clone()
+    steps(15, 2)
+    assert not torch.equal(ours[1], start) and len(a.state[ours[1]]) > 0  # the new one is stepped
 
 
 def test_a_bad_gradient_after_good_steps_raises_and_writes_nothing(backend):
