@@ -40,6 +40,7 @@ $(STAMP): setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/*)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(VENV)/bin/clang-format --dry-run --Werror csrc/*.h csrc/*.cpp csrc/*.cu csrc/*.cuh
 
 test: lint
 	$(PY) -m pytest -q tests

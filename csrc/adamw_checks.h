@@ -2,8 +2,8 @@
 // Every check runs before anything is written.
 #pragma once
 
-#include <torch/library.h>
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <optional>
 #include <vector>
@@ -54,8 +54,8 @@ inline bool same_layout(const at::Tensor& t, const at::Tensor& p) {
 }
 
 inline void check_on(const at::Tensor& t, const at::Device& dev, const char* name, int64_t i) {
-  TORCH_CHECK(t.device() == dev, "d2z::adamw_step_: ", name, "[", i, "] is on ", t.device(), " but the call is on ", dev,
-              " (all tensors of one call must be on one device)");
+  TORCH_CHECK(t.device() == dev, "d2z::adamw_step_: ", name, "[", i, "] is on ", t.device(), " but the call is on ",
+              dev, " (all tensors of one call must be on one device)");
 }
 
 inline void check_scalar(const at::Tensor& t, const at::Device& dev, at::ScalarType dtype, const char* name) {
@@ -90,16 +90,17 @@ inline at::Device check_step_args(const StepArgs& a, c10::DeviceType expected) {
                 tab->dim(), " dims");
     TORCH_CHECK(tab->numel() > 0, "d2z::adamw_step_: ", name, " is empty");
     TORCH_CHECK(tab->is_contiguous(), "d2z::adamw_step_: ", name, " must be contiguous");
-    TORCH_CHECK(tab->device() == dev, "d2z::adamw_step_: ", name, " is on ", tab->device(), " but the call is on ", dev);
+    TORCH_CHECK(tab->device() == dev, "d2z::adamw_step_: ", name, " is on ", tab->device(), " but the call is on ",
+                dev);
   }
   TORCH_CHECK(a.lr_table.numel() == a.wd_table.numel(), "d2z::adamw_step_: lr_table (", a.lr_table.numel(),
               ") and wd_table (", a.wd_table.numel(), ") must have the same length");
   TORCH_CHECK(a.hparams.layout() == at::kStrided && a.hparams.scalar_type() == at::kDouble && a.hparams.dim() == 2 &&
                   a.hparams.size(1) == kHpCols && a.hparams.is_contiguous(),
-              "d2z::adamw_step_: hparams must be a contiguous float64 tensor [G, 8], got ", a.hparams.scalar_type(), " ",
-              a.hparams.sizes());
-  TORCH_CHECK(a.hparams.device() == dev, "d2z::adamw_step_: hparams is on ", a.hparams.device(),
-              " but the call is on ", dev);
+              "d2z::adamw_step_: hparams must be a contiguous float64 tensor [G, 8], got ", a.hparams.scalar_type(),
+              " ", a.hparams.sizes());
+  TORCH_CHECK(a.hparams.device() == dev, "d2z::adamw_step_: hparams is on ", a.hparams.device(), " but the call is on ",
+              dev);
   if (a.grad_scale.has_value()) check_scalar(*a.grad_scale, dev, at::kFloat, "grad_scale");
   if (a.found_inf.has_value()) check_scalar(*a.found_inf, dev, at::kFloat, "found_inf");
 
@@ -107,8 +108,8 @@ inline at::Device check_step_args(const StepArgs& a, c10::DeviceType expected) {
   for (size_t k = 0; k < n; ++k) {
     const int64_t i = static_cast<int64_t>(k);
     const at::Tensor& p = a.params[k];
-    TORCH_CHECK(a.group_index[k] >= 0 && a.group_index[k] < groups, "d2z::adamw_step_: group_index[", i, "] = ",
-                a.group_index[k], " is out of range for hparams with ", groups, " rows");
+    TORCH_CHECK(a.group_index[k] >= 0 && a.group_index[k] < groups, "d2z::adamw_step_: group_index[", i,
+                "] = ", a.group_index[k], " is out of range for hparams with ", groups, " rows");
     TORCH_CHECK(is_dense(p), "d2z::adamw_step_: params[", i, "] must be a dense tensor");
     const auto dt = p.scalar_type();
     TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, "d2z::adamw_step_: params[", i,
@@ -137,17 +138,18 @@ inline at::Device check_step_args(const StepArgs& a, c10::DeviceType expected) {
                   " but params[", i, "] has ", p.sizes());
       check_on(t, dev, s.name, i);
       TORCH_CHECK(same_layout(t, p), "d2z::adamw_step_: ", s.name, "[", i, "] has strides ", t.strides(),
-                  " but params[", i, "] has ", p.strides(), " (the tensors of a parameter must share its memory layout)");
+                  " but params[", i, "] has ", p.strides(),
+                  " (the tensors of a parameter must share its memory layout)");
     }
     if (!a.max_exp_avg_sqs.empty()) {
       const at::Tensor& x = a.max_exp_avg_sqs[k];
-      TORCH_CHECK(is_dense(x) && x.scalar_type() == dt, "d2z::adamw_step_: max_exp_avg_sqs[", i,
-                  "] must be a dense ", dt, " tensor (a 0-element placeholder when its group has no amsgrad)");
+      TORCH_CHECK(is_dense(x) && x.scalar_type() == dt, "d2z::adamw_step_: max_exp_avg_sqs[", i, "] must be a dense ",
+                  dt, " tensor (a 0-element placeholder when its group has no amsgrad)");
       check_on(x, dev, "max_exp_avg_sqs", i);
     }
     const at::Tensor& st = a.steps[k];
-    TORCH_CHECK(is_dense(st) && st.scalar_type() == at::kFloat && st.numel() == 1,
-                "d2z::adamw_step_: steps[", i, "] must be a float32 tensor with one element");
+    TORCH_CHECK(is_dense(st) && st.scalar_type() == at::kFloat && st.numel() == 1, "d2z::adamw_step_: steps[", i,
+                "] must be a float32 tensor with one element");
     check_on(st, dev, "steps", i);
   }
   return dev;

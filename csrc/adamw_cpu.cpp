@@ -98,13 +98,14 @@ void item_baseline(const CpuTensor& ct, int64_t b, int64_t e, const ElemScalars&
 // Function multiversioning by hand: the same loop built for two more ISA levels, chosen once at
 // run time with __builtin_cpu_supports (GCC's target attribute; the callee templates are
 // always_inline so they are compiled for the caller's ISA).
-__attribute__((target("avx2,fma,f16c,bmi,bmi2")))
-void item_avx2(const CpuTensor& ct, int64_t b, int64_t e, const ElemScalars& s) {
+__attribute__((target("avx2,fma,f16c,bmi,bmi2"))) void item_avx2(const CpuTensor& ct, int64_t b, int64_t e,
+                                                                 const ElemScalars& s) {
   cpu_item<true>(ct, b, e, s);
 }
 
-__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx512cd,avx2,fma,f16c,bmi,bmi2,prefer-vector-width=512")))
-void item_avx512(const CpuTensor& ct, int64_t b, int64_t e, const ElemScalars& s) {
+__attribute__((
+    target("avx512f,avx512vl,avx512bw,avx512dq,avx512cd,avx2,fma,f16c,bmi,bmi2,prefer-vector-width=512"))) void
+item_avx512(const CpuTensor& ct, int64_t b, int64_t e, const ElemScalars& s) {
   cpu_item<true>(ct, b, e, s);
 }
 #endif
@@ -157,8 +158,8 @@ void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                     const at::Tensor& lr_table, const at::Tensor& wd_table, const at::Tensor& hparams,
                     c10::IntArrayRef group_index, bool independent_wd, const std::optional<at::Tensor>& grad_scale,
                     const std::optional<at::Tensor>& found_inf) {
-  const StepArgs a{params,   grads,       exp_avgs,       exp_avg_sqs, max_exp_avg_sqs, steps,   step_count, lr_table,
-                   wd_table, hparams,     group_index,    independent_wd, grad_scale, found_inf};
+  const StepArgs a{params,   grads,    exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,      step_count,
+                   lr_table, wd_table, hparams,  group_index, independent_wd,  grad_scale, found_inf};
   check_step_args(a, c10::DeviceType::CPU);
   const double* hp = hparams.data_ptr<double>();
   check_amsgrad_states(a, hp);

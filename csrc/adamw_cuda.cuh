@@ -94,9 +94,7 @@ D2Z_INLINE void load16(const void* base, int64_t k, uint32_t (&w)[4]) {
   // compiler cannot prove their state space and would emit generic ld.v4 / st.v4. volatile
   // keeps the loads before the stores to the same addresses.
   const uint4* ptr = reinterpret_cast<const uint4*>(base) + k;
-  asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3])
-               : "l"(ptr));
+  asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3]) : "l"(ptr));
 #else
   std::memcpy(w, static_cast<const char*>(base) + k * 16, 16);
 #endif
@@ -135,7 +133,7 @@ D2Z_INLINE void update_vec16(const TensorMeta& t, int64_t k, const ElemScalars& 
   load16(t.m, k, m);
   load16(t.v, k, v);
   if (kAms) load16(t.vmax, k, x);
-D2Z_UNROLL
+  D2Z_UNROLL
   for (int w = 0; w < 4; ++w) {
     if constexpr (D == kF32) {
       float fp = bits_to_float(p[w]), fm = bits_to_float(m[w]), fv = bits_to_float(v[w]), fx = bits_to_float(x[w]);
@@ -148,7 +146,7 @@ D2Z_UNROLL
       uint16_t p2[2] = {uint16_t(p[w]), uint16_t(p[w] >> 16)}, m2[2] = {uint16_t(m[w]), uint16_t(m[w] >> 16)};
       uint16_t v2[2] = {uint16_t(v[w]), uint16_t(v[w] >> 16)}, x2[2] = {uint16_t(x[w]), uint16_t(x[w] >> 16)};
       const uint16_t g2[2] = {uint16_t(g[w]), uint16_t(g[w] >> 16)};
-D2Z_UNROLL
+      D2Z_UNROLL
       for (int h = 0; h < 2; ++h) update_stored<D, kAms>(p2[h], g2[h], m2[h], v2[h], &x2[h], s);
       p[w] = uint32_t(p2[0]) | (uint32_t(p2[1]) << 16);
       m[w] = uint32_t(m2[0]) | (uint32_t(m2[1]) << 16);

@@ -53,8 +53,8 @@ void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                      const at::Tensor& lr_table, const at::Tensor& wd_table, const at::Tensor& hparams,
                      c10::IntArrayRef group_index, bool independent_wd, const std::optional<at::Tensor>& grad_scale,
                      const std::optional<at::Tensor>& found_inf) {
-  const StepArgs a{params,   grads,   exp_avgs,    exp_avg_sqs,    max_exp_avg_sqs, steps,    step_count, lr_table,
-                   wd_table, hparams, group_index, independent_wd, grad_scale,      found_inf};
+  const StepArgs a{params,   grads,    exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,      step_count,
+                   lr_table, wd_table, hparams,  group_index, independent_wd,  grad_scale, found_inf};
   const at::Device dev = check_step_args(a, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(dev);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream(dev.index()).stream();

@@ -38,13 +38,13 @@ enum HpCol : int { kLr = 0, kBeta1, kBeta2, kEps, kWeightDecay, kAmsgrad, kMaxim
 
 // Per-tensor scalars of one step, rounded once from double to float.
 struct ElemScalars {
-  float gmul;           // (maximize ? -1 : 1) / grad_scale: exact for 1 and powers of two
-  float neg_decay;      // -decay: p = fma(-decay, p, p)
-  float lerp_w;         // w = 1 - beta1 (the lerp weight, rounded to float) when w < 0.5, else w - 1 (exact)
-  bool lerp_low;        // w < 0.5
+  float gmul;       // (maximize ? -1 : 1) / grad_scale: exact for 1 and powers of two
+  float neg_decay;  // -decay: p = fma(-decay, p, p)
+  float lerp_w;     // w = 1 - beta1 (the lerp weight, rounded to float) when w < 0.5, else w - 1 (exact)
+  bool lerp_low;    // w < 0.5
   float beta2;
-  float omb2;           // 1 - beta2
-  float bc2_sqrt;       // sqrt(1 - beta2^t)
+  float omb2;      // 1 - beta2
+  float bc2_sqrt;  // sqrt(1 - beta2^t)
   float eps;
   float neg_step_size;  // -lr_t / (1 - beta1^t)
 };

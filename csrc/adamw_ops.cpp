@@ -3,7 +3,7 @@
 #include <torch/library.h>
 
 #define D2Z_STEP_ARGS                                                                                           \
-  "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "                    \
+  "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "                     \
   "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, Tensor(f!) step_count, Tensor lr_table, Tensor wd_table, " \
   "Tensor hparams, int[] group_index, bool independent_wd, Tensor? grad_scale, Tensor? found_inf) -> ()"
 
