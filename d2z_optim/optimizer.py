@@ -89,6 +89,22 @@ class _StepLayout:
         # `p.data = ...` may change it), dtype and device
         self.params = chosen
         self.expect = ([torch.strided] * len(chosen), [p.dtype for p in chosen], [p.device for p in chosen])
+        # One device stepped by a fused kernel: the op checks every gradient itself before it
+        # writes anything, so the steady state skips the checks here (~0.7 us per tensor) and
+        # step() says torch's words only when the op refuses. Otherwise checked here each step.
+        fused = [dev for dev in opt._devices if opt._chosen[dev] is not backends.TORCH]
+        self.kernel_checks = len(opt._devices) == 1 and len(fused) == 1
+        # gradients laid out unlike their parameters are copied into the parameter's layout for the
+        # fused kernels; with kernel checks, only once the op (or this first step) has met one
+        self.relayout = not self.kernel_checks or any(
+            (gl := self._grads(grads, gi, idx)) is not backends.in_layout_of(gl, tmpl.params)
+            for gi, _, idx, tmpl in self.slots
+        )
+
+    def _grads(self, grads: list[list[Tensor | None]], gi: int, idx: list[int] | None) -> list[Tensor]:
+        """The gradients of one (group, device) slot, as the kernels take them (DTensor: local shards)."""
+        gl = grads[gi] if idx is None else [grads[gi][i] for i in idx]
+        return [_local(g) for g in gl] if self.dtensor else gl
 
     def matches(self, opt: AdamW, grads: list[list[Tensor | None]]) -> bool:
         """Same groups, parameters with a gradient and state objects: the cached lists still hold."""
@@ -128,10 +144,8 @@ class _StepLayout:
             for dev, ds in opt._devices.items()
         }
         for gi, dev, idx, tmpl in self.slots:
-            gl = grads[gi] if idx is None else [grads[gi][i] for i in idx]
-            if self.dtensor:
-                gl = [_local(g) for g in gl]
-            if opt._chosen[dev] is not backends.TORCH:  # the fused kernels walk a grad like its param
+            gl = self._grads(grads, gi, idx)
+            if self.relayout and opt._chosen[dev] is not backends.TORCH:  # fused kernels walk a grad like its param
                 gl = backends.in_layout_of(gl, tmpl.params)
             gw = opt._group_work(opt.param_groups[gi], dev)
             gw.params, gw.exp_avgs, gw.exp_avg_sqs = tmpl.params, tmpl.exp_avgs, tmpl.exp_avg_sqs
@@ -419,15 +433,40 @@ class AdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         grads = [[p.grad for p in g["params"]] for g in self.param_groups]
-        layout = self._layout
+        layout, checked = self._layout, False
         if layout is None or not layout.matches(self, grads):
             self._check_grads(grads)  # every check before any write (or any new state)
             layout = self._layout = _StepLayout(self, grads)
-        elif not layout.grads_match(grads):
+            checked = True
+        elif not layout.kernel_checks and not layout.grads_match(grads):
             self._check_grads(grads)  # raises, naming the offending gradient
         # AMP: torch.amp.GradScaler sets these attributes for optimizers that declare
         # _step_supports_amp_scaling, instead of unscaling and checking grads itself (a sync)
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        try:
+            self._apply(layout, grads, grad_scale, found_inf)
+        except RuntimeError:
+            # One device with a fused kernel: the op checked the gradients itself and wrote nothing.
+            # Say what torch would say about a bad gradient; a gradient laid out unlike its
+            # parameter is copied into its layout from now on, and the step retried.
+            if not layout.kernel_checks or checked:
+                raise
+            self._check_grads(grads)
+            if layout.relayout:
+                raise
+            layout.relayout = True
+            self._apply(layout, grads, grad_scale, found_inf)
+        if not torch.compiler.is_compiling():  # a Python counter would recompile every step
+            self._host_steps += 1
+            if self._host_steps == self.total_steps + 1 and not self._unbounded:
+                warnings.warn(
+                    f"d2z_optim.AdamW: step() called more than total_steps={self.total_steps} times; "
+                    "the schedule's last multiplier is reused from now on",
+                    stacklevel=4,
+                )
+        return loss
+
+    def _apply(self, layout: _StepLayout, grads, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
         works = layout.works(self, grads)
         if self.skip_nonfinite:
             found_inf = self._nonfinite(works, found_inf)
@@ -440,15 +479,6 @@ class AdamW(torch.optim.Optimizer):
         if found_inf is not None:
             skipped = self._primary.skipped_steps
             skipped.add_((found_inf.to(skipped.device, non_blocking=True).reshape(()) != 0).to(torch.int64))
-        if not torch.compiler.is_compiling():  # a Python counter would recompile every step
-            self._host_steps += 1
-            if self._host_steps == self.total_steps + 1 and not self._unbounded:
-                warnings.warn(
-                    f"d2z_optim.AdamW: step() called more than total_steps={self.total_steps} times; "
-                    "the schedule's last multiplier is reused from now on",
-                    stacklevel=4,
-                )
-        return loss
 
     def _nonfinite(self, works: dict[torch.device, backends.DeviceWork], found_inf: Tensor | None) -> Tensor:
         """found_inf, or 1.0 where any gradient holds a NaN or an Inf: checked on the device, no sync."""

@@ -400,3 +400,21 @@ def test_a_parameter_with_gaps_goes_to_the_torch_backend_or_is_refused():
     for name in fused:
         with pytest.raises(ValueError, match="fill one block of memory"):
             AdamW([gapped], backend=name)
+
+
+def test_a_gradient_that_changes_layout_mid_run_is_still_taken(backend):
+    """Steady-state steps leave the gradient checks to the fused op; when a gradient arrives in
+    another layout than before (here: transposed from step 3 on), the op refuses without writing,
+    the gradient is copied into its parameter's layout and the step retried."""
+    g = torch.Generator().manual_seed(3)
+    p0 = torch.randn(4, 6, generator=g)
+    ours, ref = torch.nn.Parameter(p0.clone()), torch.nn.Parameter(p0.clone())
+    a = AdamW([ours], lr=1e-2, backend=backend)
+    b = torch.optim.AdamW([ref], lr=1e-2, foreach=True)
+    for k in range(6):
+        gr = torch.randn(6, 4, generator=g).t() if k >= 3 else torch.randn(4, 6, generator=g)
+        ours.grad, ref.grad = gr, gr.clone()
+        a.step()
+        b.step()
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    assert int(a.step_count) == 6
