@@ -84,7 +84,8 @@ class _StepLayout:
         self.state_values = list(opt.state.values())
         chosen = [p for (params, _, _, mask) in self.groups for p, m in zip(params, mask) if m]
         self.state_dicts = [opt.state[p] for p in chosen]
-        self.state_tensors = {k: [d.get(k) for d in self.state_dicts] for k in _STATE_KEYS}
+        keys = _STATE_KEYS if any(g["amsgrad"] for g in opt.param_groups) else _STATE_KEYS[:3]
+        self.state_tensors = {k: [d.get(k) for d in self.state_dicts] for k in keys}  # what the kernels use
         # what each present gradient must be: dense, with its parameter's size (read each step:
         # `p.data = ...` may change it), dtype and device
         self.params = chosen
@@ -92,8 +93,7 @@ class _StepLayout:
         # One device stepped by a fused kernel: the op checks every gradient itself before it
         # writes anything, so the steady state skips the checks here (~0.7 us per tensor) and
         # step() says torch's words only when the op refuses. Otherwise checked here each step.
-        fused = [dev for dev in opt._devices if opt._chosen[dev] is not backends.TORCH]
-        self.kernel_checks = len(opt._devices) == 1 and len(fused) == 1
+        self.kernel_checks = len(opt._devices) == 1 and next(iter(opt._chosen.values())) is not backends.TORCH
         # gradients laid out unlike their parameters are copied into the parameter's layout for the
         # fused kernels; with kernel checks, only once the op (or this first step) has met one
         self.relayout = not self.kernel_checks or any(

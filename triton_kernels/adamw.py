@@ -553,19 +553,4 @@ def step(work: DeviceWork, grad_scale: Tensor | None = None, found_inf: Tensor |
                 if x.numel() != p.numel():
                     _fail(f"group {gi}: max_exp_avg_sqs[{j}] has {x.numel()} elements but its param {p.numel()}")
     f = flatten(work)
-    torch.ops.d2z.adamw_step_triton(
-        f.params,
-        f.grads,
-        f.exp_avgs,
-        f.exp_avg_sqs,
-        f.max_exp_avg_sqs,
-        f.steps,
-        work.step_count,
-        work.lr_table,
-        work.wd_table,
-        f.hparams,
-        f.group_index,
-        work.independent_wd,
-        grad_scale,
-        found_inf,
-    )
+    torch.ops.d2z.adamw_step_triton(*f.op_args(work, grad_scale, found_inf))

@@ -43,19 +43,18 @@ class Backend:
     step: Callable[[DeviceWork], None]
     device_type: str | None = None  # None: any device
     dtypes: tuple[torch.dtype, ...] | None = None  # None: any dtype
+    any_layout: bool = False  # False: parameters must fill one block of memory (the fused kernels)
+    device_note: str = ""  # added to the "runs on ..." refusal
 
     def unsupported(self, device: torch.device, dtypes: Iterable[torch.dtype], dense: bool = True) -> str | None:
         if self.device_type is not None and device.type != self.device_type:
             where = "CUDA devices" if self.device_type == "cuda" else f"{self.device_type.upper()} tensors"
-            why = f"backend {self.name!r} runs on {where}, but a parameter is on {device}"
-            if self.name == "triton":
-                why += " (TRITON_INTERPRET=1 runs Triton on CPU tensors, for tests only)"
-            return why
+            return f"backend {self.name!r} runs on {where}, but a parameter is on {device}{self.device_note}"
         bad = sorted({str(d) for d in dtypes if self.dtypes is not None and d not in self.dtypes})
         if bad:
             allowed = ", ".join(str(d) for d in self.dtypes)
             return f"backend {self.name!r} takes parameters of dtype {allowed}, got {', '.join(bad)}"
-        if not dense and self.name != "torch":
+        if not dense and not self.any_layout:
             return (
                 f"backend {self.name!r} takes parameters whose elements fill one block of memory "
                 "(contiguous, channels_last, ...), but a parameter is a strided view with gaps or overlaps"
@@ -63,7 +62,7 @@ class Backend:
         return None
 
 
-TORCH = Backend("torch", torch_backend.step)
+TORCH = Backend("torch", torch_backend.step, any_layout=True)
 
 
 @cache
@@ -85,7 +84,9 @@ def _load(name: str) -> Backend | str:
         except Exception as e:  # not installed, or an install that cannot load
             return f"Triton is not installed or failed to import ({type(e).__name__}: {e}); pip install triton"
         # under TRITON_INTERPRET=1 (tests) the kernel runs on CPU tensors
-        return Backend("triton", adamw.step, None if adamw._interpreting() else "cuda", adamw.DTYPES)
+        device = None if adamw._interpreting() else "cuda"
+        note = " (TRITON_INTERPRET=1 runs Triton on CPU tensors, for tests only)"
+        return Backend("triton", adamw.step, device, adamw.DTYPES, device_note=note)
     raise AssertionError(name)
 
 

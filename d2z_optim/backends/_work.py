@@ -59,6 +59,12 @@ class FlatWork:
     group_index: list[int]
     hparams: Tensor
 
+    def op_args(self, work: DeviceWork, grad_scale: Tensor | None, found_inf: Tensor | None) -> tuple:
+        """The arguments of ``d2z::adamw_step_`` and ``d2z::adamw_step_triton`` (one schema)."""
+        lists = (self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.max_exp_avg_sqs, self.steps)
+        tables = (work.step_count, work.lr_table, work.wd_table, self.hparams)
+        return (*lists, *tables, self.group_index, work.independent_wd, grad_scale, found_inf)
+
 
 def flatten(work: DeviceWork) -> FlatWork:
     """The groups with tensors, concatenated (empty groups are dropped)."""

@@ -44,22 +44,7 @@ def step(work: DeviceWork) -> None:
     if not f.params:  # no gradients on this device: the schedule still moves (unless skipped)
         work.step_count.add_(1 if work.found_inf is None else (work.found_inf.reshape(()) == 0).to(torch.int64))
         return
-    torch.ops.d2z.adamw_step_(
-        f.params,
-        f.grads,
-        f.exp_avgs,
-        f.exp_avg_sqs,
-        f.max_exp_avg_sqs,
-        f.steps,
-        work.step_count,
-        work.lr_table,
-        work.wd_table,
-        f.hparams,
-        f.group_index,
-        work.independent_wd,
-        work.grad_scale,
-        work.found_inf,
-    )
+    torch.ops.d2z.adamw_step_(*f.op_args(work, work.grad_scale, work.found_inf))
 
 
 def _register_fake() -> None:
