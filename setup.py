@@ -29,9 +29,11 @@ import sys
 from setuptools import setup
 
 CSRC = "csrc"
-CPU_SOURCES = [f"{CSRC}/adamw_ops.cpp", f"{CSRC}/adamw_cpu.cpp", f"{CSRC}/adamw_replay.cpp"]
+CPU_SOURCES = [f"{CSRC}/{f}" for f in ("adamw_ops.cpp", "adamw_cpu.cpp", "adamw_cpu_plan.cpp", "adamw_replay.cpp")]
 CUDA_SOURCES = [f"{CSRC}/adamw_cuda.cu", f"{CSRC}/adamw_cuda_glue.cpp"]
-HEADERS = [f"{CSRC}/{h}" for h in ("adamw_math.h", "adamw_checks.h", "adamw_cuda.cuh", "adamw_plan_torch.h")]
+HEADERS = [
+    f"{CSRC}/{h}" for h in ("adamw_math.h", "adamw_checks.h", "adamw_cpu.h", "adamw_cuda.cuh", "adamw_plan_torch.h")
+]
 
 
 def _flag(name: str) -> bool:

@@ -65,11 +65,86 @@ inline void check_scalar(const at::Tensor& t, const at::Device& dev, at::ScalarT
   TORCH_CHECK(t.device() == dev, "d2z::adamw_step_: ", name, " is on ", t.device(), " but the call is on ", dev);
 }
 
-// Checks everything; `expected` is the device type of the implementation. Returns the device.
-inline at::Device check_step_args(const StepArgs& a, c10::DeviceType expected) {
-  const at::Device dev = a.step_count.device();
+// The call's tensors besides the per-parameter lists; `expected` is the device type of the
+// implementation. Returns the device.
+inline at::Device check_call_tensors(const at::Tensor& step_count, const at::Tensor& lr_table,
+                                     const at::Tensor& wd_table, const at::Tensor& hparams,
+                                     const std::optional<at::Tensor>& grad_scale,
+                                     const std::optional<at::Tensor>& found_inf, c10::DeviceType expected) {
+  const at::Device dev = step_count.device();
   TORCH_CHECK(dev.type() == expected, "d2z::adamw_step_: step_count is on ", dev, ", this implementation runs on ",
               expected);
+  check_scalar(step_count, dev, at::kLong, "step_count");
+  for (const auto* tab : {&lr_table, &wd_table}) {
+    const char* name = tab == &lr_table ? "lr_table" : "wd_table";
+    TORCH_CHECK(tab->layout() == at::kStrided && tab->dim() == 1 && tab->scalar_type() == at::kFloat,
+                "d2z::adamw_step_: ", name, " must be a 1-D float32 tensor, got ", tab->scalar_type(), " with ",
+                tab->dim(), " dims");
+    TORCH_CHECK(tab->numel() > 0, "d2z::adamw_step_: ", name, " is empty");
+    TORCH_CHECK(tab->is_contiguous(), "d2z::adamw_step_: ", name, " must be contiguous");
+    TORCH_CHECK(tab->device() == dev, "d2z::adamw_step_: ", name, " is on ", tab->device(), " but the call is on ",
+                dev);
+  }
+  TORCH_CHECK(lr_table.numel() == wd_table.numel(), "d2z::adamw_step_: lr_table (", lr_table.numel(),
+              ") and wd_table (", wd_table.numel(), ") must have the same length");
+  TORCH_CHECK(hparams.layout() == at::kStrided && hparams.scalar_type() == at::kDouble && hparams.dim() == 2 &&
+                  hparams.size(1) == kHpCols && hparams.is_contiguous(),
+              "d2z::adamw_step_: hparams must be a contiguous float64 tensor [G, 8], got ", hparams.scalar_type(), " ",
+              hparams.sizes());
+  TORCH_CHECK(hparams.device() == dev, "d2z::adamw_step_: hparams is on ", hparams.device(), " but the call is on ",
+              dev);
+  if (grad_scale.has_value()) check_scalar(*grad_scale, dev, at::kFloat, "grad_scale");
+  if (found_inf.has_value()) check_scalar(*found_inf, dev, at::kFloat, "found_inf");
+  return dev;
+}
+
+// Parameter i of the call and its tensors. vmax: nullptr when the call has no max_exp_avg_sqs
+// (an empty list); a 0-element placeholder when its group has no amsgrad.
+inline void check_param(int64_t i, const at::Tensor& p, const at::Tensor& g, const at::Tensor& m, const at::Tensor& v,
+                        const at::Tensor* vmax, const at::Tensor& st, int64_t group, int64_t groups,
+                        const at::Device& dev) {
+  TORCH_CHECK(group >= 0 && group < groups, "d2z::adamw_step_: group_index[", i, "] = ", group,
+              " is out of range for hparams with ", groups, " rows");
+  TORCH_CHECK(is_dense(p), "d2z::adamw_step_: params[", i, "] must be a dense tensor");
+  const auto dt = p.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, "d2z::adamw_step_: params[", i,
+              "] has dtype ", dt, "; supported: float32, bfloat16, float16");
+  check_on(p, dev, "params", i);
+  TORCH_CHECK(fills_block(p), "d2z::adamw_step_: params[", i, "] is not dense (strides ", p.strides(),
+              "): its elements must fill one block of memory, as contiguous and channels_last tensors do");
+  struct Named {
+    const at::Tensor* t;
+    const char* name;
+  };
+  Named same[4] = {{&g, "grads"}, {&m, "exp_avgs"}, {&v, "exp_avg_sqs"}, {}};
+  int n_same = 3;
+  if (vmax != nullptr && vmax->numel() != 0) same[n_same++] = {vmax, "max_exp_avg_sqs"};
+  for (int j = 0; j < n_same; ++j) {
+    const Named& s = same[j];
+    const at::Tensor& t = *s.t;
+    TORCH_CHECK(t.defined(), "d2z::adamw_step_: ", s.name, "[", i, "] is undefined");
+    TORCH_CHECK(is_dense(t), "d2z::adamw_step_: ", s.name, "[", i, "] is ", t.layout(),
+                "; only dense (strided) tensors are supported");
+    TORCH_CHECK(t.scalar_type() == dt, "d2z::adamw_step_: ", s.name, "[", i, "] has dtype ", t.scalar_type(),
+                " but params[", i, "] has ", dt);
+    TORCH_CHECK(t.sizes() == p.sizes(), "d2z::adamw_step_: ", s.name, "[", i, "] has shape ", t.sizes(), " but params[",
+                i, "] has ", p.sizes());
+    check_on(t, dev, s.name, i);
+    TORCH_CHECK(same_layout(t, p), "d2z::adamw_step_: ", s.name, "[", i, "] has strides ", t.strides(), " but params[",
+                i, "] has ", p.strides(), " (the tensors of a parameter must share its memory layout)");
+  }
+  if (vmax != nullptr) {
+    TORCH_CHECK(is_dense(*vmax) && vmax->scalar_type() == dt, "d2z::adamw_step_: max_exp_avg_sqs[", i,
+                "] must be a dense ", dt, " tensor (a 0-element placeholder when its group has no amsgrad)");
+    check_on(*vmax, dev, "max_exp_avg_sqs", i);
+  }
+  TORCH_CHECK(is_dense(st) && st.scalar_type() == at::kFloat && st.numel() == 1, "d2z::adamw_step_: steps[", i,
+              "] must be a float32 tensor with one element");
+  check_on(st, dev, "steps", i);
+}
+
+// Checks everything; `expected` is the device type of the implementation. Returns the device.
+inline at::Device check_step_args(const StepArgs& a, c10::DeviceType expected) {
   const size_t n = a.params.size();
   auto same_len = [&](size_t len, const char* name) {
     TORCH_CHECK(len == n, "d2z::adamw_step_: ", name, " has ", len, " entries but params has ", n);
@@ -81,90 +156,31 @@ inline at::Device check_step_args(const StepArgs& a, c10::DeviceType expected) {
   same_len(a.group_index.size(), "group_index");
   TORCH_CHECK(a.max_exp_avg_sqs.empty() || a.max_exp_avg_sqs.size() == n, "d2z::adamw_step_: max_exp_avg_sqs has ",
               a.max_exp_avg_sqs.size(), " entries: it must be empty or as long as params (", n, ")");
-
-  check_scalar(a.step_count, dev, at::kLong, "step_count");
-  for (const auto* tab : {&a.lr_table, &a.wd_table}) {
-    const char* name = tab == &a.lr_table ? "lr_table" : "wd_table";
-    TORCH_CHECK(tab->layout() == at::kStrided && tab->dim() == 1 && tab->scalar_type() == at::kFloat,
-                "d2z::adamw_step_: ", name, " must be a 1-D float32 tensor, got ", tab->scalar_type(), " with ",
-                tab->dim(), " dims");
-    TORCH_CHECK(tab->numel() > 0, "d2z::adamw_step_: ", name, " is empty");
-    TORCH_CHECK(tab->is_contiguous(), "d2z::adamw_step_: ", name, " must be contiguous");
-    TORCH_CHECK(tab->device() == dev, "d2z::adamw_step_: ", name, " is on ", tab->device(), " but the call is on ",
-                dev);
-  }
-  TORCH_CHECK(a.lr_table.numel() == a.wd_table.numel(), "d2z::adamw_step_: lr_table (", a.lr_table.numel(),
-              ") and wd_table (", a.wd_table.numel(), ") must have the same length");
-  TORCH_CHECK(a.hparams.layout() == at::kStrided && a.hparams.scalar_type() == at::kDouble && a.hparams.dim() == 2 &&
-                  a.hparams.size(1) == kHpCols && a.hparams.is_contiguous(),
-              "d2z::adamw_step_: hparams must be a contiguous float64 tensor [G, 8], got ", a.hparams.scalar_type(),
-              " ", a.hparams.sizes());
-  TORCH_CHECK(a.hparams.device() == dev, "d2z::adamw_step_: hparams is on ", a.hparams.device(), " but the call is on ",
-              dev);
-  if (a.grad_scale.has_value()) check_scalar(*a.grad_scale, dev, at::kFloat, "grad_scale");
-  if (a.found_inf.has_value()) check_scalar(*a.found_inf, dev, at::kFloat, "found_inf");
-
+  const at::Device dev =
+      check_call_tensors(a.step_count, a.lr_table, a.wd_table, a.hparams, a.grad_scale, a.found_inf, expected);
   const int64_t groups = a.hparams.size(0);
   for (size_t k = 0; k < n; ++k) {
-    const int64_t i = static_cast<int64_t>(k);
-    const at::Tensor& p = a.params[k];
-    TORCH_CHECK(a.group_index[k] >= 0 && a.group_index[k] < groups, "d2z::adamw_step_: group_index[", i,
-                "] = ", a.group_index[k], " is out of range for hparams with ", groups, " rows");
-    TORCH_CHECK(is_dense(p), "d2z::adamw_step_: params[", i, "] must be a dense tensor");
-    const auto dt = p.scalar_type();
-    TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, "d2z::adamw_step_: params[", i,
-                "] has dtype ", dt, "; supported: float32, bfloat16, float16");
-    check_on(p, dev, "params", i);
-    TORCH_CHECK(fills_block(p), "d2z::adamw_step_: params[", i, "] is not dense (strides ", p.strides(),
-                "): its elements must fill one block of memory, as contiguous and channels_last tensors do");
-    struct Named {
-      const at::Tensor* t;
-      const char* name;
-    };
-    Named same[4] = {{&a.grads[k], "grads"}, {&a.exp_avgs[k], "exp_avgs"}, {&a.exp_avg_sqs[k], "exp_avg_sqs"}, {}};
-    int n_same = 3;
-    if (!a.max_exp_avg_sqs.empty() && a.max_exp_avg_sqs[k].numel() != 0) {
-      same[n_same++] = {&a.max_exp_avg_sqs[k], "max_exp_avg_sqs"};
-    }
-    for (int j = 0; j < n_same; ++j) {
-      const Named& s = same[j];
-      const at::Tensor& t = *s.t;
-      TORCH_CHECK(t.defined(), "d2z::adamw_step_: ", s.name, "[", i, "] is undefined");
-      TORCH_CHECK(is_dense(t), "d2z::adamw_step_: ", s.name, "[", i, "] is ", t.layout(),
-                  "; only dense (strided) tensors are supported");
-      TORCH_CHECK(t.scalar_type() == dt, "d2z::adamw_step_: ", s.name, "[", i, "] has dtype ", t.scalar_type(),
-                  " but params[", i, "] has ", dt);
-      TORCH_CHECK(t.sizes() == p.sizes(), "d2z::adamw_step_: ", s.name, "[", i, "] has shape ", t.sizes(),
-                  " but params[", i, "] has ", p.sizes());
-      check_on(t, dev, s.name, i);
-      TORCH_CHECK(same_layout(t, p), "d2z::adamw_step_: ", s.name, "[", i, "] has strides ", t.strides(),
-                  " but params[", i, "] has ", p.strides(),
-                  " (the tensors of a parameter must share its memory layout)");
-    }
-    if (!a.max_exp_avg_sqs.empty()) {
-      const at::Tensor& x = a.max_exp_avg_sqs[k];
-      TORCH_CHECK(is_dense(x) && x.scalar_type() == dt, "d2z::adamw_step_: max_exp_avg_sqs[", i, "] must be a dense ",
-                  dt, " tensor (a 0-element placeholder when its group has no amsgrad)");
-      check_on(x, dev, "max_exp_avg_sqs", i);
-    }
-    const at::Tensor& st = a.steps[k];
-    TORCH_CHECK(is_dense(st) && st.scalar_type() == at::kFloat && st.numel() == 1, "d2z::adamw_step_: steps[", i,
-                "] must be a float32 tensor with one element");
-    check_on(st, dev, "steps", i);
+    const at::Tensor* vmax = a.max_exp_avg_sqs.empty() ? nullptr : &a.max_exp_avg_sqs[k];
+    check_param(static_cast<int64_t>(k), a.params[k], a.grads[k], a.exp_avgs[k], a.exp_avg_sqs[k], vmax, a.steps[k],
+                a.group_index[k], groups, dev);
   }
   return dev;
 }
 
-// CPU-side check that needs the hparams values (CPU and grid replay only; on CUDA reading them
-// would be a sync): a group with amsgrad = 1 needs full-size max_exp_avg_sqs.
+// A check that needs the hparams values (CPU and grid replay only; on CUDA reading them would be
+// a sync): parameter i in a group with amsgrad = 1 needs a full-size max_exp_avg_sqs entry.
+inline void check_amsgrad_state(int64_t i, const at::Tensor& p, const at::Tensor* vmax, int64_t group,
+                                const double* hp) {
+  if (hp[group * kHpCols + kAmsgrad] == 0.0 || p.numel() == 0) return;
+  TORCH_CHECK(vmax != nullptr && vmax->numel() == p.numel(), "d2z::adamw_step_: params[", i, "] is in group ", group,
+              " with amsgrad = 1 but max_exp_avg_sqs[", i, "] is ",
+              vmax == nullptr ? "missing (empty list)" : "a placeholder");
+}
+
 inline void check_amsgrad_states(const StepArgs& a, const double* hp) {
   for (size_t k = 0; k < a.params.size(); ++k) {
-    if (hp[a.group_index[k] * kHpCols + kAmsgrad] == 0.0) continue;
-    const bool ok = !a.max_exp_avg_sqs.empty() && a.max_exp_avg_sqs[k].numel() == a.params[k].numel() &&
-                    (a.params[k].numel() != 0 || a.max_exp_avg_sqs[k].sizes() == a.params[k].sizes());
-    TORCH_CHECK(ok || a.params[k].numel() == 0, "d2z::adamw_step_: params[", k, "] is in group ", a.group_index[k],
-                " with amsgrad = 1 but max_exp_avg_sqs[", k, "] is ",
-                a.max_exp_avg_sqs.empty() ? "missing (empty list)" : "a placeholder");
+    const at::Tensor* vmax = a.max_exp_avg_sqs.empty() ? nullptr : &a.max_exp_avg_sqs[k];
+    check_amsgrad_state(static_cast<int64_t>(k), a.params[k], vmax, a.group_index[k], hp);
   }
 }
 

@@ -1,6 +1,8 @@
 // The CPU implementation of d2z::adamw_step_: every (tensor, chunk) of the call in one parallel
 // region, an inner loop the compiler vectorises, chosen at run time among builds of it for
 // AVX-512, AVX2+FMA and the portable baseline (no -march=native needed).
+#include "adamw_cpu.h"
+
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -9,30 +11,13 @@
 #include <cstring>
 #include <string>
 
-#include "adamw_checks.h"
-
 namespace d2z {
 namespace {
 
 constexpr int64_t kCpuChunk = 1 << 16;  // elements per work item
 constexpr int64_t kItemCost = 256;      // fixed cost of an item (scalars, dispatch), in elements
 
-struct CpuTensor {
-  void* p;
-  const void* g;
-  void* m;
-  void* v;
-  void* vmax;  // nullptr without amsgrad
-  int64_t n;
-  const double* hp;
-  Dtype dtype;
-  float t;  // the new step
-};
-
-struct Item {
-  int32_t tensor;
-  int64_t begin, end;
-};
+using Item = CpuItems::Item;
 
 template <int D, bool kFma, bool kAms>
 __attribute__((always_inline)) inline void cpu_loop(const CpuTensor& ct, int64_t b, int64_t e, ElemScalars s) {
@@ -153,52 +138,29 @@ std::string cpu_isa(int64_t force) {
   return isa_name(active_isa());
 }
 
-void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                    at::TensorList max_exp_avg_sqs, at::TensorList steps, const at::Tensor& step_count,
-                    const at::Tensor& lr_table, const at::Tensor& wd_table, const at::Tensor& hparams,
-                    c10::IntArrayRef group_index, bool independent_wd, const std::optional<at::Tensor>& grad_scale,
-                    const std::optional<at::Tensor>& found_inf) {
-  const StepArgs a{params,   grads,    exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,      step_count,
-                   lr_table, wd_table, hparams,  group_index, independent_wd,  grad_scale, found_inf};
-  check_step_args(a, c10::DeviceType::CPU);
-  const double* hp = hparams.data_ptr<double>();
-  check_amsgrad_states(a, hp);
-  // ---- nothing is written above this line ----
-  if (found_inf.has_value() && found_inf->data_ptr<float>()[0] != 0.0f) return;  // AMP: skip the step
+}  // namespace
 
-  const int64_t T = lr_table.numel();
-  int64_t* sc = step_count.data_ptr<int64_t>();
-  const int64_t idx = std::clamp<int64_t>(*sc, 0, T - 1);
-  const float lr_mult = lr_table.data_ptr<float>()[idx];
-  const float wd_mult = wd_table.data_ptr<float>()[idx];
-  const float* gs = grad_scale.has_value() ? grad_scale->data_ptr<float>() : nullptr;
-
-  const size_t n = params.size();
-  std::vector<CpuTensor> ts(n);
-  std::vector<Item> items;
-  std::vector<int64_t> cost;  // prefix sums of item costs
-  int64_t total = 0;
-  for (size_t k = 0; k < n; ++k) {
-    const double* row = hp + group_index[k] * kHpCols;
-    const bool ams = row[kAmsgrad] != 0.0 && !max_exp_avg_sqs.empty() && max_exp_avg_sqs[k].numel() > 0;
-    CpuTensor& ct = ts[k];
-    ct = {params[k].data_ptr(),
-          grads[k].data_ptr(),
-          exp_avgs[k].data_ptr(),
-          exp_avg_sqs[k].data_ptr(),
-          ams ? max_exp_avg_sqs[k].data_ptr() : nullptr,
-          params[k].numel(),
-          row,
-          to_dtype(params[k].scalar_type()),
-          steps[k].data_ptr<float>()[0] + 1.0f};
-    for (int64_t b = 0; b < ct.n; b += kCpuChunk) {
-      const int64_t e = std::min(ct.n, b + kCpuChunk);
-      items.push_back({static_cast<int32_t>(k), b, e});
-      total += (e - b) + kItemCost;
-      cost.push_back(total);
-    }
+void CpuItems::add(int32_t tensor, int64_t n) {
+  for (int64_t b = 0; b < n; b += kCpuChunk) {
+    const int64_t e = std::min(n, b + kCpuChunk);
+    items.push_back({tensor, b, e});
+    total += (e - b) + kItemCost;
+    cost.push_back(total);
   }
+}
 
+bool cpu_step_scalars(const at::Tensor& step_count, const at::Tensor& lr_table, const at::Tensor& wd_table,
+                      bool independent_wd, const std::optional<at::Tensor>& grad_scale,
+                      const std::optional<at::Tensor>& found_inf, CpuStepScalars* out) {
+  if (found_inf.has_value() && found_inf->data_ptr<float>()[0] != 0.0f) return false;
+  const int64_t idx = std::clamp<int64_t>(step_count.data_ptr<int64_t>()[0], 0, lr_table.numel() - 1);
+  *out = {lr_table.data_ptr<float>()[idx], wd_table.data_ptr<float>()[idx], independent_wd,
+          grad_scale.has_value() ? grad_scale->data_ptr<float>() : nullptr};
+  return true;
+}
+
+void cpu_update(const std::vector<CpuTensor>& ts, const CpuItems& work, const CpuStepScalars& sc) {
+  const std::vector<Item>& items = work.items;
   const ItemFn fn = item_fn(active_isa());
   auto run = [&](size_t i0, size_t i1) {
     // The scalars depend on the tensor only through its group row and step: consecutive tensors
@@ -210,7 +172,7 @@ void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
       const Item& it = items[i];
       const CpuTensor& ct = ts[it.tensor];
       if (ct.hp != last_hp || ct.t != last_t) {
-        s = make_scalars(ct.hp, lr_mult, wd_mult, ct.t, independent_wd, gs);
+        s = make_scalars(ct.hp, sc.lr_mult, sc.wd_mult, ct.t, sc.independent_wd, sc.grad_scale);
         last_hp = ct.hp;
         last_t = ct.t;
       }
@@ -219,10 +181,12 @@ void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
     }
   };
   // One parallel region; each thread takes a contiguous run of items of about equal cost.
+  const int64_t total = work.total;
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total / (4 * kCpuChunk)));
   if (threads <= 1 || items.size() < 2) {
     run(0, items.size());
   } else {
+    const std::vector<int64_t>& cost = work.cost;
     at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const auto lo = std::lower_bound(cost.begin(), cost.end(), total * t / threads + 1) - cost.begin();
@@ -231,8 +195,34 @@ void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
       }
     });
   }
-  for (size_t k = 0; k < n; ++k) steps[k].data_ptr<float>()[0] = ts[k].t;
-  *sc += 1;
+  for (const CpuTensor& ct : ts) *ct.step = ct.t;
+}
+
+namespace {
+
+void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                    at::TensorList max_exp_avg_sqs, at::TensorList steps, const at::Tensor& step_count,
+                    const at::Tensor& lr_table, const at::Tensor& wd_table, const at::Tensor& hparams,
+                    c10::IntArrayRef group_index, bool independent_wd, const std::optional<at::Tensor>& grad_scale,
+                    const std::optional<at::Tensor>& found_inf) {
+  const StepArgs a{params,   grads,    exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,      step_count,
+                   lr_table, wd_table, hparams,  group_index, independent_wd,  grad_scale, found_inf};
+  check_step_args(a, c10::DeviceType::CPU);
+  const double* hp = hparams.data_ptr<double>();
+  check_amsgrad_states(a, hp);
+  // ---- nothing is written above this line ----
+  CpuStepScalars sc;
+  if (!cpu_step_scalars(step_count, lr_table, wd_table, independent_wd, grad_scale, found_inf, &sc)) return;
+  const size_t n = params.size();
+  std::vector<CpuTensor> ts(n);
+  CpuItems items;
+  for (size_t k = 0; k < n; ++k) {
+    const at::Tensor* vmax = max_exp_avg_sqs.empty() ? nullptr : &max_exp_avg_sqs[k];
+    ts[k] = cpu_tensor(params[k], grads[k], exp_avgs[k], exp_avg_sqs[k], vmax, steps[k], hp + group_index[k] * kHpCols);
+    items.add(static_cast<int32_t>(k), ts[k].n);
+  }
+  cpu_update(ts, items, sc);
+  step_count.data_ptr<int64_t>()[0] += 1;
 }
 
 template <int D>

@@ -48,9 +48,12 @@ class _StepLayout:
     more than the fused kernel itself for thousands of small tensors (measured on 10,000 x 1,024
     fp32 CPU tensors: ~50 ms of a 71 ms step). So they are gathered once and reused while the
     same parameters have gradients; each step only reads the gradients and checks them in bulk.
-    Rebuilt when a group's parameter list, which parameters have a gradient, a group's
-    ``amsgrad``, or any state dict or state tensor changes (``load_state_dict``,
-    ``add_param_group``, new state, a state tensor replaced by the user).
+    Where the backend keeps a plan (the C++ CPU kernel), the lists are handed to it once and a
+    step passes only the schedule tensors (handing the op ~50,000 tensors each step cost ~12 ms
+    of a ~19 ms step there). Rebuilt when a group's parameter list, which parameters have a
+    gradient, a group's ``amsgrad``, or any state dict or state tensor changes
+    (``load_state_dict``, ``add_param_group``, new state, a state tensor replaced by the user),
+    and when the plan cannot take a step.
     """
 
     def __init__(self, opt: AdamW, grads: list[list[Tensor | None]]) -> None:
@@ -100,22 +103,33 @@ class _StepLayout:
             (gl := self._grads(grads, gi, idx)) is not backends.in_layout_of(gl, tmpl.params)
             for gi, _, idx, tmpl in self.slots
         )
+        # The parameters without a gradient now: a step through the plan below checks only the
+        # others (in C++), so these are checked here.
+        self.absent = [p for (params, _, _, mask) in self.groups for p, m in zip(params, mask) if not m]
+        # One device whose backend keeps a plan (the C++ CPU kernel): the lists are handed over
+        # once, and a step passes only the schedule tensors (gradients are read in C++). Not for
+        # DTensor shards (their local views are new tensors each time), gradients that need a copy
+        # into their parameter's layout, or while torch.compile traces (the plan is opaque to it;
+        # the op is not).
+        make_plan = opt._chosen[next(iter(opt._devices))].plan if self.kernel_checks else None
+        self.plan = None
+        if make_plan and not (self.relayout or self.dtensor or torch.compiler.is_compiling()):
+            (work,) = self.works(opt).values()
+            self.plan = make_plan(work)
 
     def _grads(self, grads: list[list[Tensor | None]], gi: int, idx: list[int] | None) -> list[Tensor]:
         """The gradients of one (group, device) slot, as the kernels take them (DTensor: local shards)."""
         gl = grads[gi] if idx is None else [grads[gi][i] for i in idx]
         return [_local(g) for g in gl] if self.dtensor else gl
 
-    def matches(self, opt: AdamW, grads: list[list[Tensor | None]]) -> bool:
-        """Same groups, parameters with a gradient and state objects: the cached lists still hold."""
-        if len(grads) != len(self.groups):
+    def matches(self, opt: AdamW) -> bool:
+        """Same groups, parameters and state objects: the cached lists still hold (gradients aside)."""
+        if len(opt.param_groups) != len(self.groups):
             return False
-        for group, gl, (params, copy, amsgrad, mask) in zip(opt.param_groups, grads, self.groups):
+        for group, (params, copy, amsgrad, _) in zip(opt.param_groups, self.groups):
             if group["params"] is not params or group["amsgrad"] != amsgrad:
                 return False
             if len(params) != len(copy) or not all(map(operator.is_, params, copy)):
-                return False
-            if [g is not None for g in gl] != mask:
                 return False
         values = list(opt.state.values())
         if len(values) != len(self.state_values) or not all(map(operator.is_, values, self.state_values)):
@@ -124,6 +138,29 @@ class _StepLayout:
             if not all(map(operator.is_, map(dict.get, self.state_dicts, repeat(k)), cached)):
                 return False
         return True
+
+    def grads_present(self, grads: list[list[Tensor | None]]) -> bool:
+        """The same parameters have a gradient as when the lists were built."""
+        return all([g is not None for g in gl] == mask for gl, (_, _, _, mask) in zip(grads, self.groups))
+
+    def plan_step(self, opt: AdamW, grad_scale: Tensor | None, found_inf: Tensor | None) -> tuple[bool, Tensor | None]:
+        """One step through the plan, and the found_inf it used (skip_nonfinite may make one).
+        False, with nothing written, when the plan cannot take it (a parameter gained or lost a
+        gradient, a tensor changed, a bad gradient): the caller then steps through the lists,
+        which rebuilds the layout or says what is wrong."""
+        if any(p.grad is not None for p in self.absent):
+            return False, found_inf
+        if opt.skip_nonfinite:
+            grads = [p.grad for p in self.params]
+            if any(g is None for g in grads):
+                return False, found_inf
+            found_inf = opt._nonfinite([grads], found_inf)
+        (work,) = self.works(opt).values()
+        work.grad_scale, work.found_inf = opt._amp_tensors(work.step_count.device, grad_scale, found_inf)
+        try:
+            return self.plan.step(work), found_inf
+        except RuntimeError:  # the plan's checks refused a tensor before writing anything
+            return False, found_inf
 
     def grads_match(self, grads: list[list[Tensor | None]]) -> bool:
         """Every present gradient is dense and has its parameter's shape, dtype and device (in bulk)."""
@@ -136,20 +173,25 @@ class _StepLayout:
             and [g.device for g in flat] == devices
         )
 
-    def works(self, opt: AdamW, grads: list[list[Tensor | None]]) -> dict[torch.device, backends.DeviceWork]:
-        """This step's work per device: the cached lists, this step's gradients and hyperparameters."""
+    def works(
+        self, opt: AdamW, grads: list[list[Tensor | None]] | None = None
+    ) -> dict[torch.device, backends.DeviceWork]:
+        """This step's work per device: the cached lists, this step's gradients (none for a plan,
+        which reads them itself) and hyperparameters."""
         independent = opt.weight_decay_mode == "independent"
         out = {
             dev: backends.DeviceWork(ds.lr_table, ds.wd_table, ds.step_count, independent)
             for dev, ds in opt._devices.items()
         }
         for gi, dev, idx, tmpl in self.slots:
-            gl = self._grads(grads, gi, idx)
-            if self.relayout and opt._chosen[dev] is not backends.TORCH:  # fused kernels walk a grad like its param
-                gl = backends.in_layout_of(gl, tmpl.params)
             gw = opt._group_work(opt.param_groups[gi], dev)
             gw.params, gw.exp_avgs, gw.exp_avg_sqs = tmpl.params, tmpl.exp_avgs, tmpl.exp_avg_sqs
-            gw.max_exp_avg_sqs, gw.steps, gw.grads = tmpl.max_exp_avg_sqs, tmpl.steps, gl
+            gw.max_exp_avg_sqs, gw.steps = tmpl.max_exp_avg_sqs, tmpl.steps
+            if grads is not None:
+                gl = self._grads(grads, gi, idx)
+                if self.relayout and opt._chosen[dev] is not backends.TORCH:  # fused kernels walk a grad like its param
+                    gl = backends.in_layout_of(gl, tmpl.params)
+                gw.grads = gl
             out[dev].groups.append(gw)
         return out
 
@@ -432,30 +474,20 @@ class AdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        grads = [[p.grad for p in g["params"]] for g in self.param_groups]
-        layout, checked = self._layout, False
-        if layout is None or not layout.matches(self, grads):
-            self._check_grads(grads)  # every check before any write (or any new state)
-            layout = self._layout = _StepLayout(self, grads)
-            checked = True
-        elif not layout.kernel_checks and not layout.grads_match(grads):
-            self._check_grads(grads)  # raises, naming the offending gradient
         # AMP: torch.amp.GradScaler sets these attributes for optimizers that declare
         # _step_supports_amp_scaling, instead of unscaling and checking grads itself (a sync)
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        try:
-            self._apply(layout, grads, grad_scale, found_inf)
-        except RuntimeError:
-            # One device with a fused kernel: the op checked the gradients itself and wrote nothing.
-            # Say what torch would say about a bad gradient; a gradient laid out unlike its
-            # parameter is copied into its layout from now on, and the step retried.
-            if not layout.kernel_checks or checked:
-                raise
-            self._check_grads(grads)
-            if layout.relayout:
-                raise
-            layout.relayout = True
-            self._apply(layout, grads, grad_scale, found_inf)
+        layout, done, used = self._layout, False, found_inf
+        if not torch.compiler.is_compiling() and layout is not None and layout.plan is not None:
+            if layout.matches(self):
+                done, used = layout.plan_step(self, grad_scale, found_inf)
+            if not done:
+                self._layout = None  # the plan could not take this step: build the lists anew
+        if not done:
+            used = self._step_lists(grad_scale, found_inf)
+        if used is not None:  # GradScaler's found_inf, or skip_nonfinite's
+            skipped = self._primary.skipped_steps
+            skipped.add_((used.to(skipped.device, non_blocking=True).reshape(()) != 0).to(torch.int64))
         if not torch.compiler.is_compiling():  # a Python counter would recompile every step
             self._host_steps += 1
             if self._host_steps == self.total_steps + 1 and not self._unbounded:
@@ -466,26 +498,57 @@ class AdamW(torch.optim.Optimizer):
                 )
         return loss
 
-    def _apply(self, layout: _StepLayout, grads, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+    def _step_lists(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> Tensor | None:
+        """The step through the lists of tensors: each backend's call gets them all. Returns the
+        found_inf the step used."""
+        grads = [[p.grad for p in g["params"]] for g in self.param_groups]
+        layout, checked = self._layout, False
+        if layout is None or not (layout.matches(self) and layout.grads_present(grads)):
+            self._check_grads(grads)  # every check before any write (or any new state)
+            layout = self._layout = _StepLayout(self, grads)
+            checked = True
+        elif not layout.kernel_checks and not layout.grads_match(grads):
+            self._check_grads(grads)  # raises, naming the offending gradient
+        try:
+            return self._apply(layout, grads, grad_scale, found_inf)
+        except RuntimeError:
+            # One device with a fused kernel: the op checked the gradients itself and wrote nothing.
+            # Say what torch would say about a bad gradient; a gradient laid out unlike its
+            # parameter is copied into its layout from now on, and the step retried.
+            if not layout.kernel_checks or checked:
+                raise
+            self._check_grads(grads)
+            if layout.relayout:
+                raise
+            layout.relayout = True
+            layout.plan = None
+            return self._apply(layout, grads, grad_scale, found_inf)
+
+    def _apply(self, layout: _StepLayout, grads, grad_scale: Tensor | None, found_inf: Tensor | None) -> Tensor | None:
         works = layout.works(self, grads)
         if self.skip_nonfinite:
-            found_inf = self._nonfinite(works, found_inf)
+            found_inf = self._nonfinite([[gr for g in w.groups for gr in g.grads] for w in works.values()], found_inf)
         for dev, work in works.items():
-            if grad_scale is not None:
-                work.grad_scale = grad_scale.to(dev, torch.float32, non_blocking=True)
-            if found_inf is not None:
-                work.found_inf = found_inf.to(dev, torch.float32, non_blocking=True)
+            work.grad_scale, work.found_inf = self._amp_tensors(dev, grad_scale, found_inf)
             self._chosen[dev].step(work)
-        if found_inf is not None:
-            skipped = self._primary.skipped_steps
-            skipped.add_((found_inf.to(skipped.device, non_blocking=True).reshape(()) != 0).to(torch.int64))
+        return found_inf
 
-    def _nonfinite(self, works: dict[torch.device, backends.DeviceWork], found_inf: Tensor | None) -> Tensor:
-        """found_inf, or 1.0 where any gradient holds a NaN or an Inf: checked on the device, no sync."""
+    @staticmethod
+    def _amp_tensors(dev: torch.device, grad_scale: Tensor | None, found_inf: Tensor | None):
+        """GradScaler's tensors as the kernels take them on ``dev`` (float32, no sync)."""
+        if grad_scale is not None:
+            grad_scale = grad_scale.to(dev, torch.float32, non_blocking=True)
+        if found_inf is not None:
+            found_inf = found_inf.to(dev, torch.float32, non_blocking=True)
+        return grad_scale, found_inf
+
+    def _nonfinite(self, grad_lists: list[list[Tensor]], found_inf: Tensor | None) -> Tensor:
+        """found_inf, or 1.0 where any gradient holds a NaN or an Inf: checked on the device, no sync.
+        ``grad_lists``: the step's gradients, one list per device."""
         dev = next(iter(self._devices))
         found = torch.zeros((), dtype=torch.float32, device=dev) if found_inf is None else found_inf.reshape(())
-        for work in works.values():
-            grads = [gr for g in work.groups for gr in g.grads if gr.numel()]
+        for grads in grad_lists:
+            grads = [gr for gr in grads if gr.numel()]
             if grads:
                 # the L2 norm of a tensor holding NaN or Inf is not finite. (The max-abs norm
                 # would say the same but measured 20x slower on CPU: 666 vs 30 ms on GPT-2 small.

@@ -18,7 +18,21 @@ import torch
 from d2z_optim.backends import torch_backend
 from d2z_optim.backends._work import DeviceWork, GroupWork
 
-OPS = {"cpu": torch.ops.d2z.adamw_step_.default, "replay": torch.ops.d2z.adamw_step_grid_replay_.default}
+
+def plan_step(params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, step_count, lr_table, wd_table, hp, *rest):
+    """The op's step through torch.classes.d2z.CpuPlan: the lists handed over once, the gradients
+    read from the parameters' .grad."""
+    for p, g in zip(params, grads):
+        p.grad = g
+    plan = torch.classes.d2z.CpuPlan(params, exp_avgs, exp_avg_sqs, max_sqs, steps, rest[0])
+    assert plan.step(step_count, lr_table, wd_table, hp, *rest[1:]) == 0
+
+
+OPS = {
+    "cpu": torch.ops.d2z.adamw_step_.default,
+    "replay": torch.ops.d2z.adamw_step_grid_replay_.default,
+    "plan": plan_step,
+}
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Tolerances after a few steps, relative to the stored values. fp32: the kernel rounds each
@@ -240,6 +254,7 @@ def check_all(case: Case, steps=3):
         assert_same_state(c, ref)
         assert_same_state(c, tb)
         results[op] = c
+    assert_same_state(results["plan"], results["cpu"], exact=True)  # one kernel, two ways in
     return results
 
 
@@ -467,8 +482,13 @@ def _bad_cases():
 BAD = _bad_cases()
 
 
-@pytest.mark.parametrize("op", list(OPS))
-@pytest.mark.parametrize("name", list(BAD))
+# the plan reads gradients from .grad, whose setter already refuses these, and takes its lists once
+NOT_FOR_PLAN = {"grad dtype", "grad shape", "sparse grad", "non-contiguous grad", "param dtype float64"}
+
+
+@pytest.mark.parametrize(
+    "op,name", [(op, n) for op in OPS for n in BAD if op != "plan" or not (n in NOT_FOR_PLAN or "length" in n)]
+)
 def test_bad_input_raises_and_writes_nothing(op, name):
     build, needle = BAD[name]
     case = build()
@@ -489,3 +509,74 @@ def test_mixed_devices_rejected():
         OPS["cpu"].redispatch(keyset, *case.args())
     for x, y in zip(case.state()[:2], before):
         assert torch.equal(x, y)
+
+
+# ---- the plan: torch.classes.d2z.CpuPlan ----
+
+
+def _plan(case):
+    for p, g in zip(case.params, case.grads):
+        p.grad = g
+    return torch.classes.d2z.CpuPlan(
+        case.params, case.exp_avgs, case.exp_avg_sqs, case.max_sqs, case.steps, case.group_index
+    )
+
+
+def _plan_step(plan, case):
+    return plan.step(*case.args()[6:10], *case.args()[11:])
+
+
+def test_plan_reads_new_gradients_and_swapped_tensors_each_step():
+    """A plan keeps its tensors, not their memory: a new .grad, a parameter or a state given new
+    memory with `.data = ...` are read anew on the next step (bitwise the op's result)."""
+    case = Case([1023, 5, 64], dtypes=DTYPES, groups=("plain", "amsgrad"))
+    ref = case.clone()
+    plan = _plan(case)
+    assert _plan_step(plan, case) == 0
+    ref.run("cpu")
+    gen = torch.Generator().manual_seed(5)
+    for k, p in enumerate(case.params):
+        ref.grads[k] = _tensor(p.numel(), p.dtype, 0, gen, 0.5)
+        p.grad = ref.grads[k].clone()
+    old_param, old_exp_avg = case.params[0].detach().clone(), case.exp_avgs[1].clone()
+    case.params[0].data = case.params[0].detach().clone()
+    case.exp_avgs[1].data = case.exp_avgs[1].clone()
+    assert _plan_step(plan, case) == 0
+    ref.run("cpu")
+    assert_same_state(case, ref, exact=True)
+    assert not torch.equal(case.params[0], old_param) and not torch.equal(case.exp_avgs[1], old_exp_avg)
+
+
+def test_plan_declines_without_writing_when_a_gradient_is_missing_or_a_size_changed():
+    case = Case([1023, 5, 64])
+    plan = _plan(case)
+    before = case.state()
+    case.params[1].grad = None
+    assert _plan_step(plan, case) == 2  # parameter 1: no gradient
+    case.params[1].grad = case.grads[1]
+    case.params[2].data = torch.zeros(65)
+    case.params[2].grad = torch.zeros(65)
+    assert _plan_step(plan, case) == 3  # parameter 2: another size than when the plan was built
+    case.params[2].data, case.params[2].grad = before[2].clone(), case.grads[2]
+    for x, y in zip(case.state(), before):
+        assert torch.equal(x, y)
+    assert _plan_step(plan, case) == 0
+
+
+def test_plan_raises_the_ops_errors_and_writes_nothing():
+    case = Case([1023, 5])
+    plan = _plan(case)
+    before = case.state()
+    case.params[0].data = case.params[0].detach().to(torch.bfloat16)  # its gradient stays float32
+    with pytest.raises(
+        RuntimeError, match=r"d2z::adamw_step_: grads\[0\] has dtype Float but params\[0\] has BFloat16"
+    ):
+        _plan_step(plan, case)
+    case.params[0].data = before[0].clone()
+    case.exp_avg_sqs[1].data = torch.zeros(5, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"exp_avg_sqs\[1\] has dtype Double"):
+        _plan_step(plan, case)
+    for x, y in zip(case.state(), before):
+        assert x.dtype != y.dtype or torch.equal(x, y)
+    with pytest.raises(RuntimeError, match=r"d2z\.CpuPlan: exp_avgs has 1 entries but params has 2"):
+        torch.classes.d2z.CpuPlan(case.params, case.exp_avgs[:1], case.exp_avg_sqs, [], case.steps, [0, 0])

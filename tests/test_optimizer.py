@@ -333,6 +333,33 @@ def test_the_cached_step_layout_follows_every_change(backend):
     assert not torch.equal(ours[1], start) and len(a.state[ours[1]]) > 0  # the new one is stepped
 
 
+def test_steady_state_cpu_steps_go_through_one_plan_bitwise_equal_to_the_op():
+    """The cpu backend hands its lists to a C++ plan once (torch.classes.d2z.CpuPlan) and then
+    steps with the schedule tensors only, reading gradients in C++: same kernel, same bits as
+    handing the op every list each step. New gradient tensors each step keep the same plan."""
+    p0 = make_params()
+    ours, lists = clone_params(p0), clone_params(p0)
+    kw = dict(lr=1e-2, weight_decay=0.1, amsgrad=True, total_steps=8)
+    a = AdamW(ours[:4], backend="cpu", **kw)
+    a.add_param_group({"params": ours[4:], "lr": 3e-3, "amsgrad": False})
+    b = AdamW(lists[:4], backend="cpu", **kw)
+    b.add_param_group({"params": lists[4:], "lr": 3e-3, "amsgrad": False})
+    layouts = set()
+    for k in range(6):
+        for x, y, g in zip(ours, lists, grads_for(k, [tuple(q.shape) for q in p0])):
+            x.grad, y.grad = g, g.clone()
+        a.step()
+        b.step()
+        b._layout.plan = None  # b hands the op its lists every step
+        layouts.add(id(a._layout))
+    assert a._layout.plan is not None and len(layouts) == 1
+    for x, y in zip(ours, lists):
+        assert torch.equal(x, y)
+        for key in a.state[x]:
+            assert torch.equal(a.state[x][key], b.state[y][key]), key
+    assert int(a.step_count) == int(b.step_count) == 6
+
+
 def test_a_bad_gradient_after_good_steps_raises_and_writes_nothing(backend):
     p = make_params()
     opt = AdamW(p, backend=backend)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cache
+from typing import Any
 
 import torch
 
@@ -45,6 +46,9 @@ class Backend:
     dtypes: tuple[torch.dtype, ...] | None = None  # None: any dtype
     any_layout: bool = False  # False: parameters must fill one block of memory (the fused kernels)
     device_note: str = ""  # added to the "runs on ..." refusal
+    # a step kept across steps for a fixed set of tensors (DeviceWork -> object with
+    # .step(DeviceWork) -> bool), where the backend has one
+    plan: Callable[[DeviceWork], Any] | None = None
 
     def unsupported(self, device: torch.device, dtypes: Iterable[torch.dtype], dense: bool = True) -> str | None:
         if self.device_type is not None and device.type != self.device_type:
@@ -77,7 +81,8 @@ def _load(name: str) -> Backend | str:
         key = name.upper()
         if not cpp_backend.has_kernel(key):
             return f"d2z_optim._C was built without a {key} kernel (a CPU-only build; see README: building for CUDA)"
-        return Backend(name, cpp_backend.step, name, cpp_backend.DTYPES)
+        plan = cpp_backend.CpuPlan if name == "cpu" else None
+        return Backend(name, cpp_backend.step, name, cpp_backend.DTYPES, plan=plan)
     if name == "triton":  # imported here, on first use: a CPU install never needs Triton
         try:
             from ..triton_kernels import adamw
