@@ -6,12 +6,13 @@
 
 Every competitor steps its own copy of the same parameters on the same gradients,
 and the competitors of a workload are timed *interleaved* (one step each, round
-after round), so a slow phase of a noisy machine hits all of them alike. Torch
-runs the same schedule as d2z (linear-d2z) through ``LambdaLR`` on the host.
-Reported: median step time with the 20%/80% quantiles after warm-up (CUDA events
-on GPU), effective bandwidth under the bytes-per-parameter model (read p, g, m,
-v; write p, m, v: 28 B for fp32, 14 B for bf16), that bandwidth as a fraction of
-the device's streaming bandwidth measured in the same run, the speedup over
+after round, in a new random order each round), so a slow phase of a noisy machine
+hits all of them alike. Torch runs the same schedule as d2z (linear-d2z) through
+``LambdaLR`` on the host. Reported: median step time with the 20%/80% quantiles
+after warm-up (CUDA events on GPU), effective bandwidth under the bytes-per-parameter
+model (read p, g, m, v; write p, m, v: 28 B for fp32, 14 B for bf16), the step's
+time as a fraction of the memory roofline's (an in-place add moving the same bytes,
+interleaved with the competitors as one of them), the speedup over
 ``torch fused + LambdaLR`` (paired: the median over rounds of the two step times'
 ratio in the same round, so a burst of machine noise cannot favour one side), host
 syncs per step (aten host reads recorded on CPU; CUDA sync debug mode on GPU) and
@@ -26,9 +27,12 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
+import functools
 import gc
+import itertools
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -45,6 +49,10 @@ from d2z_optim import AdamW, schedules
 RESULTS = Path(__file__).resolve().parent / "results"
 TOTAL_STEPS = 1000
 BASELINE = "torch fused + LambdaLR"
+SCHEDULE_ROW = "d2z auto, constant schedule"
+SKIP_ROW = "d2z auto + skip_nonfinite"
+STREAM_ROW = "memory roofline: add_ of the same bytes"
+PAIR_SECONDS, PAIR_ROUNDS = 10.0, (30, 400)  # paired-cost rounds: ~10 s per workload, 30 to 400
 HOST_READS = {"_local_scalar_dense", "item", "is_nonzero", "equal"}
 
 
@@ -169,8 +177,8 @@ def competitors(device: torch.device, with_compile: bool) -> tuple[dict, dict]:
         else:
             skipped[f"d2z {name}"] = why or f"runs on {'CUDA devices' if name != 'cpu' else 'the CPU'}"
     # what the schedule itself costs: the same step with a constant table
-    out["d2z auto, constant schedule"] = lambda p: AdamW(p, schedule="constant", total_steps=TOTAL_STEPS).step
-    out["d2z auto + skip_nonfinite"] = lambda p: AdamW(p, total_steps=TOTAL_STEPS, skip_nonfinite=True).step
+    out[SCHEDULE_ROW] = lambda p: AdamW(p, schedule="constant", total_steps=TOTAL_STEPS).step
+    out[SKIP_ROW] = lambda p: AdamW(p, total_steps=TOTAL_STEPS, skip_nonfinite=True).step
 
     def with_lambdalr(**kw):
         def make(p):
@@ -291,7 +299,12 @@ def progress(n: int, total: int, text: str) -> None:
     print(f"\r[{bar:<24}] {n}/{total} {text}"[:100].ljust(100), end="", file=sys.stderr, flush=True)
 
 
-def bench_workload(wname, shapes, dtype, device, comps, reps, warmup, extra):
+def paired(num: list[float], den: list[float]) -> float:
+    """Median over rounds of num/den in the same round (a burst of noise hits one round)."""
+    return statistics.median(a / b for a, b in zip(num, den))
+
+
+def bench_workload(wname, shapes, dtype, device, comps, reps, warmup, extra, pairs, costs, pair_rounds):
     gen = torch.Generator().manual_seed(0)
     init = [torch.randn(s, generator=gen).to(device, dtype) for s in shapes]
     grads = [(torch.randn(s, generator=gen) * 1e-2).to(device, dtype) for s in shapes]
@@ -304,6 +317,11 @@ def bench_workload(wname, shapes, dtype, device, comps, reps, warmup, extra):
             steps[cname] = (make(params), params)
         except Exception as e:  # a competitor that cannot take this workload
             extra[f"{cname} @ {wname}"] = f"{type(e).__name__}: {str(e)[:80]}"
+    # the memory roofline, interleaved like a competitor (a shared VM's bandwidth moves during a
+    # run): an in-place add moving the step's bytes (3 accesses of 4 B per element)
+    numel = sum(t.numel() for t in init)
+    src = torch.empty(max(1, numel * bytes_per_param(dtype) // 12), device=device).uniform_()
+    steps[STREAM_ROW] = (functools.partial(torch.Tensor.add_, torch.zeros_like(src), src), [])
     for _ in range(warmup):
         for step, _ in steps.values():
             step()
@@ -311,11 +329,14 @@ def bench_workload(wname, shapes, dtype, device, comps, reps, warmup, extra):
     syncs = {c: host_syncs(s, device) for c, (s, _) in steps.items()}
     launches = {c: kernel_launches(s, device) for c, (s, _) in steps.items()}
     times: dict[str, list[float]] = {c: [] for c in steps}
-    for _ in range(reps):  # interleaved: one step of each competitor per round
-        for c, (s, _) in steps.items():
-            times[c].append(timed(s, device))
-    numel = sum(t.numel() for t in init)
+    order = list(steps)
+    shuffle = random.Random(0).shuffle
+    for _ in range(reps):  # interleaved: one step of each competitor per round, in a new order
+        shuffle(order)  # (a fixed order measured the step after a slow one as slower)
+        for c in order:
+            times[c].append(timed(steps[c][0], device))
     base = times.get(BASELINE)
+    stream_med = statistics.median(times[STREAM_ROW])
     for c, ts in times.items():
         med = statistics.median(ts)
         q = statistics.quantiles(ts, n=5) if len(ts) > 1 else [med] * 4
@@ -329,14 +350,30 @@ def bench_workload(wname, shapes, dtype, device, comps, reps, warmup, extra):
                 p20_ms=q[0] * 1e3,
                 p80_ms=q[3] * 1e3,
                 gb_s=gbs,
+                frac_of_stream=stream_med / med,
                 # paired: the baseline's time over this competitor's in the same round, median over
                 # rounds (a burst of machine noise slows one round, not one competitor's median)
-                speedup_vs_torch_fused=statistics.median(b / t for b, t in zip(base, ts)) if base else float("nan"),
+                speedup_vs_torch_fused=paired(base, ts) if base else float("nan"),
                 host_syncs=syncs[c],
                 launches=launches[c],
             )
         )
-    del steps, init, grads
+    # paired costs, from more rounds of just the rows they compare (a few percent is below the
+    # noise of 15 rounds on a shared VM)
+    members = sorted({c for pair in pairs.values() for c in pair if c in steps})
+    more: dict[str, list[float]] = {c: [] for c in members}
+    start = time.perf_counter()
+    while len(members) > 1 and len(more[members[0]]) < PAIR_ROUNDS[1]:
+        if len(more[members[0]]) >= PAIR_ROUNDS[0] and time.perf_counter() - start > PAIR_SECONDS:
+            break
+        shuffle(members)
+        for c in members:
+            more[c].append(timed(steps[c][0], device))
+    pair_rounds[wname, str(dtype)] = len(more[members[0]]) if members else 0
+    for label, (num, den) in pairs.items():
+        if num in more and den in more:
+            costs.append((wname, str(dtype).replace("torch.", ""), label, paired(more[num], more[den]) - 1))
+    del steps, init, grads, src
     gc.collect()
     return rows
 
@@ -358,11 +395,15 @@ def main() -> None:
         f"d2z_optim {d2z_optim.__version__}, median of {reps} interleaved steps after 2 warm-up steps"
     )
     copy_gbs, add_gbs = stream_bandwidth(device, 512 << 20 if args.full else 256 << 20, reps)
-    ref_gbs = max(copy_gbs, add_gbs)
     print(f"same run: copy_ {copy_gbs:.1f} GB/s (read+write), add_ {add_gbs:.1f} GB/s (2 reads + write)")
     print("bytes per parameter per step: read p, g, m, v + write p, m, v = 7 x element size\n")
 
     comps, skipped = competitors(device, args.compile)
+    auto = f"d2z {AdamW([torch.zeros(1, device=device, requires_grad=True)]).backend_name}"
+    # what the schedule and skip_nonfinite cost: (numerator, denominator) rows, paired by round
+    pairs = {"linear-d2z vs constant": (auto, SCHEDULE_ROW), "skip_nonfinite": (SKIP_ROW, auto)}
+    costs: list[tuple[str, str, str, float]] = []
+    pair_rounds: dict[tuple[str, str], int] = {}
     if device.type == "cuda":
         comps.update(graph_rows(None, device))
     loads = workloads(args.full, device)
@@ -370,15 +411,12 @@ def main() -> None:
     rows: list[dict] = []
     for n, (wname, dtype) in enumerate(todo):
         progress(n, len(todo), f"{wname} {dtype}")
-        rows += bench_workload(wname, loads[wname], dtype, device, comps, reps, 2, skipped)
+        rows += bench_workload(wname, loads[wname], dtype, device, comps, reps, 2, skipped, pairs, costs, pair_rounds)
     progress(len(todo), len(todo), "done")
     print(file=sys.stderr)
 
-    for r in rows:
-        r["frac_of_stream"] = r["gb_s"] / ref_gbs
-    head = (
-        "| workload | dtype | competitor | median ms (p20-p80) | GB/s | of stream | vs torch fused | syncs | launches |"
-    )
+    head = "| workload | dtype | competitor | median ms (p20-p80) | GB/s | of roofline | vs torch fused | syncs "
+    head += "| launches |"
     lines = [head, "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         launches = "-" if r["launches"] is None else r["launches"]
@@ -387,6 +425,23 @@ def main() -> None:
             f"({r['p20_ms']:.2f}-{r['p80_ms']:.2f}) | {r['gb_s']:.1f} | {r['frac_of_stream']:.0%} "
             f"| {r['speedup_vs_torch_fused']:.2f}x | {r['host_syncs']} | {launches} |"
         )
+    if costs:
+        lines += [
+            "",
+            f"Paired costs against `{auto}`: the median over more rounds of just these rows (about "
+            f"{PAIR_SECONDS:.0f} s, {PAIR_ROUNDS[0]} to {PAIR_ROUNDS[1]} rounds per workload) of the two steps' "
+            "time ratio in the same round, minus 1: linear-d2z over a constant table, and skip_nonfinite's "
+            "check. Two identical optimizers differ by up to about 1% this way (their memory differs).",
+            "",
+            "| workload | dtype | rounds | " + " | ".join(pairs) + " |",
+            "|---|---|---|" + "---|" * len(pairs),
+        ]
+        for (w, d), cs in itertools.groupby(costs, key=lambda c: c[:2]):
+            by_label = {c[2]: c[3] for c in cs}
+            n = pair_rounds.get((w, f"torch.{d}"), 0)
+            lines.append(
+                f"| {w} | {d} | {n} | " + " | ".join(f"{by_label.get(k, float('nan')):+.1%}" for k in pairs) + " |"
+            )
     lines += ["", "Skipped:"] + [f"- {k}: {v}" for k, v in skipped.items()]
     table = "\n".join(lines)
     print(table)
@@ -402,11 +457,12 @@ def main() -> None:
     header = (
         f"# Throughput, {device.type} ({device_name(device)}), {threads} threads, {stamp}\n\n"
         f"torch {torch.__version__}, d2z_optim {d2z_optim.__version__}, python {platform.python_version()}, "
-        f"{os.cpu_count()} CPUs. Median of {reps} interleaved steps after 2 warm-up steps. Stream bandwidth "
-        f"in the same run (best of {max(reps, 10)}): copy_ {copy_gbs:.1f} GB/s, in-place add_ {add_gbs:.1f} GB/s "
-        "(bytes as counted); "
-        f"'of stream' is GB/s over the larger. Bytes per parameter: 7 x element size. 'vs torch fused': "
-        f"median over rounds of the ratio of the two steps' times in the same round.\n"
+        f"{os.cpu_count()} CPUs. Median of {reps} interleaved steps (one of each competitor per round, in "
+        "a new random order each round) after 2 warm-up steps. Bytes per parameter: 7 x element size. "
+        "'of roofline': the roofline row's median time over the row's (the roofline: an in-place add_ "
+        "moving the step's bytes, timed in the same rounds). Peak stream bandwidth at the start (best of "
+        f"{max(reps, 10)}): copy_ {copy_gbs:.1f} GB/s, in-place add_ {add_gbs:.1f} GB/s (bytes as counted). "
+        "'vs torch fused': median over rounds of the ratio of the two steps' times in the same round.\n"
         f"Command: `{cmd}`\n\n"
     )
     (folder / f"{tag}.md").write_text(header + table + "\n")

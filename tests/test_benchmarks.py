@@ -18,9 +18,18 @@ def test_every_cpu_competitor_steps_and_the_table_fields_hold():
     assert bench_throughput.BASELINE in comps and "d2z cpu" in comps
     assert all(isinstance(why, str) and why for why in skipped.values())
     extra: dict[str, str] = {}
-    rows = bench_throughput.bench_workload("tiny", [(33, 7), (5,), (0,)], torch.float32, cpu, comps, 3, 1, extra)
+    pairs = {"schedule": ("d2z cpu", bench_throughput.SCHEDULE_ROW), "same": ("d2z cpu", "d2z cpu")}
+    costs: list = []
+    shapes = [(33, 7), (5,), (0,)]
+    rounds: dict = {}
+    rows = bench_throughput.bench_workload("tiny", shapes, torch.float32, cpu, comps, 3, 1, extra, pairs, costs, rounds)
     assert not extra, extra  # no competitor failed on the workload
-    assert {r["competitor"] for r in rows} == set(comps)
+    assert [c[:3] for c in costs] == [("tiny", "float32", "schedule"), ("tiny", "float32", "same")]
+    assert costs[1][3] == 0.0  # a row paired with itself costs nothing
+    assert bench_throughput.PAIR_ROUNDS[0] <= rounds["tiny", "torch.float32"] <= bench_throughput.PAIR_ROUNDS[1]
+    assert {r["competitor"] for r in rows} == set(comps) | {bench_throughput.STREAM_ROW}
+    roofline = next(r for r in rows if r["competitor"] == bench_throughput.STREAM_ROW)
+    assert roofline["frac_of_stream"] == 1.0
     base = next(r for r in rows if r["competitor"] == bench_throughput.BASELINE)
     assert base["speedup_vs_torch_fused"] == 1.0
     for r in rows:
