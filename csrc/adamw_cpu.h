@@ -65,6 +65,9 @@ struct CpuStepScalars {
 // The update of every item, then each tensor's step (*step = t). `ts` is indexed by Item::tensor.
 void cpu_update(const std::vector<CpuTensor>& ts, const CpuItems& items, const CpuStepScalars& s);
 
+// True when some gradient element is a NaN or an Inf (every element read; both threads).
+bool cpu_any_nonfinite(const std::vector<CpuTensor>& ts, const CpuItems& items);
+
 // Reads lr_table[step_count], wd_table[step_count] and grad_scale; false when found_inf is
 // nonzero (AMP: the step is skipped). Call after every check.
 bool cpu_step_scalars(const at::Tensor& step_count, const at::Tensor& lr_table, const at::Tensor& wd_table,

@@ -6,7 +6,14 @@
 // each step then hands over only the schedule tensors, and the gradients are read here from the
 // parameters (param.grad()). Every check of the op still runs each step, on the tensors as they
 // are now (a `.data =` swap, a resized state), before anything is written.
+//
+// Parameters are held as their Python objects, as the optimizer's param_groups hold them, and
+// each step reads the tensor each object has now: a reference to the tensor itself would make
+// torch.utils.swap_tensors refuse it (Module.to / load_state_dict with
+// swap_module_params_on_conversion swap a new tensor into the same Python object). A step holds
+// the gradients it reads while it runs (the GIL is released then: another thread may drop one).
 #include <ATen/Parallel.h>
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/custom_class.h>
 
 #include <atomic>
@@ -18,22 +25,23 @@ namespace d2z {
 namespace {
 
 constexpr int64_t kGatherGrain = 1024;  // parameters per thread at least
+constexpr int64_t kSkippedNonfinite = -1;
 
 struct CpuPlan : torch::CustomClassHolder {
-  std::vector<at::Tensor> params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps;
+  std::vector<PyObject*> params;  // the parameters' Python objects (owned references)
+  std::vector<at::Tensor> exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps;
   std::vector<int64_t> group_index, numel;
   CpuItems items;             // from the sizes at construction
   std::vector<CpuTensor> ts;  // this step's pointers
 
   CpuPlan(std::vector<at::Tensor> params_, std::vector<at::Tensor> exp_avgs_, std::vector<at::Tensor> exp_avg_sqs_,
           std::vector<at::Tensor> max_exp_avg_sqs_, std::vector<at::Tensor> steps_, std::vector<int64_t> group_index_)
-      : params(std::move(params_)),
-        exp_avgs(std::move(exp_avgs_)),
+      : exp_avgs(std::move(exp_avgs_)),
         exp_avg_sqs(std::move(exp_avg_sqs_)),
         max_exp_avg_sqs(std::move(max_exp_avg_sqs_)),
         steps(std::move(steps_)),
         group_index(std::move(group_index_)) {
-    const size_t n = params.size();
+    const size_t n = params_.size();
     for (const auto& [len, name] : {std::pair{exp_avgs.size(), "exp_avgs"},
                                     {exp_avg_sqs.size(), "exp_avg_sqs"},
                                     {steps.size(), "steps"},
@@ -43,45 +51,62 @@ struct CpuPlan : torch::CustomClassHolder {
     TORCH_CHECK(max_exp_avg_sqs.empty() || max_exp_avg_sqs.size() == n, "d2z.CpuPlan: max_exp_avg_sqs has ",
                 max_exp_avg_sqs.size(), " entries: it must be empty or as long as params (", n, ")");
     ts.resize(n);
+    pybind11::gil_scoped_acquire gil;
     for (size_t k = 0; k < n; ++k) {
-      numel.push_back(params[k].numel());
+      PyObject* obj = params_[k].unsafeGetTensorImpl()->pyobj_slot()->load_pyobj();
+      TORCH_CHECK(obj != nullptr, "d2z.CpuPlan: params[", k, "] has no Python object");
+      Py_INCREF(obj);
+      params.push_back(obj);
+      numel.push_back(params_[k].numel());
       items.add(static_cast<int32_t>(k), numel.back());
     }
   }
 
-  // Software pipelining of the header reads: the tensor headers kDist * 2 parameters ahead,
-  // their storage and autograd-meta headers kDist ahead, the gradient's header kDist / 2 ahead.
+  ~CpuPlan() override {
+    if (!Py_IsInitialized()) return;  // the interpreter is gone: nothing left to release
+    pybind11::gil_scoped_acquire gil;
+    for (PyObject* obj : params) Py_DECREF(obj);
+  }
+
+  // The tensor parameter k's Python object holds now.
+  const at::Tensor& param(size_t k) const { return THPVariable_Unpack(params[k]); }
+
+  // Software pipelining of the header reads: the parameter's Python object kDist * 3 ahead, the
+  // tensor headers kDist * 2 ahead, their storage and autograd-meta headers kDist ahead, the
+  // gradient's header kDist / 2 ahead.
   static constexpr int64_t kDist = 8;
   static void prefetch_lines(const void* p, int lines) {
     for (int i = 0; i < lines; ++i) __builtin_prefetch(static_cast<const char*>(p) + 64 * i, 0, 3);
   }
   void prefetch_headers(int64_t k, int64_t end) const {
+    if (k + 3 * kDist < end) prefetch_lines(params[k + 3 * kDist], 1);  // the Python object
     if (k + 2 * kDist < end) {
       const int64_t j = k + 2 * kDist;
-      for (const auto* list : {&params, &exp_avgs, &exp_avg_sqs, &steps}) {
-        prefetch_lines((*list)[j].unsafeGetTensorImpl(), 4);
-      }
+      prefetch_lines(param(j).unsafeGetTensorImpl(), 4);
+      for (const auto* list : {&exp_avgs, &exp_avg_sqs, &steps}) prefetch_lines((*list)[j].unsafeGetTensorImpl(), 4);
     }
     if (k + kDist < end) {
       const int64_t j = k + kDist;
-      for (const auto* list : {&params, &exp_avgs, &exp_avg_sqs, &steps}) {
+      const c10::TensorImpl* p = param(j).unsafeGetTensorImpl();
+      prefetch_lines(p->unsafe_storage().unsafeGetStorageImpl(), 2);
+      prefetch_lines(p->autograd_meta(), 2);
+      for (const auto* list : {&exp_avgs, &exp_avg_sqs, &steps}) {
         prefetch_lines((*list)[j].unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl(), 2);
       }
-      prefetch_lines(params[j].unsafeGetTensorImpl()->autograd_meta(), 2);
     }
     if (k + kDist / 2 < end) {
-      const int64_t j = k + kDist / 2;
-      const c10::AutogradMetaInterface* meta = params[j].unsafeGetTensorImpl()->autograd_meta();
+      const c10::AutogradMetaInterface* meta = param(k + kDist / 2).unsafeGetTensorImpl()->autograd_meta();
       if (meta != nullptr && meta->grad().defined()) prefetch_lines(meta->grad().unsafeGetTensorImpl(), 4);
     }
   }
 
   // One step of every parameter (the op's semantics). Returns 0 when applied (or skipped by a
-  // nonzero found_inf), or k + 1 when parameter k has no gradient or changed size since the plan
-  // was built: nothing is written then, and the caller steps through the op and builds a new
-  // plan. A bad tensor raises the op's error, also before anything is written.
+  // nonzero found_inf); kSkippedNonfinite when skip_nonfinite found a NaN or an Inf in a
+  // gradient (a no-op, as for found_inf); or k + 1 when parameter k has no gradient or changed
+  // size since the plan was built: nothing is written then, and the caller steps through the op
+  // and builds a new plan. A bad tensor raises the op's error, also before anything is written.
   int64_t step(at::Tensor step_count, at::Tensor lr_table, at::Tensor wd_table, at::Tensor hparams, bool independent_wd,
-               std::optional<at::Tensor> grad_scale, std::optional<at::Tensor> found_inf) {
+               std::optional<at::Tensor> grad_scale, std::optional<at::Tensor> found_inf, bool skip_nonfinite) {
     const at::Device dev =
         check_call_tensors(step_count, lr_table, wd_table, hparams, grad_scale, found_inf, c10::DeviceType::CPU);
     const int64_t groups = hparams.size(0);
@@ -90,11 +115,15 @@ struct CpuPlan : torch::CustomClassHolder {
     // TLB misses for thousands of small tensors: both threads take a share.
     std::atomic<int64_t> missing{INT64_MAX};
     const int64_t n = static_cast<int64_t>(params.size());
+    // This step's gradients, held until the update is done. (Parameters are not copied: the
+    // plan's Python objects hold them, and a copy of a tensor whose only reference is its
+    // Python object takes the GIL to keep that object alive.)
+    std::vector<at::Tensor> grads(n);
     at::parallel_for(0, n, kGatherGrain, [&](int64_t k0, int64_t k1) {
       for (int64_t k = k0; k < k1; ++k) {
         prefetch_headers(k, k1);
-        const at::Tensor& p = params[k];
-        const at::Tensor& g = p.grad();
+        const at::Tensor& p = param(k);
+        const at::Tensor& g = grads[k] = p.grad();
         if (!g.defined() || p.numel() != numel[k]) {
           int64_t cur = missing.load();
           while (k < cur && !missing.compare_exchange_weak(cur, k)) {
@@ -112,6 +141,7 @@ struct CpuPlan : torch::CustomClassHolder {
     // ---- nothing is written above this line ----
     CpuStepScalars sc;
     if (!cpu_step_scalars(step_count, lr_table, wd_table, independent_wd, grad_scale, found_inf, &sc)) return 0;
+    if (skip_nonfinite && cpu_any_nonfinite(ts, items)) return kSkippedNonfinite;
     cpu_update(ts, items, sc);
     step_count.data_ptr<int64_t>()[0] += 1;
     return 0;

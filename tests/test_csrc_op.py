@@ -25,7 +25,7 @@ def plan_step(params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, step_count, 
     for p, g in zip(params, grads):
         p.grad = g
     plan = torch.classes.d2z.CpuPlan(params, exp_avgs, exp_avg_sqs, max_sqs, steps, rest[0])
-    assert plan.step(step_count, lr_table, wd_table, hp, *rest[1:]) == 0
+    assert plan.step(step_count, lr_table, wd_table, hp, *rest[1:], False) == 0
 
 
 OPS = {
@@ -483,7 +483,7 @@ BAD = _bad_cases()
 
 
 # the plan reads gradients from .grad, whose setter already refuses these, and takes its lists once
-NOT_FOR_PLAN = {"grad dtype", "grad shape", "sparse grad", "non-contiguous grad", "param dtype float64"}
+NOT_FOR_PLAN = {"grad dtype", "grad shape", "param dtype float64"}
 
 
 @pytest.mark.parametrize(
@@ -522,8 +522,8 @@ def _plan(case):
     )
 
 
-def _plan_step(plan, case):
-    return plan.step(*case.args()[6:10], *case.args()[11:])
+def _plan_step(plan, case, skip_nonfinite=False):
+    return plan.step(*case.args()[6:10], *case.args()[11:], skip_nonfinite)
 
 
 def test_plan_reads_new_gradients_and_swapped_tensors_each_step():
@@ -580,3 +580,32 @@ def test_plan_raises_the_ops_errors_and_writes_nothing():
         assert x.dtype != y.dtype or torch.equal(x, y)
     with pytest.raises(RuntimeError, match=r"d2z\.CpuPlan: exp_avgs has 1 entries but params has 2"):
         torch.classes.d2z.CpuPlan(case.params, case.exp_avgs[:1], case.exp_avg_sqs, [], case.steps, [0, 0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_plan_skip_nonfinite_finds_every_nan_and_inf_and_nothing_else(dtype):
+    """skip_nonfinite: a NaN or an Inf anywhere in any gradient makes the step a no-op (returns
+    -1, nothing written); the largest finite values, subnormals and -0.0 do not."""
+    big = torch.finfo(dtype).max
+    tiny = torch.finfo(dtype).smallest_normal / 4  # a subnormal
+    case = Case([1023, 5, 70000], dtypes=(dtype,), groups=("plain", "amsgrad"))
+    case.grads[2][-1] = big
+    case.grads[2][0] = -big
+    case.grads[1][1] = tiny
+    case.grads[0][3] = -0.0
+    plan = _plan(case)
+    ref = case.clone()
+    assert _plan_step(plan, case, skip_nonfinite=True) == 0  # all finite: the step is applied
+    ref.run("cpu")
+    assert_same_state(case, ref, exact=True)
+    for k, i in ((0, 0), (1, 4), (2, 65536), (2, 69999)):  # first, last, across a chunk boundary
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            g = case.grads[k]
+            keep = g[i].clone()
+            g[i] = bad
+            before = case.state()
+            assert _plan_step(plan, case, skip_nonfinite=True) == -1, (k, i, bad)
+            for x, y in zip(case.state(), before):
+                assert torch.equal(x.nan_to_num(), y.nan_to_num())
+            g[i] = keep
+    assert _plan_step(plan, case, skip_nonfinite=False) == 0

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from d2z_optim import AdamW, schedules
+from d2z_optim.backends import cpp_backend
 
 from .conftest import BACKENDS, SHAPES, Fp64AdamW, clone_params, grads_for, make_params, run
 
@@ -333,31 +334,66 @@ def test_the_cached_step_layout_follows_every_change(backend):
     assert not torch.equal(ours[1], start) and len(a.state[ours[1]]) > 0  # the new one is stepped
 
 
-def test_steady_state_cpu_steps_go_through_one_plan_bitwise_equal_to_the_op():
+@pytest.mark.parametrize("skip_nonfinite", [False, True])
+def test_steady_state_cpu_steps_go_through_one_plan_bitwise_equal_to_the_op(skip_nonfinite, monkeypatch):
     """The cpu backend hands its lists to a C++ plan once (torch.classes.d2z.CpuPlan) and then
     steps with the schedule tensors only, reading gradients in C++: same kernel, same bits as
-    handing the op every list each step. New gradient tensors each step keep the same plan."""
+    handing the op every list each step. New gradient tensors each step keep the same plan.
+    With skip_nonfinite the plan scans the gradients in C++ (the lists path: a norm per tensor);
+    a NaN at step 3 is skipped by both."""
     p0 = make_params()
     ours, lists = clone_params(p0), clone_params(p0)
-    kw = dict(lr=1e-2, weight_decay=0.1, amsgrad=True, total_steps=8)
+    kw = dict(lr=1e-2, weight_decay=0.1, amsgrad=True, total_steps=8, skip_nonfinite=skip_nonfinite)
     a = AdamW(ours[:4], backend="cpu", **kw)
     a.add_param_group({"params": ours[4:], "lr": 3e-3, "amsgrad": False})
     b = AdamW(lists[:4], backend="cpu", **kw)
     b.add_param_group({"params": lists[4:], "lr": 3e-3, "amsgrad": False})
-    layouts = set()
+    layouts, plan_steps = set(), []
+    real_step = cpp_backend.CpuPlan.step
+    monkeypatch.setattr(cpp_backend.CpuPlan, "step", lambda plan, *a: plan_steps.append(plan) or real_step(plan, *a))
     for k in range(6):
-        for x, y, g in zip(ours, lists, grads_for(k, [tuple(q.shape) for q in p0])):
+        gs = grads_for(k, [tuple(q.shape) for q in p0])
+        if k == 3 and skip_nonfinite:
+            gs[0][0, 1] = float("nan")
+        for x, y, g in zip(ours, lists, gs):
             x.grad, y.grad = g, g.clone()
         a.step()
         b.step()
         b._layout.plan = None  # b hands the op its lists every step
         layouts.add(id(a._layout))
     assert a._layout.plan is not None and len(layouts) == 1
+    assert plan_steps == [a._layout.plan] * 5  # a's steps after the first; never b's
     for x, y in zip(ours, lists):
         assert torch.equal(x, y)
         for key in a.state[x]:
             assert torch.equal(a.state[x][key], b.state[y][key]), key
-    assert int(a.step_count) == int(b.step_count) == 6
+    skipped = 1 if skip_nonfinite else 0
+    assert int(a.step_count) == int(b.step_count) == 6 - skipped
+    assert int(a.skipped_steps) == int(b.skipped_steps) == skipped
+
+
+def test_swap_tensors_on_parameters_works_with_a_stepped_optimizer(backend):
+    """torch.utils.swap_tensors (Module.to / load_state_dict with swap_module_params_on_conversion)
+    keeps a parameter's Python object and gives it another tensor: allowed after steps (the cpu
+    backend's plan holds parameters weakly), and the next steps update the new tensor, like torch."""
+    p0 = make_params()
+    ours, ref = clone_params(p0), clone_params(p0)
+    a = AdamW(ours, lr=1e-2, weight_decay=0.1, backend=backend)
+    b = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1, foreach=True)
+    shapes = [tuple(q.shape) for q in p0]
+    for k in range(6):
+        if k == 3:
+            for x, y in zip(ours, ref):  # new tensors with the same values, swapped in
+                fresh_x, fresh_y = torch.nn.Parameter(x.detach() * 1.5), torch.nn.Parameter(y.detach() * 1.5)
+                x.grad = y.grad = None
+                torch.utils.swap_tensors(x, fresh_x)
+                torch.utils.swap_tensors(y, fresh_y)
+        for x, y, g in zip(ours, ref, grads_for(k, shapes)):
+            x.grad, y.grad = g, g.clone()
+        a.step()
+        b.step()
+    for x, y in zip(ours, ref):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
 
 
 def test_a_bad_gradient_after_good_steps_raises_and_writes_nothing(backend):

@@ -46,8 +46,8 @@ class Backend:
     dtypes: tuple[torch.dtype, ...] | None = None  # None: any dtype
     any_layout: bool = False  # False: parameters must fill one block of memory (the fused kernels)
     device_note: str = ""  # added to the "runs on ..." refusal
-    # a step kept across steps for a fixed set of tensors (DeviceWork -> object with
-    # .step(DeviceWork) -> bool), where the backend has one
+    # a step kept across steps for a fixed set of tensors, where the backend has one:
+    # DeviceWork -> an object like cpp_backend.CpuPlan
     plan: Callable[[DeviceWork], Any] | None = None
 
     def unsupported(self, device: torch.device, dtypes: Iterable[torch.dtype], dense: bool = True) -> str | None:
