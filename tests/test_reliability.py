@@ -103,6 +103,20 @@ def test_skip_nonfinite_makes_the_step_a_no_op_without_sync(backend, bad):
     assert int(opt.step_count) == 2 and not torch.equal(p[0], before[0][0])
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_skip_nonfinite_takes_large_finite_half_gradients(backend, dtype):
+    """A half-precision gradient whose norm would overflow in its own dtype (1000 x 10,000
+    elements: norm 1e5 > 65504) is finite: the step runs (the check works in float32 or on the
+    bits), on the first step (lists) and the next ones (the cpu backend's plan)."""
+    p = [torch.nn.Parameter(torch.zeros(10_000, dtype=dtype))]
+    opt = AdamW(p, lr=1e-3, skip_nonfinite=True, backend=backend)
+    for _ in range(3):
+        p[0].grad = torch.full((10_000,), 1000.0, dtype=dtype)
+        opt.step()
+    assert int(opt.step_count) == 3 and int(opt.skipped_steps) == 0
+    assert torch.all(p[0] < 0)
+
+
 def test_skip_nonfinite_off_by_default_and_finite_steps_are_unchanged(backend):
     p0 = make_params()
     a, b = clone_params(p0), clone_params(p0)
