@@ -200,14 +200,15 @@ void cpu_update(const std::vector<CpuTensor>& ts, const CpuItems& work, const Cp
 
 namespace {
 // An element is a NaN or an Inf when its exponent bits are all ones: with the sign masked off,
-// its bits as a signed integer are >= the bits of +Inf. Integer compares OR-reduce in vector
-// registers on any x86-64 (a float sum of x * 0 would not vectorise without -ffast-math).
+// its bits as a signed integer are >= the bits of +Inf. An OR of all-ones/zero masks vectorises
+// on any x86-64 (SSE2 pand/pcmpgt/por; a bool |= did not, nor would a float sum of x * 0
+// without -ffast-math).
 template <typename Bits, Bits kMask, Bits kInf>
 bool nonfinite_bits(const void* data, int64_t b, int64_t e) {
   const Bits* x = static_cast<const Bits*>(data);
-  bool any = false;
-  for (int64_t i = b; i < e; ++i) any |= static_cast<Bits>(x[i] & kMask) >= kInf;
-  return any;
+  Bits acc = 0;
+  for (int64_t i = b; i < e; ++i) acc |= (static_cast<Bits>(x[i] & kMask) >= kInf) ? Bits(-1) : Bits(0);
+  return acc != 0;
 }
 }  // namespace
 
