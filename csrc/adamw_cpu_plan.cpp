@@ -51,15 +51,15 @@ struct CpuPlan : torch::CustomClassHolder {
     TORCH_CHECK(max_exp_avg_sqs.empty() || max_exp_avg_sqs.size() == n, "d2z.CpuPlan: max_exp_avg_sqs has ",
                 max_exp_avg_sqs.size(), " entries: it must be empty or as long as params (", n, ")");
     ts.resize(n);
-    pybind11::gil_scoped_acquire gil;
     for (size_t k = 0; k < n; ++k) {
       PyObject* obj = params_[k].unsafeGetTensorImpl()->pyobj_slot()->load_pyobj();
       TORCH_CHECK(obj != nullptr, "d2z.CpuPlan: params[", k, "] has no Python object");
-      Py_INCREF(obj);
       params.push_back(obj);
       numel.push_back(params_[k].numel());
       items.add(static_cast<int32_t>(k), numel.back());
     }
+    pybind11::gil_scoped_acquire gil;  // every check passed: now own the references
+    for (PyObject* obj : params) Py_INCREF(obj);
   }
 
   ~CpuPlan() override {

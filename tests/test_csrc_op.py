@@ -8,8 +8,10 @@ input (an error naming the argument, nothing written).
 
 from __future__ import annotations
 
+import gc
 import math
 import random
+import weakref
 
 import d2z_optim._C  # noqa: F401  (registers torch.ops.d2z)
 import pytest
@@ -609,3 +611,20 @@ def test_plan_skip_nonfinite_finds_every_nan_and_inf_and_nothing_else(dtype):
                 assert torch.equal(x.nan_to_num(), y.nan_to_num())
             g[i] = keep
     assert _plan_step(plan, case, skip_nonfinite=False) == 0
+
+
+def test_plan_owns_its_parameters_python_objects_and_releases_them():
+    """The plan keeps each parameter's Python object alive (it reads the tensor the object holds
+    at each step) and lets go of it when the plan is dropped."""
+    case = Case([5])
+    plan = _plan(case)
+    alive = weakref.ref(case.params[0])
+    case.params[0].grad = case.grads[0]
+    params, case.params = case.params, None
+    del params
+    gc.collect()
+    assert alive() is not None
+    assert plan.step(*case.args()[6:10], *case.args()[11:], False) == 0
+    del plan
+    gc.collect()
+    assert alive() is None
