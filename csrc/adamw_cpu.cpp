@@ -149,16 +149,16 @@ void CpuItems::add(int32_t tensor, int64_t n) {
   }
 }
 
-bool cpu_step_scalars(const at::Tensor& step_count, const at::Tensor& lr_table, const at::Tensor& wd_table,
-                      bool independent_wd, const std::optional<at::Tensor>& grad_scale,
-                      const std::optional<at::Tensor>& found_inf, CpuStepScalars* out) {
-  if (found_inf.has_value() && found_inf->data_ptr<float>()[0] != 0.0f) return false;
-  const int64_t idx = std::clamp<int64_t>(step_count.data_ptr<int64_t>()[0], 0, lr_table.numel() - 1);
-  *out = {lr_table.data_ptr<float>()[idx], wd_table.data_ptr<float>()[idx], independent_wd,
-          grad_scale.has_value() ? grad_scale->data_ptr<float>() : nullptr};
-  return true;
-}
+namespace {
 
+// The step's schedule multipliers and options, read once per call.
+struct CpuStepScalars {
+  float lr_mult, wd_mult;
+  bool independent_wd;
+  const float* grad_scale;  // nullptr when absent
+};
+
+// The update of every item, then each tensor's step.
 void cpu_update(const std::vector<CpuTensor>& ts, const CpuItems& work, const CpuStepScalars& sc) {
   const std::vector<Item>& items = work.items;
   const ItemFn fn = item_fn(active_isa());
@@ -198,7 +198,6 @@ void cpu_update(const std::vector<CpuTensor>& ts, const CpuItems& work, const Cp
   for (const CpuTensor& ct : ts) *ct.step = ct.t;
 }
 
-namespace {
 // An element is a NaN or an Inf when its exponent bits are all ones: with the sign masked off,
 // its bits as a signed integer are >= the bits of +Inf. An OR of all-ones/zero masks vectorises
 // on any x86-64 (SSE2 pand/pcmpgt/por; a bool |= did not, nor would a float sum of x * 0
@@ -210,8 +209,8 @@ bool nonfinite_bits(const void* data, int64_t b, int64_t e) {
   for (int64_t i = b; i < e; ++i) acc |= (static_cast<Bits>(x[i] & kMask) >= kInf) ? Bits(-1) : Bits(0);
   return acc != 0;
 }
-}  // namespace
 
+// True when some gradient element is a NaN or an Inf (every element read; both threads).
 bool cpu_any_nonfinite(const std::vector<CpuTensor>& ts, const CpuItems& work) {
   std::atomic<bool> found{false};
   at::parallel_for(0, static_cast<int64_t>(work.items.size()), 1, [&](int64_t i0, int64_t i1) {
@@ -236,6 +235,23 @@ bool cpu_any_nonfinite(const std::vector<CpuTensor>& ts, const CpuItems& work) {
   return found.load();
 }
 
+}  // namespace
+
+CpuStepResult cpu_step(const std::vector<CpuTensor>& ts, const CpuItems& items, const at::Tensor& step_count,
+                       const at::Tensor& lr_table, const at::Tensor& wd_table, bool independent_wd,
+                       const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                       bool skip_nonfinite) {
+  if (found_inf.has_value() && found_inf->data_ptr<float>()[0] != 0.0f) return CpuStepResult::kSkippedFoundInf;
+  if (skip_nonfinite && cpu_any_nonfinite(ts, items)) return CpuStepResult::kSkippedNonfinite;
+  int64_t* count = step_count.data_ptr<int64_t>();
+  const int64_t idx = std::clamp<int64_t>(*count, 0, lr_table.numel() - 1);
+  const CpuStepScalars sc{lr_table.data_ptr<float>()[idx], wd_table.data_ptr<float>()[idx], independent_wd,
+                          grad_scale.has_value() ? grad_scale->data_ptr<float>() : nullptr};
+  cpu_update(ts, items, sc);
+  *count += 1;
+  return CpuStepResult::kApplied;
+}
+
 namespace {
 
 void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
@@ -249,8 +265,6 @@ void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   const double* hp = hparams.data_ptr<double>();
   check_amsgrad_states(a, hp);
   // ---- nothing is written above this line ----
-  CpuStepScalars sc;
-  if (!cpu_step_scalars(step_count, lr_table, wd_table, independent_wd, grad_scale, found_inf, &sc)) return;
   const size_t n = params.size();
   std::vector<CpuTensor> ts(n);
   CpuItems items;
@@ -259,8 +273,7 @@ void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
     ts[k] = cpu_tensor(params[k], grads[k], exp_avgs[k], exp_avg_sqs[k], vmax, steps[k], hp + group_index[k] * kHpCols);
     items.add(static_cast<int32_t>(k), ts[k].n);
   }
-  cpu_update(ts, items, sc);
-  step_count.data_ptr<int64_t>()[0] += 1;
+  cpu_step(ts, items, step_count, lr_table, wd_table, independent_wd, grad_scale, found_inf, false);
 }
 
 template <int D>

@@ -55,23 +55,15 @@ struct CpuItems {
   void add(int32_t tensor, int64_t n);
 };
 
-// The step's schedule multipliers and options, read once per call.
-struct CpuStepScalars {
-  float lr_mult, wd_mult;
-  bool independent_wd;
-  const float* grad_scale;  // nullptr when absent
-};
+enum class CpuStepResult { kApplied, kSkippedFoundInf, kSkippedNonfinite };
 
-// The update of every item, then each tensor's step (*step = t). `ts` is indexed by Item::tensor.
-void cpu_update(const std::vector<CpuTensor>& ts, const CpuItems& items, const CpuStepScalars& s);
-
-// True when some gradient element is a NaN or an Inf (every element read; both threads).
-bool cpu_any_nonfinite(const std::vector<CpuTensor>& ts, const CpuItems& items);
-
-// Reads lr_table[step_count], wd_table[step_count] and grad_scale; false when found_inf is
-// nonzero (AMP: the step is skipped). Call after every check.
-bool cpu_step_scalars(const at::Tensor& step_count, const at::Tensor& lr_table, const at::Tensor& wd_table,
-                      bool independent_wd, const std::optional<at::Tensor>& grad_scale,
-                      const std::optional<at::Tensor>& found_inf, CpuStepScalars* out);
+// The step of every item after every check passed: skipped when found_inf is nonzero (AMP) or,
+// with skip_nonfinite, when a gradient holds a NaN or an Inf (all read first); else the update
+// with lr_table[step_count] and wd_table[step_count], each tensor's step (*step = t) and
+// step_count + 1. `ts` is indexed by CpuItems::Item::tensor.
+CpuStepResult cpu_step(const std::vector<CpuTensor>& ts, const CpuItems& items, const at::Tensor& step_count,
+                       const at::Tensor& lr_table, const at::Tensor& wd_table, bool independent_wd,
+                       const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                       bool skip_nonfinite);
 
 }  // namespace d2z

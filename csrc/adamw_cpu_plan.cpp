@@ -139,12 +139,9 @@ struct CpuPlan : torch::CustomClassHolder {
     });
     if (missing.load() != INT64_MAX) return missing.load() + 1;
     // ---- nothing is written above this line ----
-    CpuStepScalars sc;
-    if (!cpu_step_scalars(step_count, lr_table, wd_table, independent_wd, grad_scale, found_inf, &sc)) return 0;
-    if (skip_nonfinite && cpu_any_nonfinite(ts, items)) return kSkippedNonfinite;
-    cpu_update(ts, items, sc);
-    step_count.data_ptr<int64_t>()[0] += 1;
-    return 0;
+    const CpuStepResult r =
+        cpu_step(ts, items, step_count, lr_table, wd_table, independent_wd, grad_scale, found_inf, skip_nonfinite);
+    return r == CpuStepResult::kSkippedNonfinite ? kSkippedNonfinite : 0;
   }
 };
 

@@ -69,8 +69,7 @@ class FlatWork:
 def flatten(work: DeviceWork) -> FlatWork:
     """The groups with tensors, concatenated (empty groups are dropped)."""
     groups = [g for g in work.groups if g.params]
-    dev = work.step_count.device
-    flat = FlatWork([], [], [], [], [], [], [], _hparams(groups, dev))
+    flat = FlatWork([], [], [], [], [], [], [], hparams(work))
     any_amsgrad = any(g.amsgrad for g in groups)
     for gi, g in enumerate(groups):
         flat.params += g.params
@@ -91,9 +90,13 @@ def _placeholder(p: Tensor) -> Tensor:
 _HP_CACHE: dict[tuple, Tensor] = {}
 
 
-def _hparams(groups: list[GroupWork], device: torch.device) -> Tensor:
-    """float64 [G, 8] on the device, cached by value and rebuilt only when a value changes:
-    one upload from pinned memory then, never a sync. A tensor LR is filled in on the device."""
+def hparams(work: DeviceWork) -> Tensor:
+    """The hyperparameters of ``work``'s groups with tensors (the rows group_index points at, as
+    flatten() numbers them): float64 [G, 8] on the device, cached by value and rebuilt only when
+    a value changes: one upload from pinned memory then, never a sync. A tensor LR is filled in
+    on the device."""
+    groups = [g for g in work.groups if g.params]
+    device = work.step_count.device
     if not groups:
         return torch.zeros((1, len(HP_COLUMNS)), dtype=torch.float64, device=device)
     rows, tensor_lrs = [], []

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ._work import DeviceWork, _hparams, flatten
+from ._work import DeviceWork, flatten, hparams
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -72,13 +72,11 @@ class CpuPlan:
         no-op), ``SKIPPED_NONFINITE`` when ``skip_nonfinite`` found a NaN or an Inf in a gradient
         (a no-op too), or a positive number, with nothing written, when a parameter has no
         gradient or changed size. A bad tensor raises the op's error, also before any write."""
-        groups = [g for g in work.groups if g.params]  # as flatten() kept them
-        hp = _hparams(groups, work.step_count.device)
         return self._plan.step(
             work.step_count,
             work.lr_table,
             work.wd_table,
-            hp,
+            hparams(work),
             work.independent_wd,
             work.grad_scale,
             work.found_inf,
