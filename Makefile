@@ -29,7 +29,7 @@ CUDA_STAGE := build/wheel-cuda
 
 setup: $(STAMP)
 
-$(STAMP): setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/*)
+$(STAMP): setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/*/*)
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -r requirements-dev.txt
@@ -40,7 +40,7 @@ $(STAMP): setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/*)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(VENV)/bin/clang-format --dry-run --Werror csrc/*.h csrc/*.cpp csrc/*.cu csrc/*.cuh
+	$(VENV)/bin/clang-format --dry-run --Werror csrc/*/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.cuh
 
 test: lint
 	$(PY) -m pytest -q tests

@@ -28,11 +28,13 @@ import sys
 
 from setuptools import setup
 
-CSRC = "csrc"
-CPU_SOURCES = [f"{CSRC}/{f}" for f in ("adamw_ops.cpp", "adamw_cpu.cpp", "adamw_cpu_plan.cpp", "adamw_replay.cpp")]
-CUDA_SOURCES = [f"{CSRC}/adamw_cuda.cu", f"{CSRC}/adamw_cuda_glue.cpp"]
-HEADERS = [
-    f"{CSRC}/{h}" for h in ("adamw_math.h", "adamw_checks.h", "adamw_cpu.h", "adamw_cuda.cuh", "adamw_plan_torch.h")
+CSRC = "csrc"  # kernels/: torch-free (g++ and nvcc); torch/: the op glue (ATen, pybind11)
+CPU_SOURCES = [f"{CSRC}/kernels/adamw_cpu_kernel.cpp"] + [
+    f"{CSRC}/torch/{f}" for f in ("adamw_ops.cpp", "adamw_cpu.cpp", "adamw_step_holder.cpp", "adamw_test_ops.cpp")
+]
+CUDA_SOURCES = [f"{CSRC}/kernels/adamw_cuda.cu", f"{CSRC}/torch/adamw_cuda_glue.cpp"]
+HEADERS = [f"{CSRC}/kernels/{h}" for h in ("adamw_math.h", "adamw_cpu_kernel.h", "adamw_cuda.cuh")] + [
+    f"{CSRC}/torch/{h}" for h in ("adamw_checks.h", "adamw_cpu.h", "adamw_step_holder.h", "adamw_worklist.h")
 ]
 
 

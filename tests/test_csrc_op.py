@@ -13,21 +13,21 @@ import math
 import random
 import weakref
 
-import d2z_optim._C  # noqa: F401  (registers torch.ops.d2z)
 import pytest
 import torch
 
+from d2z_optim import _C  # registers torch.ops.d2z
 from d2z_optim.backends import torch_backend
-from d2z_optim.backends._work import DeviceWork, GroupWork
+from d2z_optim.backends.contract import DeviceWork, GroupWork, StepStatus
 
 
 def plan_step(params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, step_count, lr_table, wd_table, hp, *rest):
-    """The op's step through torch.classes.d2z.CpuPlan: the lists handed over once, the gradients
+    """The op's step through d2z_optim._C.CpuStepHolder: the lists handed over once, the gradients
     read from the parameters' .grad."""
     for p, g in zip(params, grads):
         p.grad = g
-    plan = torch.classes.d2z.CpuPlan(params, exp_avgs, exp_avg_sqs, max_sqs, steps, rest[0])
-    assert plan.step(step_count, lr_table, wd_table, hp, *rest[1:], False) == 0
+    plan = _C.CpuStepHolder(params, exp_avgs, exp_avg_sqs, max_sqs, steps, rest[0])
+    assert plan.step(step_count, lr_table, wd_table, hp, *rest[1:], False) == StepStatus.APPLIED
 
 
 OPS = {
@@ -513,15 +513,13 @@ def test_mixed_devices_rejected():
         assert torch.equal(x, y)
 
 
-# ---- the plan: torch.classes.d2z.CpuPlan ----
+# ---- the step holder: d2z_optim._C.CpuStepHolder ----
 
 
 def _plan(case):
     for p, g in zip(case.params, case.grads):
         p.grad = g
-    return torch.classes.d2z.CpuPlan(
-        case.params, case.exp_avgs, case.exp_avg_sqs, case.max_sqs, case.steps, case.group_index
-    )
+    return _C.CpuStepHolder(case.params, case.exp_avgs, case.exp_avg_sqs, case.max_sqs, case.steps, case.group_index)
 
 
 def _plan_step(plan, case, skip_nonfinite=False):
@@ -534,7 +532,7 @@ def test_plan_reads_new_gradients_and_swapped_tensors_each_step():
     case = Case([1023, 5, 64], dtypes=DTYPES, groups=("plain", "amsgrad"))
     ref = case.clone()
     plan = _plan(case)
-    assert _plan_step(plan, case) == 0
+    assert _plan_step(plan, case) == StepStatus.APPLIED
     ref.run("cpu")
     gen = torch.Generator().manual_seed(5)
     for k, p in enumerate(case.params):
@@ -543,7 +541,7 @@ def test_plan_reads_new_gradients_and_swapped_tensors_each_step():
     old_param, old_exp_avg = case.params[0].detach().clone(), case.exp_avgs[1].clone()
     case.params[0].data = case.params[0].detach().clone()
     case.exp_avgs[1].data = case.exp_avgs[1].clone()
-    assert _plan_step(plan, case) == 0
+    assert _plan_step(plan, case) == StepStatus.APPLIED
     ref.run("cpu")
     assert_same_state(case, ref, exact=True)
     assert not torch.equal(case.params[0], old_param) and not torch.equal(case.exp_avgs[1], old_exp_avg)
@@ -554,15 +552,15 @@ def test_plan_declines_without_writing_when_a_gradient_is_missing_or_a_size_chan
     plan = _plan(case)
     before = case.state()
     case.params[1].grad = None
-    assert _plan_step(plan, case) == 2  # parameter 1: no gradient
+    assert _plan_step(plan, case) == StepStatus.DECLINED  # parameter 1: no gradient
     case.params[1].grad = case.grads[1]
     case.params[2].data = torch.zeros(65)
     case.params[2].grad = torch.zeros(65)
-    assert _plan_step(plan, case) == 3  # parameter 2: another size than when the plan was built
+    assert _plan_step(plan, case) == StepStatus.DECLINED  # parameter 2: another size than when built
     case.params[2].data, case.params[2].grad = before[2].clone(), case.grads[2]
     for x, y in zip(case.state(), before):
         assert torch.equal(x, y)
-    assert _plan_step(plan, case) == 0
+    assert _plan_step(plan, case) == StepStatus.APPLIED
 
 
 def test_plan_raises_the_ops_errors_and_writes_nothing():
@@ -580,8 +578,8 @@ def test_plan_raises_the_ops_errors_and_writes_nothing():
         _plan_step(plan, case)
     for x, y in zip(case.state(), before):
         assert x.dtype != y.dtype or torch.equal(x, y)
-    with pytest.raises(RuntimeError, match=r"d2z\.CpuPlan: exp_avgs has 1 entries but params has 2"):
-        torch.classes.d2z.CpuPlan(case.params, case.exp_avgs[:1], case.exp_avg_sqs, [], case.steps, [0, 0])
+    with pytest.raises(RuntimeError, match=r"d2z\.CpuStepHolder: exp_avgs has 1 entries but params has 2"):
+        _C.CpuStepHolder(case.params, case.exp_avgs[:1], case.exp_avg_sqs, [], case.steps, [0, 0])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -597,7 +595,7 @@ def test_plan_skip_nonfinite_finds_every_nan_and_inf_and_nothing_else(dtype):
     case.grads[0][3] = -0.0
     plan = _plan(case)
     ref = case.clone()
-    assert _plan_step(plan, case, skip_nonfinite=True) == 0  # all finite: the step is applied
+    assert _plan_step(plan, case, skip_nonfinite=True) == StepStatus.APPLIED  # all finite: applied
     ref.run("cpu")
     assert_same_state(case, ref, exact=True)
     for k, i in ((0, 0), (1, 4), (2, 65536), (2, 69999)):  # first, last, across a chunk boundary
@@ -606,11 +604,11 @@ def test_plan_skip_nonfinite_finds_every_nan_and_inf_and_nothing_else(dtype):
             keep = g[i].clone()
             g[i] = bad
             before = case.state()
-            assert _plan_step(plan, case, skip_nonfinite=True) == -1, (k, i, bad)
+            assert _plan_step(plan, case, skip_nonfinite=True) == StepStatus.SKIPPED_NONFINITE, (k, i, bad)
             for x, y in zip(case.state(), before):
                 assert torch.equal(x.nan_to_num(), y.nan_to_num())
             g[i] = keep
-    assert _plan_step(plan, case, skip_nonfinite=False) == 0
+    assert _plan_step(plan, case, skip_nonfinite=False) == StepStatus.APPLIED
 
 
 def test_plan_owns_its_parameters_python_objects_and_releases_them():
@@ -624,7 +622,7 @@ def test_plan_owns_its_parameters_python_objects_and_releases_them():
     del params
     gc.collect()
     assert alive() is not None
-    assert plan.step(*case.args()[6:10], *case.args()[11:], False) == 0
+    assert plan.step(*case.args()[6:10], *case.args()[11:], False) == StepStatus.APPLIED
     del plan
     gc.collect()
     assert alive() is None

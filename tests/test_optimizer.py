@@ -336,7 +336,7 @@ def test_the_cached_step_layout_follows_every_change(backend):
 
 @pytest.mark.parametrize("skip_nonfinite", [False, True])
 def test_steady_state_cpu_steps_go_through_one_plan_bitwise_equal_to_the_op(skip_nonfinite, monkeypatch):
-    """The cpu backend hands its lists to a C++ plan once (torch.classes.d2z.CpuPlan) and then
+    """The cpu backend hands its lists to a C++ step holder once (d2z_optim._C.CpuStepHolder) and then
     steps with the schedule tensors only, reading gradients in C++: same kernel, same bits as
     handing the op every list each step. New gradient tensors each step keep the same plan.
     With skip_nonfinite the plan scans the gradients in C++ (the lists path: a norm per tensor);
@@ -349,8 +349,10 @@ def test_steady_state_cpu_steps_go_through_one_plan_bitwise_equal_to_the_op(skip
     b = AdamW(lists[:4], backend="cpu", **kw)
     b.add_param_group({"params": lists[4:], "lr": 3e-3, "amsgrad": False})
     layouts, plan_steps = set(), []
-    real_step = cpp_backend.CpuPlan.step
-    monkeypatch.setattr(cpp_backend.CpuPlan, "step", lambda plan, *a: plan_steps.append(plan) or real_step(plan, *a))
+    real_step = cpp_backend.CpuStepHolder.step
+    monkeypatch.setattr(
+        cpp_backend.CpuStepHolder, "step", lambda plan, *a: plan_steps.append(plan) or real_step(plan, *a)
+    )
     for k in range(6):
         gs = grads_for(k, [tuple(q.shape) for q in p0])
         if k == 3 and skip_nonfinite:
@@ -359,10 +361,10 @@ def test_steady_state_cpu_steps_go_through_one_plan_bitwise_equal_to_the_op(skip
             x.grad, y.grad = g, g.clone()
         a.step()
         b.step()
-        b._layout.plan = None  # b hands the op its lists every step
-        layouts.add(id(a._layout))
-    assert a._layout.plan is not None and len(layouts) == 1
-    assert plan_steps == [a._layout.plan] * 5  # a's steps after the first; never b's
+        b._cache.lists.holder = None  # b hands the op its lists every step
+        layouts.add(id(a._cache.lists))
+    assert a._cache.lists.holder is not None and len(layouts) == 1
+    assert plan_steps == [a._cache.lists.holder] * 5  # a's steps after the first; never b's
     for x, y in zip(ours, lists):
         assert torch.equal(x, y)
         for key in a.state[x]:

@@ -45,6 +45,8 @@ def _compile(dtype: str, arch: int, amsgrad: bool = True):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from d2z_optim.backends import triton_backend
+
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     constexprs = dict(
         DTYPE={"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}[dtype],
@@ -54,6 +56,7 @@ def _compile(dtype: str, arch: int, amsgrad: bool = True):
         AMSGRAD=amsgrad,
         BLOCK=adamw.BLOCK[torch_dtype],
         CHUNK=adamw.CHUNK_BLOCKS * adamw.BLOCK[torch_dtype],
+        **triton_backend.COLUMN_ARGS,
     )
     sig = dict(SIGNATURE, **{k: "constexpr" for k in constexprs})
     src = ASTSource(fn=adamw._adamw_kernel, signature=sig, constexprs=constexprs)
@@ -127,18 +130,18 @@ def test_counter_kernel_compiles():
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from d2z_optim.backends import triton_backend
+
+    constexprs = {"HAS_FOUND_INF": True, "BLOCK": adamw.COUNTER_BLOCK, **triton_backend.COUNTER_COLUMN_ARGS}
     sig = {
         "meta_ptr": "*i64",
         "n_tensors": "i64",
         "step_count_ptr": "*i64",
         "found_inf_ptr": "*fp32",
-        "HAS_FOUND_INF": "constexpr",
-        "BLOCK": "constexpr",
+        **{k: "constexpr" for k in constexprs},
     }
     for arch in ARCHS:
-        src = ASTSource(
-            fn=adamw._counter_kernel, signature=sig, constexprs={"HAS_FOUND_INF": True, "BLOCK": adamw.COUNTER_BLOCK}
-        )
+        src = ASTSource(fn=adamw._counter_kernel, signature=sig, constexprs=constexprs)
         options = {"num_warps": 4, "enable_fp_fusion": adamw.FP_FUSION}
         k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
         assert k.asm["cubin"] and ".local" not in k.asm["ptx"]

@@ -42,7 +42,7 @@ def _helpers():
     import torch
 
     from d2z_optim.backends import torch_backend
-    from d2z_optim.backends._work import DeviceWork, GroupWork
+    from d2z_optim.backends.contract import DeviceWork, GroupWork
 
     def group(dtype, sizes, seed, **hp):
         g = torch.Generator().manual_seed(seed)
@@ -90,11 +90,11 @@ def _helpers():
 
     def run_steps(w, n_steps, **kw):
         """n_steps of the kernel and the reference from equal states; compare after each."""
-        from d2z_optim.triton_kernels import adamw
+        from d2z_optim.backends import triton_backend
 
         for _ in range(n_steps):
             ref = copy.deepcopy(w)
-            adamw.step(w, **kw)
+            triton_backend.step(w, **kw)
             torch_backend.step(ref) if not kw else _ref_amp(ref, **kw)
             compare(w, ref)
             for (_, a), (_, b) in zip(arrays(w), arrays(ref)):
@@ -110,6 +110,8 @@ def _helpers():
 def _cases():
     torch, group, work, run_steps, compare, arrays = _helpers()
     from d2z_optim.triton_kernels import adamw
+
+    from d2z_optim.backends import triton_backend
 
     DT = (torch.float32, torch.bfloat16, torch.float16)
     ODD = [1, 5, 1023, 4099, 0]
@@ -154,8 +156,8 @@ def _cases():
                     lst[i] = view
             w = work([g])
             run_steps(w, 2)
-            plan = next(reversed(adamw._PLANS.values()))
-            aligned = plan.meta.view(-1, adamw.NCOLS)[:, 8].tolist()
+            md = next(reversed(triton_backend._METAS.values()))
+            aligned = md.meta.view(-1, triton_backend.META_COLS)[:, triton_backend.MetaCol.ALIGNED].tolist()
             assert aligned == [0, 1, 0], aligned
 
     def amp_scale():
@@ -169,7 +171,7 @@ def _cases():
             w = work(mixed_groups(dtype, 9), step_count=2)
             before = [t.clone() for _, t in arrays(w)]
             grads = [t.clone() for g in w.groups for t in g.grads]
-            adamw.step(w, grad_scale=torch.tensor(8.0), found_inf=torch.tensor(1.0))
+            triton_backend.step(w, grad_scale=torch.tensor(8.0), found_inf=torch.tensor(1.0))
             for (name, t), b in zip(arrays(w), before):
                 assert torch.equal(t, b), f"{name} changed on a skipped step"
             assert all(torch.equal(a, b) for a, b in zip((t for g in w.groups for t in g.grads), grads))
@@ -178,7 +180,7 @@ def _cases():
     def grads_read_only():
         w = work(mixed_groups(torch.float32, 3))
         grads = [t.clone() for g in w.groups for t in g.grads]
-        adamw.step(w)
+        triton_backend.step(w)
         assert all(torch.equal(a, b) for a, b in zip((t for g in w.groups for t in g.grads), grads))
 
     def tensor_lr():
@@ -203,21 +205,21 @@ def _cases():
 
     def empty_work():
         w = work([], step_count=5)
-        adamw.step(w)
+        triton_backend.step(w)
         assert w.step_count.item() == 6
-        adamw.step(w, found_inf=torch.tensor(1.0))
+        triton_backend.step(w, found_inf=torch.tensor(1.0))
         assert w.step_count.item() == 6
         w = work([group(torch.float32, [0, 0], 1)])  # only empty tensors: steps still advance
         run_steps(w, 1)
 
     def plan_cache():
-        adamw._PLANS.clear()
+        triton_backend._METAS.clear()
         w = work([group(torch.float32, [5, 100], 1)])
         run_steps(w, 2)
-        assert len(adamw._PLANS) == 1  # same addresses: built once
+        assert len(triton_backend._METAS) == 1  # same addresses: built once
         w.groups[0].params[1] = w.groups[0].params[1].clone()  # a new address: a new plan
         run_steps(w, 1)
-        assert len(adamw._PLANS) == 2
+        assert len(triton_backend._METAS) == 2
 
     def bad_input():
         def expect(msg, mutate, **kw):
@@ -225,7 +227,7 @@ def _cases():
             mutate(w)
             before = [t.clone() for _, t in arrays(w)]
             try:
-                adamw.step(w, **kw)
+                triton_backend.step(w, **kw)
             except RuntimeError as e:
                 assert msg in str(e), f"{msg!r} not in {e}"
             else:
@@ -254,10 +256,10 @@ def _cases():
         w = work(mixed_groups(torch.float32, 31))
         ref = copy.deepcopy(w)
         torch._dynamo.reset()
-        fn = torch.compile(lambda: adamw.step(w), fullgraph=True, backend="aot_eager")
+        fn = torch.compile(lambda: triton_backend.step(w), fullgraph=True, backend="aot_eager")
         for _ in range(2):
             fn()
-            adamw.step(ref)
+            triton_backend.step(ref)
             compare(w, ref, k=0)  # same kernel both ways: identical
 
     def optimizer():
@@ -321,12 +323,12 @@ def _main_no_interpreter() -> None:
     """Without TRITON_INTERPRET: CPU tensors are refused, nothing written."""
     assert "TRITON_INTERPRET" not in os.environ
     torch, group, work, *_ = _helpers()
-    from d2z_optim.triton_kernels import adamw
+    from d2z_optim.backends import triton_backend
 
     w = work([group(torch.float32, [5], 1)])
     before = w.groups[0].params[0].clone()
     try:
-        adamw.step(w)
+        triton_backend.step(w)
     except RuntimeError as e:
         assert "Triton runs on CUDA devices" in str(e), e
         assert "TRITON_INTERPRET=1" in str(e), e

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from . import cpp_backend, torch_backend
-from ._work import DeviceWork, GroupWork, fills_block, in_layout_of
+from .contract import DeviceWork, GroupWork, StepStatus, fills_block, in_layout_of
 
 __all__ = [
     "NAMES",
@@ -25,6 +25,7 @@ __all__ = [
     "DeviceWork",
     "GroupWork",
     "Selection",
+    "StepStatus",
     "available",
     "fills_block",
     "in_layout_of",
@@ -47,8 +48,9 @@ class Backend:
     any_layout: bool = False  # False: parameters must fill one block of memory (the fused kernels)
     device_note: str = ""  # added to the "runs on ..." refusal
     # a step kept across steps for a fixed set of tensors, where the backend has one:
-    # DeviceWork -> an object like cpp_backend.CpuPlan
-    plan: Callable[[DeviceWork], Any] | None = None
+    # DeviceWork -> a step holder (``step(work, skip_nonfinite) -> StepStatus``), like
+    # cpp_backend.CpuStepHolder
+    holder: Callable[[DeviceWork], Any] | None = None
 
     def unsupported(self, device: torch.device, dtypes: Iterable[torch.dtype], dense: bool = True) -> str | None:
         if self.device_type is not None and device.type != self.device_type:
@@ -81,17 +83,17 @@ def _load(name: str) -> Backend | str:
         key = name.upper()
         if not cpp_backend.has_kernel(key):
             return f"d2z_optim._C was built without a {key} kernel (a CPU-only build; see README: building for CUDA)"
-        plan = cpp_backend.CpuPlan if name == "cpu" else None
-        return Backend(name, cpp_backend.step, name, cpp_backend.DTYPES, plan=plan)
+        holder = cpp_backend.CpuStepHolder if name == "cpu" else None
+        return Backend(name, cpp_backend.step, name, cpp_backend.DTYPES, holder=holder)
     if name == "triton":  # imported here, on first use: a CPU install never needs Triton
         try:
-            from ..triton_kernels import adamw
+            from . import triton_backend
         except Exception as e:  # not installed, or an install that cannot load
             return f"Triton is not installed or failed to import ({type(e).__name__}: {e}); pip install triton"
         # under TRITON_INTERPRET=1 (tests) the kernel runs on CPU tensors
-        device = None if adamw._interpreting() else "cuda"
+        device = None if triton_backend.interpreting() else "cuda"
         note = " (TRITON_INTERPRET=1 runs Triton on CPU tensors, for tests only)"
-        return Backend("triton", adamw.step, device, adamw.DTYPES, device_note=note)
+        return Backend("triton", triton_backend.step, device, triton_backend.DTYPES, device_note=note)
     raise AssertionError(name)
 
 
@@ -107,7 +109,7 @@ class Selection:
         self.name, self.fused = name, fused
 
     def for_device(self, device: torch.device, dtypes: Iterable[torch.dtype], dense: bool = True) -> Backend:
-        """``dense``: every parameter fills one block of memory (see ``_work.fills_block``)."""
+        """``dense``: every parameter fills one block of memory (see ``contract.fills_block``)."""
         dtypes = set(dtypes)
         if self.name != "auto":
             b = _load(self.name)

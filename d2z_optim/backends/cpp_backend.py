@@ -1,21 +1,21 @@
 """The C++/CUDA backends: one call of the fused op ``d2z::adamw_step_`` per device and step.
 
 Torch glue only. The op (``csrc/``) updates every tensor of the call, reads
-``lr_table[step_count]`` and ``wd_table[step_count]`` and advances
-``step_count`` on the device. Here the optimizer's groups are flattened into
-the op's lists, and the per-group hyperparameters into a small float64 tensor
-``hparams [G, 8]`` that is cached on the device and rebuilt only when a value
-changes (a host-to-device copy at that moment, never a sync).
+``lr_table[step_count]`` and ``wd_table[step_count]`` and advances ``step_count`` on the
+device. Here the optimizer's groups are flattened into the op's lists (``contract.flatten``),
+and the CPU step holder (:class:`CpuStepHolder`) keeps those lists in C++ across steps.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._work import DeviceWork, flatten, hparams
+from .checks import DTYPES, check_step_args
+from .contract import DeviceWork, StepStatus, flatten, hparams_tensor
 
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+__all__ = ["DTYPES", "CpuStepHolder", "has_kernel", "load_extension", "step"]
 
+OPS = ("d2z::adamw_step_", "d2z::adamw_step_grid_replay_")  # one schema
 
 _LOADED = False
 
@@ -29,7 +29,8 @@ def load_extension() -> str | None:
         from .. import _C  # noqa: F401
     except ImportError as e:
         return f"the C++ extension d2z_optim._C is not built or failed to import ({e})"
-    _register_fake()
+    for op in OPS:
+        _register_fake(op)
     _LOADED = True
     return None
 
@@ -47,61 +48,56 @@ def step(work: DeviceWork) -> None:
     torch.ops.d2z.adamw_step_(*f.op_args(work, work.grad_scale, work.found_inf))
 
 
-class CpuPlan:
-    """The CPU step of a fixed set of tensors, kept in C++ across steps (``torch.classes.d2z.CpuPlan``).
+class CpuStepHolder:
+    """The CPU step of a fixed set of tensors, kept in C++ across steps (``d2z_optim._C.CpuStepHolder``).
 
     Handing the op its six lists costs more than the update itself for thousands of small
     tensors: every tensor crosses from Python and is unpacked each step (10,000 x 1,024 fp32: an
-    ~18 ms call, of which the update is ~4.5 ms). A plan takes the lists once; each step it is
+    ~18 ms call, of which the update is ~4.5 ms). A holder takes the lists once; each step it is
     handed the schedule tensors and hyperparameters only, reads the gradients from the
     parameters in C++, runs the op's checks and kernel (with skip_nonfinite, after a scan of
     every gradient for a NaN or an Inf: exact, and one read of the gradients).
     """
 
-    APPLIED, SKIPPED_NONFINITE = 0, -1
-
     def __init__(self, work: DeviceWork) -> None:
+        from .. import _C
+
         f = flatten(work)
-        self._plan = torch.classes.d2z.CpuPlan(
-            f.params, f.exp_avgs, f.exp_avg_sqs, f.max_exp_avg_sqs, f.steps, f.group_index
-        )
+        self._holder = _C.CpuStepHolder(f.params, f.exp_avgs, f.exp_avg_sqs, f.max_exp_avg_sqs, f.steps, f.group_index)
+        self._refused = _C.StepRefused
 
-    def step(self, work: DeviceWork, skip_nonfinite: bool = False) -> int:
-        """Apply the step of ``work`` (its tensors must be the plan's, their gradients those the
-        parameters hold now). Returns ``APPLIED`` (also when ``work.found_inf`` is nonzero: a
-        no-op), ``SKIPPED_NONFINITE`` when ``skip_nonfinite`` found a NaN or an Inf in a gradient
-        (a no-op too), or a positive number, with nothing written, when a parameter has no
-        gradient or changed size. A bad tensor raises the op's error, also before any write."""
-        return self._plan.step(
-            work.step_count,
-            work.lr_table,
-            work.wd_table,
-            hparams(work),
-            work.independent_wd,
-            work.grad_scale,
-            work.found_inf,
-            skip_nonfinite,
-        )
+    def step(self, work: DeviceWork, skip_nonfinite: bool = False) -> StepStatus:
+        """Apply the step of ``work`` (its tensors must be the holder's, their gradients those the
+        parameters hold now). ``DECLINED``, with nothing written, when a parameter has no gradient
+        or changed size, or when the op's checks refuse a tensor (the C++ holder raises
+        ``d2z_optim._C.StepRefused`` with the op's message then): stepping through the op next
+        says what is wrong."""
+        hp = work.hparams if work.hparams is not None else hparams_tensor(work)
+        try:
+            status = self._holder.step(
+                work.step_count,
+                work.lr_table,
+                work.wd_table,
+                hp,
+                work.independent_wd,
+                work.grad_scale,
+                work.found_inf,
+                skip_nonfinite,
+            )
+        except self._refused:
+            return StepStatus.DECLINED
+        return StepStatus(status)
 
 
-def _register_fake() -> None:
-    """The op's fake kernel, so torch.compile and FakeTensor tracing see a proper op."""
+def _register_fake(op: str) -> None:
+    """The op's fake kernel (the shared checks), so torch.compile and FakeTensor tracing see a proper op."""
 
-    @torch.library.register_fake("d2z::adamw_step_")
+    @torch.library.register_fake(op)
     def _(
-        params,
-        grads,
-        exp_avgs,
-        exp_avg_sqs,
-        max_exp_avg_sqs,
-        steps,
-        step_count,
-        lr_table,
-        wd_table,
-        hparams,
-        group_index,
-        independent_wd,
-        grad_scale,
-        found_inf,
-    ):
-        return None
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, step_count, lr_table, wd_table, hparams,
+        group_index, independent_wd, grad_scale, found_inf,
+    ):  # fmt: skip
+        check_step_args(
+            op, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, step_count, lr_table, wd_table,
+            hparams, group_index, grad_scale, found_inf,
+        )  # fmt: skip

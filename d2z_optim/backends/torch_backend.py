@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._work import DeviceWork, GroupWork
+from .contract import DeviceWork, GroupWork
 
 name = "torch"
 

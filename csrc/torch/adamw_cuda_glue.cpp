@@ -8,14 +8,14 @@
 #include <list>
 #include <mutex>
 
-#include "adamw_plan_torch.h"
+#include "adamw_worklist.h"
 
 namespace d2z {
 namespace {
 
 // Metadata depends only on the tensors' addresses, sizes, dtypes and groups: cached per key,
 // rebuilt when any of them changes (e.g. grads reallocated by zero_grad(set_to_none=True)).
-struct CachedPlan {
+struct CachedWorkList {
   std::vector<int64_t> key;
   at::Tensor device_meta;  // uint8 on the device: [TensorMeta x n][BlockWork x blocks]
   int64_t n_blocks = 0;
@@ -24,10 +24,10 @@ struct CachedPlan {
 
 std::mutex g_mutex;
 // Never destroyed: device tensors must not be freed during static destruction at exit.
-std::list<CachedPlan>& g_cache = *new std::list<CachedPlan>();  // most recent first
+std::list<CachedWorkList>& g_cache = *new std::list<CachedWorkList>();  // most recent first
 constexpr size_t kCacheSize = 8;
 
-std::vector<int64_t> plan_key(const StepArgs& a, const at::Device& dev) {
+std::vector<int64_t> work_list_key(const StepArgs& a, const at::Device& dev) {
   std::vector<int64_t> key;
   const size_t n = a.params.size();
   key.reserve(2 + n * 9);
@@ -60,21 +60,21 @@ void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream(dev.index()).stream();
 
   std::lock_guard<std::mutex> lock(g_mutex);
-  std::vector<int64_t> key = plan_key(a, dev);
+  std::vector<int64_t> key = work_list_key(a, dev);
   auto it = g_cache.begin();
   for (; it != g_cache.end(); ++it) {
     if (it->key == key) break;
   }
   if (it == g_cache.end()) {
-    const Plan plan = make_plan(a);
-    CachedPlan c;
+    const WorkList list = make_work_list(a);
+    CachedWorkList c;
     c.key = std::move(key);
-    c.n_blocks = static_cast<int64_t>(plan.blocks.size());
-    const int64_t bytes = static_cast<int64_t>(std::max<size_t>(plan.bytes(), 16));
+    c.n_blocks = static_cast<int64_t>(list.blocks.size());
+    const int64_t bytes = static_cast<int64_t>(std::max<size_t>(list.bytes(), 16));
     // Pinned staging buffer from torch's caching host allocator: it is not reused before the
     // asynchronous copy that reads it has completed (the allocator records the copy's stream).
     at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-    plan.pack(host.data_ptr());
+    list.pack(host.data_ptr());
     c.device_meta = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).device(dev));
     c.device_meta.copy_(host, /*non_blocking=*/true);
     c.stream = stream;

@@ -1,5 +1,7 @@
-// Schema of the d2z ops. Implementations: adamw_cpu.cpp (CPU), adamw_replay.cpp (the CUDA grid
-// replayed on the CPU, tests only), adamw_cuda_glue.cpp (CUDA builds).
+// Schema of the d2z ops, and the Python module d2z_optim._C. Implementations: adamw_cpu.cpp (CPU),
+// adamw_test_ops.cpp (test only: the CUDA grid replayed on the CPU, the conversions),
+// adamw_cuda_glue.cpp (CUDA builds). The step holders: adamw_step_holder.cpp.
+#include <torch/extension.h>
 #include <torch/library.h>
 
 #define D2Z_STEP_ARGS                                                                                           \
@@ -17,10 +19,13 @@ TORCH_LIBRARY(d2z, m) {
   m.def("_test_cast_(Tensor src, Tensor(a!) dst) -> ()");
 }
 
-// `import d2z_optim._C` loads this library, which registers the ops above; the module itself is
-// empty (the ops are reached through torch.ops.d2z).
-#include <Python.h>
+namespace d2z {
+void bind_step_holders(pybind11::module_& m);
+}
 
-static struct PyModuleDef d2z_module = {PyModuleDef_HEAD_INIT, "_C", "d2z:: ops (torch.ops.d2z)", -1, nullptr};
-
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&d2z_module); }
+// `import d2z_optim._C` loads this library, which registers the ops above (reached through
+// torch.ops.d2z), and gives the step holders and their StepRefused exception.
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "d2z:: ops (torch.ops.d2z) and the step holders";
+  d2z::bind_step_holders(m);
+}

@@ -8,7 +8,7 @@
 #include <optional>
 #include <vector>
 
-#include "adamw_math.h"
+#include "kernels/adamw_math.h"
 
 namespace d2z {
 

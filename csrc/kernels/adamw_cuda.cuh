@@ -64,7 +64,7 @@ D2Z_INLINE bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>
 
 // ---- the work list (host) ----
 // Metadata buffer layout: [TensorMeta x n_tensors][BlockWork x n_blocks], one upload.
-struct Plan {
+struct WorkList {
   std::vector<TensorMeta> tensors;
   std::vector<BlockWork> blocks;
   size_t bytes() const { return tensors.size() * sizeof(TensorMeta) + blocks.size() * sizeof(BlockWork); }
@@ -75,15 +75,15 @@ struct Plan {
   }
 };
 
-// Fills plan.blocks from plan.tensors (whose pointers, sizes and dtypes are set) and sets vec.
-inline void build_work_list(Plan& plan) {
-  plan.blocks.clear();
-  for (size_t i = 0; i < plan.tensors.size(); ++i) {
-    TensorMeta& t = plan.tensors[i];
+// Fills list.blocks from list.tensors (whose pointers, sizes and dtypes are set) and sets vec.
+inline void build_work_list(WorkList& list) {
+  list.blocks.clear();
+  for (size_t i = 0; i < list.tensors.size(); ++i) {
+    TensorMeta& t = list.tensors[i];
     t.vec = aligned16(t.p) && aligned16(t.g) && aligned16(t.m) && aligned16(t.v) &&
             (t.vmax == nullptr || aligned16(t.vmax));
     const int64_t chunks = (t.n + kChunk - 1) / kChunk;
-    for (int64_t c = 0; c < chunks; ++c) plan.blocks.push_back({static_cast<int32_t>(i), static_cast<int32_t>(c)});
+    for (int64_t c = 0; c < chunks; ++c) list.blocks.push_back({static_cast<int32_t>(i), static_cast<int32_t>(c)});
   }
 }
 

@@ -1,28 +1,14 @@
-// The CPU kernel's interface (adamw_cpu.cpp): the tensors of one step as raw pointers, cut into
-// work items that all run in one parallel region. Used by the op (lists handed in each call)
-// and by the step plan (adamw_cpu_plan.cpp: tensors kept across steps, gradients read in C++).
+// The CPU step of d2z::adamw_step_ as the op and the step holder share it: tensors to the
+// kernel's raw pointers (csrc/kernels/adamw_cpu_kernel.h), then one step over both threads.
 #pragma once
 
-#include <cstdint>
 #include <optional>
 #include <vector>
 
 #include "adamw_checks.h"
+#include "kernels/adamw_cpu_kernel.h"
 
 namespace d2z {
-
-struct CpuTensor {
-  void* p;
-  const void* g;
-  void* m;
-  void* v;
-  void* vmax;  // nullptr without amsgrad
-  float* step;
-  int64_t n;
-  const double* hp;  // the group's hparams row
-  Dtype dtype;
-  float t;  // the new step: *step + 1
-};
 
 // Parameter k's pointers; vmax undefined or 0-element without amsgrad. Everything checked before.
 inline CpuTensor cpu_tensor(const at::Tensor& p, const at::Tensor& g, const at::Tensor& m, const at::Tensor& v,
@@ -40,20 +26,6 @@ inline CpuTensor cpu_tensor(const at::Tensor& p, const at::Tensor& g, const at::
           to_dtype(p.scalar_type()),
           *st + 1.0f};
 }
-
-// The (tensor, chunk) work items of a list of tensor sizes, and their running cost (what the
-// threads split evenly). Depends on the sizes only: the plan builds it once.
-struct CpuItems {
-  struct Item {
-    int32_t tensor;
-    int64_t begin, end;
-  };
-  std::vector<Item> items;
-  std::vector<int64_t> cost;  // prefix sums of item costs
-  int64_t total = 0;
-
-  void add(int32_t tensor, int64_t n);
-};
 
 enum class CpuStepResult { kApplied, kSkippedFoundInf, kSkippedNonfinite };
 

@@ -1,18 +1,18 @@
-// Builds the CUDA kernel's Plan and LaunchArgs from the op's tensors (host code, torch). Shared by
-// the CUDA glue and the grid replay, so the replay runs on exactly the launcher's metadata.
+// Builds the CUDA kernel's WorkList and LaunchArgs from the op's tensors (host code, torch). Shared
+// by the CUDA glue and the grid replay, so the replay runs on exactly the launcher's metadata.
 #pragma once
 
 #include "adamw_checks.h"
-#include "adamw_cuda.cuh"
+#include "kernels/adamw_cuda.cuh"
 
 namespace d2z {
 
-inline Plan make_plan(const StepArgs& a) {
-  Plan plan;
+inline WorkList make_work_list(const StepArgs& a) {
+  WorkList list;
   const size_t n = a.params.size();
-  plan.tensors.resize(n);
+  list.tensors.resize(n);
   for (size_t k = 0; k < n; ++k) {
-    TensorMeta& t = plan.tensors[k];
+    TensorMeta& t = list.tensors[k];
     const bool has_max = !a.max_exp_avg_sqs.empty() && a.max_exp_avg_sqs[k].numel() > 0;
     t.p = a.params[k].data_ptr();
     t.g = a.grads[k].data_ptr();
@@ -25,9 +25,9 @@ inline Plan make_plan(const StepArgs& a) {
     t.dtype = static_cast<int16_t>(to_dtype(a.params[k].scalar_type()));
     t.vec = 0;
   }
-  build_work_list(plan);
-  TORCH_CHECK(plan.blocks.size() < (size_t(1) << 31), "d2z::adamw_step_: too many chunks for one launch");
-  return plan;
+  build_work_list(list);
+  TORCH_CHECK(list.blocks.size() < (size_t(1) << 31), "d2z::adamw_step_: too many chunks for one launch");
+  return list;
 }
 
 // Kernel arguments; tensors/blocks point at the metadata buffer (device or host copy).

@@ -1,0 +1,212 @@
+// The CPU item loops: an inner loop the compiler vectorises, built for AVX-512, AVX2+FMA and the
+// portable baseline and chosen at run time (no -march=native needed). Torch-free.
+#include "adamw_cpu_kernel.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+
+namespace d2z {
+namespace {
+
+constexpr int64_t kCpuChunk = 1 << 16;  // elements per work item
+constexpr int64_t kItemCost = 256;      // fixed cost of an item (scalars, dispatch), in elements
+
+using Item = CpuItems::Item;
+
+template <int D, bool kFma, bool kAms>
+__attribute__((always_inline)) inline void cpu_loop(const CpuTensor& ct, int64_t b, int64_t e, ElemScalars s) {
+  using T = typename Storage<D>::type;
+  using S = Storage<D>;
+  T* __restrict__ p = static_cast<T*>(ct.p);
+  const T* __restrict__ g = static_cast<const T*>(ct.g);
+  T* __restrict__ m = static_cast<T*>(ct.m);
+  T* __restrict__ v = static_cast<T*>(ct.v);
+  T* __restrict__ x = static_cast<T*>(ct.vmax);
+  for (int64_t i = b; i < e; ++i) {
+    float fp = S::load(p[i]), fm = S::load(m[i]), fv = S::load(v[i]);
+    float fx = kAms ? S::load(x[i]) : 0.0f;
+    adamw_element<kFma, kAms>(fp, S::load(g[i]), fm, fv, fx, s);
+    p[i] = S::store(fp);
+    m[i] = S::store(fm);
+    v[i] = S::store(fv);
+    if (kAms) x[i] = S::store(fx);
+  }
+}
+
+template <bool kFma>
+__attribute__((always_inline)) inline void cpu_item(const CpuTensor& ct, int64_t b, int64_t e, const ElemScalars& s) {
+  const bool ams = ct.vmax != nullptr;
+  switch (ct.dtype) {
+    case kF32:
+      ams ? cpu_loop<kF32, kFma, true>(ct, b, e, s) : cpu_loop<kF32, kFma, false>(ct, b, e, s);
+      break;
+    case kBF16:
+      ams ? cpu_loop<kBF16, kFma, true>(ct, b, e, s) : cpu_loop<kBF16, kFma, false>(ct, b, e, s);
+      break;
+    default:
+      ams ? cpu_loop<kF16, kFma, true>(ct, b, e, s) : cpu_loop<kF16, kFma, false>(ct, b, e, s);
+      break;
+  }
+}
+
+// Small tensors live on pages of their own, where the hardware prefetchers cannot run ahead:
+// ask for the next small item's cache lines (into L2) while this one is computed.
+inline void prefetch_item(const std::vector<CpuTensor>& ts, const Item& it) {
+  constexpr int64_t kMaxBytes = 16384;  // per array
+  const CpuTensor& ct = ts[it.tensor];
+  const int64_t esize = ct.dtype == kF32 ? 4 : 2;
+  const int64_t bytes = (it.end - it.begin) * esize;
+  if (bytes > kMaxBytes) return;
+  const char* arrays[5] = {static_cast<const char*>(ct.p), static_cast<const char*>(ct.g),
+                           static_cast<const char*>(ct.m), static_cast<const char*>(ct.v),
+                           static_cast<const char*>(ct.vmax)};
+  for (const char* base : arrays) {
+    if (base == nullptr) continue;
+    base += it.begin * esize;
+    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(base + off, 1, 2);
+  }
+}
+
+using ItemFn = void (*)(const CpuTensor&, int64_t, int64_t, const ElemScalars&);
+
+// Baseline x86-64 (SSE2) or any other architecture: no hardware FMA assumed, so a*b+c
+// (std::fma would be a libm call per element there).
+void item_baseline(const CpuTensor& ct, int64_t b, int64_t e, const ElemScalars& s) { cpu_item<false>(ct, b, e, s); }
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// Function multiversioning by hand: the same loop built for two more ISA levels, chosen once at
+// run time with __builtin_cpu_supports (GCC's target attribute; the callee templates are
+// always_inline so they are compiled for the caller's ISA).
+__attribute__((target("avx2,fma,f16c,bmi,bmi2"))) void item_avx2(const CpuTensor& ct, int64_t b, int64_t e,
+                                                                 const ElemScalars& s) {
+  cpu_item<true>(ct, b, e, s);
+}
+
+__attribute__((
+    target("avx512f,avx512vl,avx512bw,avx512dq,avx512cd,avx2,fma,f16c,bmi,bmi2,prefer-vector-width=512"))) void
+item_avx512(const CpuTensor& ct, int64_t b, int64_t e, const ElemScalars& s) {
+  cpu_item<true>(ct, b, e, s);
+}
+#endif
+
+int best_isa() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512cd")) {
+    return 2;
+  }
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
+      __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2")) {
+    return 1;
+  }
+#endif
+  return 0;
+}
+
+std::atomic<int> g_isa{-1};
+
+int active_isa() {
+  int isa = g_isa.load(std::memory_order_relaxed);
+  if (isa < 0) {
+    isa = best_isa();
+    g_isa.store(isa, std::memory_order_relaxed);
+  }
+  return isa;
+}
+
+ItemFn item_fn(int isa) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (isa == 2) return item_avx512;
+  if (isa == 1) return item_avx2;
+#endif
+  return item_baseline;
+}
+
+const char* isa_name(int isa) { return isa == 2 ? "avx512" : (isa == 1 ? "avx2" : "baseline"); }
+
+// An element is a NaN or an Inf when its exponent bits are all ones: with the sign masked off,
+// its bits as a signed integer are >= the bits of +Inf. An OR of all-ones/zero masks vectorises
+// on any x86-64 (SSE2 pand/pcmpgt/por; a bool |= did not, nor would a float sum of x * 0
+// without -ffast-math).
+template <typename Bits, Bits kMask, Bits kInf>
+bool nonfinite_bits(const void* data, int64_t b, int64_t e) {
+  const Bits* x = static_cast<const Bits*>(data);
+  Bits acc = 0;
+  for (int64_t i = b; i < e; ++i) acc |= (static_cast<Bits>(x[i] & kMask) >= kInf) ? Bits(-1) : Bits(0);
+  return acc != 0;
+}
+
+}  // namespace
+
+void CpuItems::add(int32_t tensor, int64_t n) {
+  for (int64_t b = 0; b < n; b += kCpuChunk) {
+    const int64_t e = std::min(n, b + kCpuChunk);
+    items.push_back({tensor, b, e});
+    total += (e - b) + kItemCost;
+    cost.push_back(total);
+  }
+}
+
+int64_t CpuItems::useful_threads(int64_t max_threads) const {
+  if (items.size() < 2) return 1;
+  return std::max<int64_t>(1, std::min<int64_t>(max_threads, total / (4 * kCpuChunk)));
+}
+
+std::pair<size_t, size_t> CpuItems::share(int64_t t, int64_t threads) const {
+  const auto lo = std::lower_bound(cost.begin(), cost.end(), total * t / threads + 1) - cost.begin();
+  const auto hi = std::lower_bound(cost.begin(), cost.end(), total * (t + 1) / threads + 1) - cost.begin();
+  return {static_cast<size_t>(lo), static_cast<size_t>(hi)};
+}
+
+void cpu_update_items(const std::vector<CpuTensor>& ts, const CpuItems& work, const CpuStepScalars& sc, size_t i0,
+                      size_t i1) {
+  const std::vector<Item>& items = work.items;
+  const ItemFn fn = item_fn(active_isa());
+  // The scalars depend on the tensor only through its group row and step: consecutive tensors
+  // of one group at one step (the usual case) share them, and skip the two pow() calls.
+  const double* last_hp = nullptr;
+  float last_t = -1.0f;
+  ElemScalars s{};
+  for (size_t i = i0; i < i1; ++i) {
+    const Item& it = items[i];
+    const CpuTensor& ct = ts[it.tensor];
+    if (ct.hp != last_hp || ct.t != last_t) {
+      s = make_scalars(ct.hp, sc.lr_mult, sc.wd_mult, ct.t, sc.independent_wd, sc.grad_scale);
+      last_hp = ct.hp;
+      last_t = ct.t;
+    }
+    if (i + 1 < i1) prefetch_item(ts, items[i + 1]);
+    fn(ct, it.begin, it.end, s);
+  }
+}
+
+bool cpu_nonfinite_items(const std::vector<CpuTensor>& ts, const CpuItems& work, size_t i0, size_t i1) {
+  for (size_t i = i0; i < i1; ++i) {
+    const Item& it = work.items[i];
+    const CpuTensor& ct = ts[it.tensor];
+    bool bad;
+    switch (ct.dtype) {
+      case kF32:
+        bad = nonfinite_bits<int32_t, 0x7fffffff, 0x7f800000>(ct.g, it.begin, it.end);
+        break;
+      case kBF16:
+        bad = nonfinite_bits<int16_t, 0x7fff, 0x7f80>(ct.g, it.begin, it.end);
+        break;
+      default:
+        bad = nonfinite_bits<int16_t, 0x7fff, 0x7c00>(ct.g, it.begin, it.end);
+        break;
+    }
+    if (bad) return true;
+  }
+  return false;
+}
+
+std::string cpu_isa(int64_t force) {
+  if (force >= 0) g_isa.store(static_cast<int>(std::min<int64_t>(force, best_isa())));
+  return isa_name(active_isa());
+}
+
+}  // namespace d2z

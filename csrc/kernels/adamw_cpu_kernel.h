@@ -1,0 +1,66 @@
+// The CPU kernel of the fused AdamW step: raw pointers, cut into (tensor, chunk) work items.
+// Torch-free: the torch glue (csrc/torch/adamw_cpu.cpp) fills CpuTensor from tensors, splits the
+// items over its threads and calls the item loops below from each.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "adamw_math.h"
+
+namespace d2z {
+
+// One parameter of the step and its tensors.
+struct CpuTensor {
+  void* p;
+  const void* g;
+  void* m;
+  void* v;
+  void* vmax;  // nullptr without amsgrad
+  float* step;
+  int64_t n;
+  const double* hp;  // the group's hparams row
+  Dtype dtype;
+  float t;  // the new step: *step + 1
+};
+
+// The (tensor, chunk) work items of a list of tensor sizes, and their running cost (what the
+// threads split evenly). Depends on the sizes only: a step holder builds it once.
+struct CpuItems {
+  struct Item {
+    int32_t tensor;
+    int64_t begin, end;
+  };
+  std::vector<Item> items;
+  std::vector<int64_t> cost;  // prefix sums of item costs
+  int64_t total = 0;
+
+  void add(int32_t tensor, int64_t n);
+  // How many of `max_threads` threads are worth waking for these items (at least 1).
+  int64_t useful_threads(int64_t max_threads) const;
+  // Items [first, second) of thread t of `threads`: contiguous runs of about equal cost.
+  std::pair<size_t, size_t> share(int64_t t, int64_t threads) const;
+};
+
+// The step's schedule multipliers and options, read once per call.
+struct CpuStepScalars {
+  float lr_mult, wd_mult;
+  bool independent_wd;
+  const float* grad_scale;  // nullptr when absent
+};
+
+// The update of items [i0, i1) (each tensor's scalars from its group row and new step).
+// `ts` is indexed by CpuItems::Item::tensor. Steps are not written here.
+void cpu_update_items(const std::vector<CpuTensor>& ts, const CpuItems& items, const CpuStepScalars& sc, size_t i0,
+                      size_t i1);
+
+// True when a gradient element of items [i0, i1) is a NaN or an Inf (exact: its bits).
+bool cpu_nonfinite_items(const std::vector<CpuTensor>& ts, const CpuItems& items, size_t i0, size_t i1);
+
+// The instruction set the item loops use: force 0 (baseline), 1 (AVX2+FMA), 2 (AVX-512), capped at
+// what the CPU has; -1 keeps the current choice. Returns the active one's name.
+std::string cpu_isa(int64_t force);
+
+}  // namespace d2z

@@ -1,0 +1,92 @@
+// The CPU implementation of d2z::adamw_step_: the op's checks, then every (tensor, chunk) item of
+// the call in one parallel region over the kernel's item loops (csrc/kernels/adamw_cpu_kernel.cpp).
+#include "adamw_cpu.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <string>
+
+namespace d2z {
+namespace {
+
+// The update of every item over the useful threads (contiguous runs of about equal cost), then
+// each tensor's step.
+void cpu_update(const std::vector<CpuTensor>& ts, const CpuItems& items, const CpuStepScalars& sc) {
+  const int64_t threads = items.useful_threads(at::get_num_threads());
+  if (threads <= 1) {
+    cpu_update_items(ts, items, sc, 0, items.items.size());
+  } else {
+    at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const auto [lo, hi] = items.share(t, threads);
+        cpu_update_items(ts, items, sc, lo, hi);
+      }
+    });
+  }
+  for (const CpuTensor& ct : ts) *ct.step = ct.t;
+}
+
+// True when some gradient element is a NaN or an Inf (every element read; both threads, which
+// stop early once one has found one).
+bool cpu_any_nonfinite(const std::vector<CpuTensor>& ts, const CpuItems& items) {
+  std::atomic<bool> found{false};
+  at::parallel_for(0, static_cast<int64_t>(items.items.size()), 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1 && !found.load(std::memory_order_relaxed); ++i) {
+      if (cpu_nonfinite_items(ts, items, i, i + 1)) found.store(true, std::memory_order_relaxed);
+    }
+  });
+  return found.load();
+}
+
+}  // namespace
+
+CpuStepResult cpu_step(const std::vector<CpuTensor>& ts, const CpuItems& items, const at::Tensor& step_count,
+                       const at::Tensor& lr_table, const at::Tensor& wd_table, bool independent_wd,
+                       const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                       bool skip_nonfinite) {
+  if (found_inf.has_value() && found_inf->data_ptr<float>()[0] != 0.0f) return CpuStepResult::kSkippedFoundInf;
+  if (skip_nonfinite && cpu_any_nonfinite(ts, items)) return CpuStepResult::kSkippedNonfinite;
+  int64_t* count = step_count.data_ptr<int64_t>();
+  const int64_t idx = std::clamp<int64_t>(*count, 0, lr_table.numel() - 1);
+  const CpuStepScalars sc{lr_table.data_ptr<float>()[idx], wd_table.data_ptr<float>()[idx], independent_wd,
+                          grad_scale.has_value() ? grad_scale->data_ptr<float>() : nullptr};
+  cpu_update(ts, items, sc);
+  *count += 1;
+  return CpuStepResult::kApplied;
+}
+
+namespace {
+
+void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                    at::TensorList max_exp_avg_sqs, at::TensorList steps, const at::Tensor& step_count,
+                    const at::Tensor& lr_table, const at::Tensor& wd_table, const at::Tensor& hparams,
+                    c10::IntArrayRef group_index, bool independent_wd, const std::optional<at::Tensor>& grad_scale,
+                    const std::optional<at::Tensor>& found_inf) {
+  const StepArgs a{params,   grads,    exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,      step_count,
+                   lr_table, wd_table, hparams,  group_index, independent_wd,  grad_scale, found_inf};
+  check_step_args(a, c10::DeviceType::CPU);
+  const double* hp = hparams.data_ptr<double>();
+  check_amsgrad_states(a, hp);
+  // ---- nothing is written above this line ----
+  const size_t n = params.size();
+  std::vector<CpuTensor> ts(n);
+  CpuItems items;
+  for (size_t k = 0; k < n; ++k) {
+    const at::Tensor* vmax = max_exp_avg_sqs.empty() ? nullptr : &max_exp_avg_sqs[k];
+    ts[k] = cpu_tensor(params[k], grads[k], exp_avgs[k], exp_avg_sqs[k], vmax, steps[k], hp + group_index[k] * kHpCols);
+    items.add(static_cast<int32_t>(k), ts[k].n);
+  }
+  cpu_step(ts, items, step_count, lr_table, wd_table, independent_wd, grad_scale, found_inf, false);
+}
+
+}  // namespace
+}  // namespace d2z
+
+TORCH_LIBRARY_FRAGMENT(d2z, m) { m.def("_cpu_isa(int force=-1) -> str", &d2z::cpu_isa); }
+
+TORCH_LIBRARY_IMPL(d2z, CPU, m) { m.impl("adamw_step_", &d2z::adamw_step_cpu); }
+
+// A sparse grad routes the call to the sparse key: the same kernel, whose checks reject it by name.
+TORCH_LIBRARY_IMPL(d2z, SparseCPU, m) { m.impl("adamw_step_", &d2z::adamw_step_cpu); }

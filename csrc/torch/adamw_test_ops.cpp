@@ -1,0 +1,85 @@
+// Test-only ops.
+//
+// d2z::adamw_step_grid_replay_: the CUDA launcher's metadata built on the host, then the CUDA
+// kernels' per-thread bodies (csrc/kernels/adamw_cuda.cuh, compiled here by the host compiler) run
+// for every block and every thread of both grids, in launch order. Numerically the device code:
+// its multiply-adds are fused (std::fma) as on the GPU.
+//
+// d2z::_test_cast_: dst.copy_(src) through the kernels' own float <-> bf16/fp16 conversions.
+#include "adamw_worklist.h"
+
+namespace d2z {
+namespace {
+
+void adamw_step_grid_replay(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                            at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
+                            const at::Tensor& step_count, const at::Tensor& lr_table, const at::Tensor& wd_table,
+                            const at::Tensor& hparams, c10::IntArrayRef group_index, bool independent_wd,
+                            const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  const StepArgs a{params,   grads,    exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,      step_count,
+                   lr_table, wd_table, hparams,  group_index, independent_wd,  grad_scale, found_inf};
+  check_step_args(a, c10::DeviceType::CPU);
+  check_amsgrad_states(a, hparams.data_ptr<double>());
+  const WorkList list = make_work_list(a);
+  std::vector<unsigned char> meta(list.bytes() + 16);
+  list.pack(meta.data());
+  const LaunchArgs L = make_launch_args(a, meta.data(), list.tensors.size());
+  const int64_t n_blocks = static_cast<int64_t>(list.blocks.size());
+  // Blocks of one grid may run in any order on a GPU; each writes a disjoint chunk, so the
+  // sequential order here gives the same result.
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    for (int t = 0; t < kBlockThreads; ++t) adamw_thread(b, t, kBlockThreads, L);
+  }
+  const int64_t cb = counter_blocks(L.n_tensors);
+  for (int64_t b = 0; b < cb; ++b) {
+    for (int t = 0; t < kBlockThreads; ++t) counter_thread(b, t, kBlockThreads, L);
+  }
+}
+
+template <int D>
+void cast_to(const float* src, void* dst, int64_t n) {
+  auto* out = static_cast<typename Storage<D>::type*>(dst);
+  for (int64_t i = 0; i < n; ++i) out[i] = Storage<D>::store(src[i]);
+}
+
+template <int D>
+void cast_from(const void* src, float* dst, int64_t n) {
+  const auto* in = static_cast<const typename Storage<D>::type*>(src);
+  for (int64_t i = 0; i < n; ++i) dst[i] = Storage<D>::load(in[i]);
+}
+
+void test_cast(const at::Tensor& src, const at::Tensor& dst) {
+  TORCH_CHECK(src.is_contiguous() && dst.is_contiguous() && src.numel() == dst.numel() && src.is_cpu() && dst.is_cpu(),
+              "_test_cast_: contiguous CPU tensors of one size");
+  TORCH_CHECK(src.scalar_type() == at::kFloat || dst.scalar_type() == at::kFloat, "_test_cast_: one side float32");
+  const int64_t n = src.numel();
+  if (src.scalar_type() == at::kFloat) {
+    const float* s = src.data_ptr<float>();
+    switch (dst.scalar_type()) {
+      case at::kBFloat16:
+        return cast_to<kBF16>(s, dst.data_ptr(), n);
+      case at::kHalf:
+        return cast_to<kF16>(s, dst.data_ptr(), n);
+      default:
+        return cast_to<kF32>(s, dst.data_ptr(), n);
+    }
+  }
+  float* d = dst.data_ptr<float>();
+  switch (src.scalar_type()) {
+    case at::kBFloat16:
+      return cast_from<kBF16>(src.data_ptr(), d, n);
+    case at::kHalf:
+      return cast_from<kF16>(src.data_ptr(), d, n);
+    default:
+      TORCH_CHECK(false, "_test_cast_: unsupported dtype ", src.scalar_type());
+  }
+}
+
+}  // namespace
+}  // namespace d2z
+
+TORCH_LIBRARY_IMPL(d2z, CPU, m) {
+  m.impl("adamw_step_grid_replay_", &d2z::adamw_step_grid_replay);
+  m.impl("_test_cast_", &d2z::test_cast);
+}
+TORCH_LIBRARY_IMPL(d2z, SparseCPU, m) { m.impl("adamw_step_grid_replay_", &d2z::adamw_step_grid_replay); }

@@ -1,0 +1,269 @@
+"""The Triton backend: the launcher of ``triton_kernels/adamw.py``, its device metadata and the op.
+
+Imported only when the Triton backend is used (importing ``d2z_optim`` never imports Triton).
+
+Device-side metadata (rebuilt only when an address, size, dtype or group changes):
+    meta  int64 [N, MetaCol count]: addresses of param, grad, exp_avg, exp_avg_sq,
+          max_exp_avg_sq (0: none) and the float32 step, numel, group row, and
+          whether every address of the tensor is 16-byte aligned (columns :class:`MetaCol`);
+    work  int64 [W, 2] per dtype: (tensor row, first element of the chunk).
+Both live in one int64 buffer uploaded with one non-blocking copy from pinned memory.
+
+Launches per call: one ``_adamw_kernel`` per parameter dtype present, then one tiny
+``_counter_kernel`` that advances the per-parameter steps and ``step_count``. No host sync.
+
+The launcher is the op ``d2z::adamw_step_triton`` (``torch.library.custom_op``; its fake is
+the shared check layer, ``checks.py``): ``torch.compile`` keeps it as one opaque call instead of
+breaking the graph.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..triton_kernels import adamw as kernels
+from .checks import DTYPES, StepArgumentError, check_device_work, check_step_args
+from .contract import HP_COLS, DeviceWork, HpCol, flatten
+
+__all__ = ["COLUMN_ARGS", "COUNTER_COLUMN_ARGS", "DTYPES", "OP", "MetaCol", "interpreting", "step"]
+
+OP = "d2z::adamw_step_triton"
+
+
+class MetaCol(enum.IntEnum):
+    """Columns of the metadata table, one row per tensor (read by the kernels as constexprs)."""
+
+    P = 0
+    G = 1
+    M = 2
+    V = 3
+    X = 4  # max_exp_avg_sq, 0 when none
+    STEP = 5
+    NUMEL = 6
+    GROUP = 7
+    ALIGNED = 8
+
+
+META_COLS = len(MetaCol)
+# the kernels' constexpr arguments that give the tables' columns (one place: the launcher and the
+# ahead-of-time compile test pass these)
+COLUMN_ARGS = dict(
+    META_COLS=META_COLS,
+    COL_P=MetaCol.P,
+    COL_G=MetaCol.G,
+    COL_M=MetaCol.M,
+    COL_V=MetaCol.V,
+    COL_X=MetaCol.X,
+    COL_STEP=MetaCol.STEP,
+    COL_NUMEL=MetaCol.NUMEL,
+    COL_GROUP=MetaCol.GROUP,
+    COL_ALIGNED=MetaCol.ALIGNED,
+    HP_COLS=HP_COLS,
+    HP_LR=HpCol.LR,
+    HP_BETA1=HpCol.BETA1,
+    HP_BETA2=HpCol.BETA2,
+    HP_EPS=HpCol.EPS,
+    HP_WEIGHT_DECAY=HpCol.WEIGHT_DECAY,
+    HP_AMSGRAD=HpCol.AMSGRAD,
+    HP_MAXIMIZE=HpCol.MAXIMIZE,
+)
+COUNTER_COLUMN_ARGS = dict(META_COLS=META_COLS, COL_STEP=MetaCol.STEP)
+
+
+def interpreting() -> bool:
+    """Triton runs kernels in its interpreter (TRITON_INTERPRET=1: on CPU tensors, for tests)."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None and hasattr(knobs, "runtime"):
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _check(*args) -> torch.device:
+    """The shared checks, and where Triton runs."""
+    dev = args[6].device  # step_count
+    if dev.type == "cpu":
+        if not interpreting():
+            raise StepArgumentError(
+                f"{OP}: Triton runs on CUDA devices, but step_count and the tensors are on the CPU "
+                "(TRITON_INTERPRET=1 runs the kernel on CPU tensors, for tests only); "
+                "use backend='cpu' or 'torch' for CPU parameters"
+            )
+    elif dev.type != "cuda":
+        raise StepArgumentError(f"{OP}: Triton runs on CUDA devices, but step_count is on {dev}")
+    return check_step_args(OP, *args)
+
+
+# ----------------------------------------------------------------- the device metadata
+class TritonMeta:
+    """The uploaded metadata of one set of tensors: which launches, and where their lists are."""
+
+    __slots__ = ("buf", "host", "launches", "meta", "n_tensors")
+
+    def __init__(self, buf: Tensor, host: Tensor, meta: Tensor, n_tensors: int, launches: list) -> None:
+        self.buf, self.host, self.meta, self.n_tensors, self.launches = buf, host, meta, n_tensors, launches
+
+
+_METAS: dict[tuple, TritonMeta] = {}
+_MAX_METAS = 16
+
+
+def _tl_dtype(dtype: torch.dtype):
+    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
+
+
+def _metadata(dev, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, group_index) -> TritonMeta:
+    """The cached metadata for these addresses and sizes; built and uploaded (no sync) on a change."""
+    rows = []
+    for i, p in enumerate(params):
+        x = max_exp_avg_sqs[i] if max_exp_avg_sqs and max_exp_avg_sqs[i].numel() != 0 else None
+        rows.append(
+            (
+                p.data_ptr(),
+                grads[i].data_ptr(),
+                exp_avgs[i].data_ptr(),
+                exp_avg_sqs[i].data_ptr(),
+                0 if x is None else x.data_ptr(),
+                steps[i].data_ptr(),
+                p.numel(),
+                group_index[i],
+                p.dtype,
+            )
+        )
+    sizes = {d: (kernels.BLOCK[d], kernels.CHUNK_BLOCKS * kernels.BLOCK[d]) for d in DTYPES}  # tests change them
+    key = (dev, tuple(sizes.values()), tuple(rows))
+    found = _METAS.get(key)
+    if found is not None:
+        return found
+    meta, work = [], {}
+    for i, (pa, ga, ma, va, xa, sa, n, gi, dtype) in enumerate(rows):
+        aligned = all(a % 16 == 0 for a in (pa, ga, ma, va, xa))
+        meta.append((pa, ga, ma, va, xa, sa, n, gi, int(aligned)))
+        items, ams = work.setdefault(dtype, ([], [False]))
+        ams[0] = ams[0] or xa != 0
+        for s in range(0, n, sizes[dtype][1]):
+            items.append((i, s))
+    flat = [v for r in meta for v in r]
+    launches = []
+    for dtype in DTYPES:
+        if dtype in work and work[dtype][0]:
+            items, ams = work[dtype]
+            launches.append((dtype, ams[0], len(flat), len(items)))
+            flat += [v for it in items for v in it]
+    host = torch.tensor(flat or [0], dtype=torch.int64)
+    if dev.type == "cuda":
+        host = host.pin_memory()
+    buf = host.to(dev, non_blocking=True)  # ordered before the kernels on the current stream
+    found = TritonMeta(buf, host, buf[: len(meta) * META_COLS], len(meta), launches)
+    if len(_METAS) >= _MAX_METAS:  # addresses changed many times (e.g. new models): drop stale ones
+        _METAS.clear()
+    _METAS[key] = found
+    return found
+
+
+# ------------------------------------------------------------------------ the op
+@torch.library.custom_op(
+    OP, mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps", "step_count")
+)
+def adamw_step_triton(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    step_count: Tensor,
+    lr_table: Tensor,
+    wd_table: Tensor,
+    hparams: Tensor,
+    group_index: list[int],
+    independent_wd: bool,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+) -> None:
+    """One AdamW step of every tensor (the C++ op's arguments); see the module docstring."""
+    args = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)
+    dev = _check(*args, step_count, lr_table, wd_table, hparams, group_index, grad_scale, found_inf)
+    md = _metadata(dev, *args, group_index)
+    dummy = step_count  # stands for absent optional pointers (never read)
+    gs = grad_scale if grad_scale is not None else dummy
+    fi = found_inf if found_inf is not None else dummy
+    with _on_device(dev):
+        for dtype, ams, offset, n_items in md.launches:
+            kernels._adamw_kernel[(n_items,)](
+                md.meta,
+                md.buf[offset:],
+                hparams,
+                lr_table,
+                wd_table,
+                lr_table.numel(),
+                step_count,
+                gs,
+                fi,
+                **COLUMN_ARGS,
+                DTYPE=_tl_dtype(dtype),
+                INDEPENDENT_WD=bool(independent_wd),
+                HAS_GRAD_SCALE=grad_scale is not None,
+                HAS_FOUND_INF=found_inf is not None,
+                AMSGRAD=ams,
+                BLOCK=kernels.BLOCK[dtype],
+                CHUNK=kernels.CHUNK_BLOCKS * kernels.BLOCK[dtype],
+                num_warps=kernels.NUM_WARPS,
+                enable_fp_fusion=kernels.FP_FUSION,
+            )
+        kernels._counter_kernel[(max(1, triton.cdiv(md.n_tensors, kernels.COUNTER_BLOCK)),)](
+            md.meta,
+            md.n_tensors,
+            step_count,
+            fi,
+            **COUNTER_COLUMN_ARGS,
+            HAS_FOUND_INF=found_inf is not None,
+            BLOCK=kernels.COUNTER_BLOCK,
+            num_warps=4,
+            enable_fp_fusion=kernels.FP_FUSION,
+        )
+
+
+@adamw_step_triton.register_fake
+def _(
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, step_count, lr_table, wd_table, hparams,
+    group_index, independent_wd, grad_scale, found_inf,
+) -> None:  # fmt: skip
+    _check(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, step_count, lr_table, wd_table, hparams,
+        group_index, grad_scale, found_inf,
+    )  # fmt: skip
+
+
+class _on_device:
+    """The kernel's CUDA device current while launching (Triton launches on the current one)."""
+
+    def __init__(self, dev: torch.device) -> None:
+        self.ctx = torch.cuda.device(dev) if dev.type == "cuda" else None
+
+    def __enter__(self):
+        if self.ctx is not None:
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
+
+
+# ---------------------------------------------------------------------- launcher
+def step(work: DeviceWork, grad_scale: Tensor | None = None, found_inf: Tensor | None = None) -> None:
+    """Apply one AdamW step to every tensor of ``work`` and advance ``work.step_count`` on the device.
+
+    ``grad_scale``/``found_inf`` default to ``work``'s. One ``_adamw_kernel`` launch per
+    parameter dtype present, then the counter kernel; never a host sync.
+    """
+    grad_scale = work.grad_scale if grad_scale is None else grad_scale
+    found_inf = work.found_inf if found_inf is None else found_inf
+    check_device_work(OP, work)
+    f = flatten(work)
+    torch.ops.d2z.adamw_step_triton(*f.op_args(work, grad_scale, found_inf))
