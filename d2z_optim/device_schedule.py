@@ -46,10 +46,7 @@ def as_schedule(
             }
         return schedules.get(value, total_steps, warmup=warmup, **params)
     if isinstance(value, (Tensor, Sequence)) and not isinstance(value, (str, bytes)):
-        try:
-            return schedules.from_values(value)
-        except ValueError as e:
-            raise ValueError(str(e).replace("schedule", arg, 1)) from None
+        return schedules.from_values(value, arg=arg)
     raise ValueError(
         f"{arg} must be a schedule name, a d2z_optim.schedules.Schedule or a 1-D sequence of "
         f"multipliers, got {type(value).__name__}"

@@ -40,10 +40,7 @@ def _multipliers(schedule: Schedule | Sequence[float] | Tensor, arg: str = "sche
         return schedule.multipliers()
     if isinstance(schedule, (str, bytes)):
         raise ValueError(f"{arg} must be a Schedule or a table; build one by name with d2z_optim.schedules.get")
-    try:
-        return from_values(schedule).multipliers()
-    except ValueError as e:
-        raise ValueError(str(e).replace("schedule", arg, 1)) from None
+    return from_values(schedule, arg=arg).multipliers()
 
 
 def _nonneg(value: Any, arg: str) -> float:

@@ -376,8 +376,8 @@ def _build_custom(total_steps: Any, warmup: Any, params: dict) -> Schedule:
     return from_values(table)
 
 
-def from_values(values: Sequence[float] | torch.Tensor, name: str = "custom") -> Schedule:
-    """A schedule from an explicit table of non-negative finite multipliers."""
-    table = _check_values(values)
+def from_values(values: Sequence[float] | torch.Tensor, name: str = "custom", *, arg: str = "schedule") -> Schedule:
+    """A schedule from an explicit table of non-negative finite multipliers (an error names ``arg``)."""
+    table = _check_values(values, arg)
     T = table.numel()
     return Schedule(name, T, 0, lambda i: table[i.long()], {"values": table})

@@ -1,6 +1,6 @@
 """The C++ op d2z::adamw_step_ (CPU kernel) and its CUDA grid replayed on the CPU.
 
-Both are checked against a float64 reference written here and against the torch backend
+Both are checked against the float64 reference (d2z_optim.reference) and against the torch backend
 (d2z_optim.backends.torch_backend), on odd sizes, misaligned views, thousands of tensors, empty
 tensors, several groups, amsgrad/maximize, both weight-decay modes, AMP, three dtypes, and bad
 input (an error naming the argument, nothing written).
@@ -9,7 +9,6 @@ input (an error naming the argument, nothing written).
 from __future__ import annotations
 
 import gc
-import math
 import random
 import weakref
 
@@ -19,6 +18,7 @@ import torch
 from d2z_optim import _C  # registers torch.ops.d2z
 from d2z_optim.backends import torch_backend
 from d2z_optim.backends.contract import DeviceWork, GroupWork, StepStatus
+from d2z_optim.reference import Fp64AdamW
 
 
 def plan_step(params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, step_count, lr_table, wd_table, hp, *rest):
@@ -188,38 +188,38 @@ class Case:
             )
 
     def run_reference(self, n=1):
-        """A plain float64 AdamW written from the spec; results rounded to the storage dtype."""
+        """d2z_optim.reference.Fp64AdamW from this case's states, results rounded to the storage dtype."""
+        names = ("lr", "beta1", "beta2", "eps", "weight_decay", "amsgrad", "maximize")
+        groups = []
+        for g in self.groups:
+            h = dict(zip(names, HP[g]))
+            groups.append(dict(lr=h["lr"], betas=(h["beta1"], h["beta2"]), eps=h["eps"], amsgrad=bool(h["amsgrad"]),
+                               weight_decay=h["weight_decay"], maximize=bool(h["maximize"])))  # fmt: skip
+        state = [
+            dict(exp_avg=m, exp_avg_sq=v, max_exp_avg_sq=self.max_sqs[k] if self.max_sqs else None, step=st)
+            for k, (m, v, st) in enumerate(zip(self.exp_avgs, self.exp_avg_sqs, self.steps))
+        ]
+        ref = Fp64AdamW(
+            self.params,
+            groups=groups,
+            group_index=self.group_index,
+            lr_table=self.lr_table,
+            wd_table=self.wd_table,
+            independent=self.independent_wd,
+            state=state,
+            step_count=int(self.step_count),
+            storage_dtypes=[p.dtype for p in self.params],
+        )
         for _ in range(n):
-            if self.found_inf is not None and float(self.found_inf) != 0.0:
-                return
-            T = self.lr_table.numel()
-            idx = min(max(int(self.step_count), 0), T - 1)
-            mult, wmult = float(self.lr_table[idx]), float(self.wd_table[idx])
-            for k, p in enumerate(self.params):
-                lr, b1, b2, eps, wd, ams, mx = HP[self.groups[self.group_index[k]]]
-                t = float(self.steps[k] + 1.0)  # float32 add, as torch's step counters
-                lr_t = lr * mult
-                decay = (mult if self.independent_wd else lr_t) * wd * wmult
-                g = self.grads[k].double()
-                if self.grad_scale is not None:
-                    g = g / float(self.grad_scale)
-                if mx:
-                    g = -g
-                pd, m, v = p.double(), self.exp_avgs[k].double(), self.exp_avg_sqs[k].double()
-                pd = pd * (1 - decay)
-                m = m + (1 - b1) * (g - m)
-                v = b2 * v + (1 - b2) * g * g
-                vh = v
-                if ams:
-                    vh = torch.maximum(self.max_sqs[k].double(), v)
-                    self.max_sqs[k].copy_(vh)
-                denom = vh.sqrt() / math.sqrt(1 - b2**t) + eps
-                pd = pd - lr_t / (1 - b1**t) * m / denom
-                p.copy_(pd)
-                self.exp_avgs[k].copy_(m)
-                self.exp_avg_sqs[k].copy_(v)
-                self.steps[k].fill_(t)
-            self.step_count += 1
+            ref.step(self.grads, grad_scale=self.grad_scale, found_inf=self.found_inf)
+        for k, p in enumerate(self.params):
+            p.copy_(ref.p[k])
+            self.exp_avgs[k].copy_(ref.m[k])
+            self.exp_avg_sqs[k].copy_(ref.v[k])
+            if self.max_sqs and self.max_sqs[k].numel():
+                self.max_sqs[k].copy_(ref.vmax[k])
+            self.steps[k].fill_(float(ref.steps[k]))
+        self.step_count.fill_(ref.k)
 
 
 def _clone_view(t):
@@ -626,3 +626,15 @@ def test_plan_owns_its_parameters_python_objects_and_releases_them():
     del plan
     gc.collect()
     assert alive() is None
+
+
+# ---- torch.library.opcheck: schema (mutations as declared), fake kernel, autograd, AOT dispatch ----
+@pytest.mark.parametrize("op", ["cpu", "replay"])
+@pytest.mark.parametrize("kind", ["plain", "amsgrad_amp"])
+def test_opcheck(op, kind):
+    if kind == "plain":
+        case = Case([5, 1023, 0], dtypes=DTYPES, groups=("plain", "maximize"))
+    else:
+        case = Case([5, 64], dtypes=(torch.bfloat16,), groups=("amsgrad", "plain"), grad_scale=4.0, found_inf=0.0)
+    result = torch.library.opcheck(OPS[op], case.args())
+    assert set(result.values()) == {"SUCCESS"}, result

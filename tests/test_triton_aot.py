@@ -59,7 +59,7 @@ def _compile(dtype: str, arch: int, amsgrad: bool = True):
         **triton_backend.COLUMN_ARGS,
     )
     sig = dict(SIGNATURE, **{k: "constexpr" for k in constexprs})
-    src = ASTSource(fn=adamw._adamw_kernel, signature=sig, constexprs=constexprs)
+    src = ASTSource(fn=adamw.adamw_kernel, signature=sig, constexprs=constexprs)
     options = {"num_warps": adamw.NUM_WARPS, "enable_fp_fusion": adamw.FP_FUSION}  # as the launcher
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
@@ -141,7 +141,7 @@ def test_counter_kernel_compiles():
         **{k: "constexpr" for k in constexprs},
     }
     for arch in ARCHS:
-        src = ASTSource(fn=adamw._counter_kernel, signature=sig, constexprs=constexprs)
+        src = ASTSource(fn=adamw.counter_kernel, signature=sig, constexprs=constexprs)
         options = {"num_warps": 4, "enable_fp_fusion": adamw.FP_FUSION}
         k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
         assert k.asm["cubin"] and ".local" not in k.asm["ptx"]

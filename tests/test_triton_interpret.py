@@ -112,6 +112,7 @@ def _cases():
     from d2z_optim.triton_kernels import adamw
 
     from d2z_optim.backends import triton_backend
+    from d2z_optim.backends.contract import flatten
 
     DT = (torch.float32, torch.bfloat16, torch.float16)
     ODD = [1, 5, 1023, 4099, 0]
@@ -194,13 +195,13 @@ def _cases():
         gs = [group(torch.float32, [5, 9], 1), group(torch.bfloat16, [7], 2), group(torch.float16, [3, 0], 3)]
         w = work(gs)
         calls = []
-        orig_a, orig_c = adamw._adamw_kernel.run, adamw._counter_kernel.run
-        adamw._adamw_kernel.run = lambda *a, **k: calls.append("adamw") or orig_a(*a, **k)
-        adamw._counter_kernel.run = lambda *a, **k: calls.append("counter") or orig_c(*a, **k)
+        orig_a, orig_c = adamw.adamw_kernel.run, adamw.counter_kernel.run
+        adamw.adamw_kernel.run = lambda *a, **k: calls.append("adamw") or orig_a(*a, **k)
+        adamw.counter_kernel.run = lambda *a, **k: calls.append("counter") or orig_c(*a, **k)
         try:
             run_steps(w, 1)
         finally:
-            adamw._adamw_kernel.run, adamw._counter_kernel.run = orig_a, orig_c
+            adamw.adamw_kernel.run, adamw.counter_kernel.run = orig_a, orig_c
         assert calls == ["adamw"] * 3 + ["counter"], calls
 
     def empty_work():
@@ -262,6 +263,13 @@ def _cases():
             triton_backend.step(ref)
             compare(w, ref, k=0)  # same kernel both ways: identical
 
+    def opcheck():
+        # the custom op's schema (mutations as declared), fake (the shared checks), autograd, AOT
+        w = work(mixed_groups(torch.float32, 41))
+        f = flatten(w)
+        result = torch.library.opcheck(torch.ops.d2z.adamw_step_triton.default, f.op_args(w, None, None))
+        assert set(result.values()) == {"SUCCESS"}, result
+
     def optimizer():
         # d2z_optim.AdamW(backend="triton") end to end: groups, a schedule, lagging params,
         # amsgrad, GradScaler-style found_inf, against backend="torch"
@@ -299,7 +307,7 @@ def _cases():
 
     return {f.__name__: f for f in (small_chunks, misaligned, amp_scale, found_inf_noop, grads_read_only,
                                     tensor_lr, one_launch_per_dtype, empty_work, plan_cache, bad_input, compiled,
-                                    optimizer)} | {
+                                    opcheck, optimizer)} | {
         f"parity_{str(d).split('.')[1]}_{mode}": (lambda d=d, i=(mode == "independent"): parity(d, i))
         for d in DT
         for mode in ("coupled", "independent")
@@ -342,7 +350,7 @@ def _main_no_interpreter() -> None:
 CASES = (
     [f"parity_{d}_{m}" for d in ("float32", "bfloat16", "float16") for m in ("coupled", "independent")]
     + ["small_chunks", "misaligned", "amp_scale", "found_inf_noop", "grads_read_only", "tensor_lr"]
-    + ["one_launch_per_dtype", "empty_work", "plan_cache", "bad_input", "compiled", "optimizer"]
+    + ["one_launch_per_dtype", "empty_work", "plan_cache", "bad_input", "compiled", "opcheck", "optimizer"]
 )
 
 

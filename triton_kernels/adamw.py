@@ -21,7 +21,7 @@ would show in every update. In float64 the result rounds to the same float32 as
 torch's Python math. They are computed once per program (a few hundred instructions
 of fp64 exp2/log2, against a chunk of 8192 elements), so the cost does not show.
 
-``_counter_kernel`` runs after ``_adamw_kernel`` (every program of which reads the steps and
+``counter_kernel`` runs after ``adamw_kernel`` (every program of which reads the steps and
 the schedule counter, so they cannot be advanced inside it without a grid-wide barrier): it
 advances the per-parameter steps and ``step_count``. With ``found_inf`` nonzero both kernels
 write nothing.
@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["BLOCK", "CHUNK_BLOCKS", "COUNTER_BLOCK", "FP_FUSION", "NUM_WARPS"]
+__all__ = ["BLOCK", "CHUNK_BLOCKS", "COUNTER_BLOCK", "FP_FUSION", "NUM_WARPS", "adamw_kernel", "counter_kernel"]
 
 # num_warps 8 (256 threads) and BLOCK = 256 x 16 bytes / element size (fp32: 1024,
 # bf16/fp16: 2048): every thread makes exactly one 128-bit access per array and
@@ -59,7 +59,7 @@ CHUNK_BLOCKS = 8  # CHUNK = CHUNK_BLOCKS * BLOCK[dtype]
 # The kernels write every fma they mean (tl.fma): no contraction is left to the compiler,
 # so GPU and interpreter round alike, whatever Triton's default (it changes in 3.10).
 FP_FUSION = False
-COUNTER_BLOCK = 1024  # tensors per program of _counter_kernel
+COUNTER_BLOCK = 1024  # tensors per program of counter_kernel
 
 
 @triton.jit
@@ -145,14 +145,14 @@ def _block(
 
 
 @triton.jit
-def _adamw_kernel(
+def adamw_kernel(
     meta_ptr,  # int64 [N, META_COLS]: one row per tensor
     work_ptr,  # int64 [W, 2]: (tensor row, chunk start); one program per item
     hp_ptr,  # float64 [G, HP_COLS]
     lr_table_ptr,  # float32 [T]
     wd_table_ptr,  # float32 [T]
     table_len,
-    step_count_ptr,  # int64, read only here (advanced by _counter_kernel)
+    step_count_ptr,  # int64, read only here (advanced by counter_kernel)
     grad_scale_ptr,  # float32, read when HAS_GRAD_SCALE
     found_inf_ptr,  # float32, read when HAS_FOUND_INF: nonzero writes nothing
     # the metadata table's columns
@@ -240,7 +240,7 @@ def _adamw_kernel(
 
 
 @triton.jit
-def _counter_kernel(
+def counter_kernel(
     meta_ptr,
     n_tensors,
     step_count_ptr,
@@ -250,7 +250,7 @@ def _counter_kernel(
     HAS_FOUND_INF: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """After _adamw_kernel (same stream): steps[i] += 1 and step_count += 1, unless found_inf."""
+    """After adamw_kernel (same stream): steps[i] += 1 and step_count += 1, unless found_inf."""
     pid = tl.program_id(0)
     i = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inc = 1

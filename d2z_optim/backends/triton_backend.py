@@ -9,8 +9,8 @@ Device-side metadata (rebuilt only when an address, size, dtype or group changes
     work  int64 [W, 2] per dtype: (tensor row, first element of the chunk).
 Both live in one int64 buffer uploaded with one non-blocking copy from pinned memory.
 
-Launches per call: one ``_adamw_kernel`` per parameter dtype present, then one tiny
-``_counter_kernel`` that advances the per-parameter steps and ``step_count``. No host sync.
+Launches per call: one ``adamw_kernel`` per parameter dtype present, then one tiny
+``counter_kernel`` that advances the per-parameter steps and ``step_count``. No host sync.
 
 The launcher is the op ``d2z::adamw_step_triton`` (``torch.library.custom_op``; its fake is
 the shared check layer, ``checks.py``): ``torch.compile`` keeps it as one opaque call instead of
@@ -195,7 +195,7 @@ def adamw_step_triton(
     fi = found_inf if found_inf is not None else dummy
     with _on_device(dev):
         for dtype, ams, offset, n_items in md.launches:
-            kernels._adamw_kernel[(n_items,)](
+            kernels.adamw_kernel[(n_items,)](
                 md.meta,
                 md.buf[offset:],
                 hparams,
@@ -216,7 +216,7 @@ def adamw_step_triton(
                 num_warps=kernels.NUM_WARPS,
                 enable_fp_fusion=kernels.FP_FUSION,
             )
-        kernels._counter_kernel[(max(1, triton.cdiv(md.n_tensors, kernels.COUNTER_BLOCK)),)](
+        kernels.counter_kernel[(max(1, triton.cdiv(md.n_tensors, kernels.COUNTER_BLOCK)),)](
             md.meta,
             md.n_tensors,
             step_count,
@@ -259,7 +259,7 @@ class _on_device:
 def step(work: DeviceWork, grad_scale: Tensor | None = None, found_inf: Tensor | None = None) -> None:
     """Apply one AdamW step to every tensor of ``work`` and advance ``work.step_count`` on the device.
 
-    ``grad_scale``/``found_inf`` default to ``work``'s. One ``_adamw_kernel`` launch per
+    ``grad_scale``/``found_inf`` default to ``work``'s. One ``adamw_kernel`` launch per
     parameter dtype present, then the counter kernel; never a host sync.
     """
     grad_scale = work.grad_scale if grad_scale is None else grad_scale
