@@ -51,29 +51,16 @@ class MetaCol(enum.IntEnum):
 
 
 META_COLS = len(MetaCol)
-# the kernels' constexpr arguments that give the tables' columns (one place: the launcher and the
-# ahead-of-time compile test pass these)
-COLUMN_ARGS = dict(
-    META_COLS=META_COLS,
-    COL_P=MetaCol.P,
-    COL_G=MetaCol.G,
-    COL_M=MetaCol.M,
-    COL_V=MetaCol.V,
-    COL_X=MetaCol.X,
-    COL_STEP=MetaCol.STEP,
-    COL_NUMEL=MetaCol.NUMEL,
-    COL_GROUP=MetaCol.GROUP,
-    COL_ALIGNED=MetaCol.ALIGNED,
-    HP_COLS=HP_COLS,
-    HP_LR=HpCol.LR,
-    HP_BETA1=HpCol.BETA1,
-    HP_BETA2=HpCol.BETA2,
-    HP_EPS=HpCol.EPS,
-    HP_WEIGHT_DECAY=HpCol.WEIGHT_DECAY,
-    HP_AMSGRAD=HpCol.AMSGRAD,
-    HP_MAXIMIZE=HpCol.MAXIMIZE,
-)
-COUNTER_COLUMN_ARGS = dict(META_COLS=META_COLS, COL_STEP=MetaCol.STEP)
+# the kernels' constexpr arguments that give the tables' columns, derived from the enums (one
+# place: the launcher and the ahead-of-time compile test pass these; a new column reaches the
+# kernel's signature, which must then take it, or every Triton test fails)
+COLUMN_ARGS = {
+    "META_COLS": META_COLS,
+    **{f"COL_{c.name}": int(c) for c in MetaCol},
+    "HP_COLS": HP_COLS,
+    **{f"HP_{c.name}": int(c) for c in HpCol},
+}
+COUNTER_COLUMN_ARGS = {"META_COLS": META_COLS, "COL_STEP": int(MetaCol.STEP)}
 
 
 def interpreting() -> bool:
