@@ -2,41 +2,117 @@
 conversion of a loaded one (ours, or torch's AdamW's).
 
 torch's layout is kept as is; our entry ``"d2z"`` (torch.optim ignores unknown top-level keys)
-holds the schedule position and a description of the schedule. A torch state_dict has no such
-entry: its position is the largest per-parameter ``step``.
+holds the schedule position, the count of skipped steps and a description of the schedule. A
+torch state_dict has no such entry: its position is the largest per-parameter ``step``.
+
+Loading is all or nothing: :func:`check_loadable` checks every part (torch's and ours) before
+anything changes; the conversions after it cannot fail.
+
+``initial_lr`` (left in a group by a torch LR scheduler), one rule: with ``schedule=None`` a
+group's ``lr`` and ``initial_lr`` load exactly as torch loads them; into an optimizer with a
+schedule, a torch checkpoint's ``initial_lr`` (the peak LR its scheduler started from) becomes
+the group's peak ``lr`` and is removed. Our own checkpoints load as saved.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 import warnings
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from .arguments import check_group
+from .backends import fills_block
+from .backends.contract import same_layout
 from .device_schedule import ScheduleTables
 from .schedules import Schedule
 
-__all__ = ["SAVE_KEY", "check_loadable", "entry", "position_after_load"]
+__all__ = ["GROUP_DEFAULTS", "SAVE_KEY", "check_loadable", "convert_loaded", "entry", "position_after_load"]
 
 SAVE_KEY = "d2z"
+# torch's defaults for the flags a checkpoint of an older torch may lack (Adam.__setstate__)
+GROUP_DEFAULTS = {
+    "amsgrad": False,
+    "maximize": False,
+    "foreach": None,
+    "capturable": False,
+    "differentiable": False,
+    "fused": None,
+}
+_TENSOR_STATES = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
-def entry(tables: ScheduleTables, schedule: Schedule | None, weight_decay_mode: str) -> dict[str, Any]:
+def _describe(schedule: Schedule | None) -> dict[str, Any] | None:
+    if schedule is None:
+        return None
+    params = {k: v for k, v in schedule.params.items() if k != "values"}
+    return {"name": schedule.name, "warmup_steps": schedule.warmup_steps, **params}
+
+
+def entry(tables: ScheduleTables, weight_decay_mode: str) -> dict[str, Any]:
     """The ``"d2z"`` entry of a state_dict: the schedule position and description."""
     return {
         "step_count": tables.primary.step_count.detach().clone(),
+        "skipped_steps": tables.primary.skipped_steps.detach().clone(),
         "total_steps": tables.total_steps,
-        "schedule": None
-        if schedule is None
-        else {"name": schedule.name, **{k: v for k, v in schedule.params.items() if k != "values"}},
+        "schedule": _describe(tables.lr_sched),
+        "wd_schedule": _describe(tables.wd_sched),
         "weight_decay_mode": weight_decay_mode,
     }
 
 
-def check_loadable(param_groups: list[dict], state_dict: dict[str, Any]) -> None:
-    """Groups, parameter counts, and each state tensor's shape and dtype against our parameters.
-    Raises ValueError before anything changes."""
+# ------------------------------------------------------------------------- checks
+def _count(value: Any, what: str) -> int:
+    """A non-negative integer count: a Python/numpy int or a one-element integral tensor."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+            raise ValueError(
+                f"{what} must be an integer tensor with one element, got {value.dtype} {list(value.shape)}"
+            )
+        value = int(value.reshape(()).item())
+    elif isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{what} must be an integer >= 0, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{what} must be an integer >= 0, got {value!r}")
+    return int(value)
+
+
+def _step_value(value: Any, what: str) -> float:
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.is_complex():
+            raise ValueError(f"{what} must be a number or a one-element tensor, got shape {list(value.shape)}")
+        value = value.reshape(()).item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{what} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def _check_entry(saved: Any) -> None:
+    if not isinstance(saved, dict):
+        raise ValueError(f"the state_dict's {SAVE_KEY!r} entry must be a dict, got {type(saved).__name__}")
+    if "step_count" not in saved:
+        raise ValueError(f"the state_dict's {SAVE_KEY!r} entry has no 'step_count'")
+    _count(saved["step_count"], f"{SAVE_KEY}['step_count']")
+    if "skipped_steps" in saved:
+        _count(saved["skipped_steps"], f"{SAVE_KEY}['skipped_steps']")
+    if "total_steps" in saved and (_count(saved["total_steps"], f"{SAVE_KEY}['total_steps']") == 0):
+        raise ValueError(f"{SAVE_KEY}['total_steps'] must be positive, got 0")
+    for key in ("schedule", "wd_schedule"):
+        desc = saved.get(key)
+        if desc is not None and not (isinstance(desc, dict) and isinstance(desc.get("name"), str)):
+            raise ValueError(f"{SAVE_KEY}[{key!r}] must be None or a dict with a 'name', got {desc!r}")
+    mode = saved.get("weight_decay_mode", "coupled")
+    if mode not in ("coupled", "independent"):
+        raise ValueError(f"{SAVE_KEY}['weight_decay_mode'] must be 'coupled' or 'independent', got {mode!r}")
+
+
+def check_loadable(param_groups: list[dict], state_dict: dict[str, Any], saved: Any) -> None:
+    """Everything a load would use, against our groups and parameters: groups and their settings,
+    parameter counts, each state's step and tensors (shape, dtype, layout), and our ``"d2z"``
+    entry. Raises ValueError before anything changes."""
     for key in ("state", "param_groups"):
         if key not in state_dict:
             raise ValueError(f"optimizer state_dict has no {key!r} entry")
@@ -47,57 +123,110 @@ def check_loadable(param_groups: list[dict], state_dict: dict[str, Any]) -> None
         )
     params = {}
     for gi, (g, sg) in enumerate(zip(param_groups, saved_groups)):
+        if not isinstance(sg, dict) or "params" not in sg:
+            raise ValueError(f"parameter group {gi} of the loaded state dict is not a dict with 'params'")
         if len(g["params"]) != len(sg["params"]):
             raise ValueError(
                 f"parameter group {gi} of the loaded state dict has {len(sg['params'])} parameters, "
                 f"this optimizer's has {len(g['params'])}"
             )
+        merged = {**GROUP_DEFAULTS, **{k: v for k, v in g.items() if k != "params"}, **sg}
+        try:
+            check_group(merged)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"parameter group {gi} of the loaded state dict: {e}") from None
         params.update(zip(sg["params"], g["params"]))
     for idx, st in state_dict["state"].items():
         p = params.get(idx)
         if p is None:
             raise ValueError(f"loaded state dict has state for parameter {idx!r}, which no group holds")
+        if not isinstance(st, dict):
+            raise ValueError(f"loaded state of parameter {idx} must be a dict, got {type(st).__name__}")
         for key, value in st.items():
-            if key == "step" or not isinstance(value, Tensor):
+            what = f"loaded state {key!r} of parameter {idx}"
+            if key == "step":
+                _step_value(value, what)
                 continue
+            if key in _TENSOR_STATES and not isinstance(value, Tensor):
+                raise ValueError(f"{what} is {value!r}, not a tensor")
+            if not isinstance(value, Tensor):
+                continue
+            if value.layout != torch.strided:
+                raise ValueError(f"{what} is a {value.layout} tensor; states are dense (strided) tensors")
             if value.shape != p.shape:
-                raise ValueError(
-                    f"loaded state {key!r} of parameter {idx} has shape {tuple(value.shape)}, "
-                    f"the parameter has {tuple(p.shape)}"
-                )
+                raise ValueError(f"{what} has shape {tuple(value.shape)}, the parameter has {tuple(p.shape)}")
             if value.dtype != p.dtype:
                 raise ValueError(
-                    f"loaded state {key!r} of parameter {idx} has dtype {value.dtype}, the parameter has "
+                    f"{what} has dtype {value.dtype}, the parameter has "
                     f"{p.dtype} (states are kept in the parameter's dtype)"
                 )
+        if st and "step" not in st:
+            raise ValueError(f"loaded state of parameter {idx} has no 'step'")
+    if saved is not None:
+        _check_entry(saved)
 
 
-def convert_loaded(param_groups: list[dict], state: dict) -> None:
-    """torch's load left groups and states as saved: a group's ``initial_lr`` (left by a torch LR
-    scheduler) becomes its peak ``lr``, and each ``step`` moves to its parameter's device (torch
-    keeps it on the CPU; ours lives with the parameter)."""
+# --------------------------------------------------------------------- conversion
+def convert_loaded(param_groups: list[dict], state: dict, *, scheduled: bool, ours: Any) -> None:
+    """After torch's load (which cannot fail once :func:`check_loadable` passed): the ``initial_lr``
+    rule (module docstring); each ``step`` on its parameter's device as float32 (torch keeps it on
+    the CPU; ours lives with the parameter); each state laid out as its parameter (the fused
+    kernels walk them alike: a transposed or gapped one is copied into the parameter's layout)."""
     for group in param_groups:
-        if "initial_lr" in group:
+        if scheduled and ours is None and "initial_lr" in group:
             group["lr"] = group.pop("initial_lr")
-        group["decoupled_weight_decay"] = True
         for p in group["params"]:
             st = state.get(p)
-            if st and "step" in st:
-                st["step"] = torch.as_tensor(st["step"], dtype=torch.float32).to(p.device).clone()
+            if not st:
+                continue
+            st["step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(()).to(p.device).clone()
+            if not fills_block(p):
+                continue
+            for key in _TENSOR_STATES:
+                t = st.get(key)
+                if isinstance(t, Tensor) and not (fills_block(t) and same_layout(t, p)):
+                    st[key] = torch.empty_like(p, memory_format=torch.preserve_format).copy_(t)
 
 
-def position_after_load(saved: dict[str, Any] | None, state: dict, tables: ScheduleTables) -> Tensor:
-    """The schedule position to continue at (host int64 0-d): the saved one, or for a torch
-    state_dict the largest per-parameter ``step`` (a host read, once, at load time)."""
+def _differences(saved: dict[str, Any], tables: ScheduleTables, mode: str) -> list[str]:
+    """What differs, each as "<the checkpoint's>, this optimizer's <ours>"."""
+    out = []
+    if saved.get("total_steps", tables.total_steps) != tables.total_steps:
+        out.append(f"has {saved['total_steps']} steps, this optimizer's has {tables.total_steps}")
+    for key, mine in (("schedule", _describe(tables.lr_sched)), ("wd_schedule", _describe(tables.wd_sched))):
+        if key not in saved:
+            continue
+        theirs = saved[key]
+        name = lambda d: None if d is None else d["name"]
+        if name(theirs) != name(mine):
+            out.append(f"{key} is {name(theirs)!r}, this optimizer's is {name(mine)!r}")
+            continue
+        for k in sorted(set(theirs or {}) - {"name"}):
+            if theirs.get(k) != mine.get(k):
+                out.append(f"{key} has {k}={theirs.get(k)!r}, this optimizer's has {mine.get(k)!r}")
+    if saved.get("weight_decay_mode", mode) != mode:
+        out.append(f"weight_decay_mode is {saved['weight_decay_mode']!r}, this optimizer's is {mode!r}")
+    return out
+
+
+def position_after_load(
+    saved: dict[str, Any] | None, state: dict, tables: ScheduleTables, mode: str
+) -> tuple[Tensor, Tensor | None]:
+    """The schedule position to continue at and the skipped-step count (host int64 0-d): the
+    saved ones, or for a torch state_dict the largest per-parameter ``step`` (a host read, once,
+    at load time). A checkpoint saved with another schedule warns, naming what differs."""
     if saved is not None:
-        position = torch.as_tensor(saved["step_count"], dtype=torch.int64)
-        if saved.get("total_steps", tables.total_steps) != tables.total_steps and not tables.unbounded:
+        position = torch.tensor(_count(saved["step_count"], "step_count"), dtype=torch.int64)
+        skipped = saved.get("skipped_steps")
+        skipped = None if skipped is None else torch.tensor(_count(skipped, "skipped_steps"), dtype=torch.int64)
+        diffs = [] if tables.unbounded and saved.get("schedule") is None else _differences(saved, tables, mode)
+        if diffs:
             warnings.warn(
-                f"d2z_optim.AdamW: the checkpoint's schedule has {saved['total_steps']} steps, this "
-                f"optimizer's has {tables.total_steps}: training continues at step {int(position)} of "
-                "this optimizer's schedule",
+                f"d2z_optim.AdamW: the checkpoint's schedule {'; '.join(diffs)}: training continues at step "
+                f"{int(position)} of this optimizer's schedule",
                 stacklevel=3,
             )
-        return position
+        return position, skipped
     steps = [st["step"].to("cpu") for st in state.values() if "step" in st]
-    return torch.stack(steps).max().to(torch.int64) if steps else torch.zeros((), dtype=torch.int64)
+    position = torch.stack(steps).max().to(torch.int64) if steps else torch.zeros((), dtype=torch.int64)
+    return position, None

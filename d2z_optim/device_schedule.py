@@ -4,29 +4,38 @@ one copy of the tables and of the step counters per device, and the host's count
 The tables are indexed by ``step_count`` on the device (entry ``i`` is the multiplier of the
 ``(i+1)``-th step, see :mod:`d2z_optim.schedules`), so a step needs no host value; the host
 only counts ``step()`` calls, to warn once past the table's end without reading the device.
+
+Devices are met lazily: the step cache tells the tables which devices this step's parameters are
+on (:meth:`ScheduleTables.use`, only when it rebuilds its lists), and a device met for the first
+time starts at the current position (parameters built on ``meta`` and moved, ``model.to()``).
+Before any device is met the position lives on the CPU.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from . import schedules
+from .arguments import as_index
 from .schedules import Schedule
 
 __all__ = ["DeviceSchedule", "ScheduleTables", "as_schedule"]
+
+_CPU = torch.device("cpu")
 
 
 def as_schedule(
     value: Any, arg: str, total_steps: int | None, warmup: Any, defaults: dict, mode: str
 ) -> Schedule | None:
-    """An optimizer's ``schedule``/``wd_schedule`` argument as a Schedule (None when not given)."""
-    if value is None or isinstance(value, Schedule):
-        return value
+    """An optimizer's ``schedule``/``wd_schedule`` argument as a Schedule (None when not given).
+    ``warmup`` None: the default (10% of ``total_steps``) for a named schedule."""
+    if value is None:
+        return None
     if isinstance(value, str):
         if value not in schedules.names():
             raise ValueError(f"unknown {arg} {value!r}; valid names: {', '.join(schedules.names())}")
@@ -44,8 +53,16 @@ def as_schedule(
                 "peak_lr": 1.0 if mode == "independent" else float(lr),
                 "weight_decay": float(defaults["weight_decay"]),
             }
-        return schedules.get(value, total_steps, warmup=warmup, **params)
-    if isinstance(value, (Tensor, Sequence)) and not isinstance(value, (str, bytes)):
+        return schedules.get(value, total_steps, warmup=0.1 if warmup is None else warmup, **params)
+    if warmup is not None:
+        what = "a Schedule" if isinstance(value, Schedule) else "a table of multipliers"
+        raise ValueError(
+            f"warmup={warmup!r} has no effect with {arg} given as {what}, which holds its own warmup: "
+            f"build it with the warmup (schedules.get(name, total_steps, warmup=...)) or leave warmup out"
+        )
+    if isinstance(value, Schedule):
+        return value
+    if isinstance(value, (Tensor, Sequence)) or hasattr(value, "__array__"):  # numpy arrays too
         return schedules.from_values(value, arg=arg)
     raise ValueError(
         f"{arg} must be a schedule name, a d2z_optim.schedules.Schedule or a 1-D sequence of "
@@ -62,16 +79,19 @@ class DeviceSchedule:
         self.step_count = torch.zeros((), dtype=torch.int64, device=device)
         self.skipped_steps = torch.zeros((), dtype=torch.int64, device=device)
 
+    def __getstate__(self) -> dict[str, Any]:  # the tables are rebuilt from the host copy
+        return {"step_count": self.step_count, "skipped_steps": self.skipped_steps}
+
 
 class ScheduleTables:
     """An optimizer's LR and weight-decay multiplier tables: the host copy (float32, CPU), one
     :class:`DeviceSchedule` per device its parameters live on, and the host's step count."""
 
-    def __init__(self, lr_sched: Schedule | None, wd_sched: Schedule | None, total_steps: int | None) -> None:
-        if total_steps is not None and (
-            isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= 0
-        ):
-            raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
+    def __init__(self, lr_sched: Schedule | None, wd_sched: Schedule | None, total_steps: Any) -> None:
+        if total_steps is not None:
+            total_steps = as_index(total_steps, "total_steps")
+            if total_steps <= 0:
+                raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
         lengths = {s.total_steps for s in (lr_sched, wd_sched) if s is not None}
         if total_steps is not None:
             lengths.add(total_steps)
@@ -81,30 +101,58 @@ class ScheduleTables:
                 f"schedule={len(lr_sched) if lr_sched else None}, "
                 f"wd_schedule={len(wd_sched) if wd_sched else None}, total_steps={total_steps}"
             )
-        T = lengths.pop() if lengths else 1
-        ones = torch.ones(T, dtype=torch.float32)
-        self.lr_host = lr_sched.table() if lr_sched is not None else ones
-        self.wd_host = wd_sched.table() if wd_sched is not None else ones
-        self.total_steps: int = T
+        if lr_sched is not None and not bool((lr_sched.multipliers() > 0).any()):
+            raise ValueError(
+                f"schedule {lr_sched!r} has every multiplier 0: no step would change the parameters "
+                "(e.g. linear decay to zero over total_steps=1 without warmup); use more steps, a warmup, "
+                "or another schedule"
+            )
+        self.lr_sched, self.wd_sched = lr_sched, wd_sched
+        self.total_steps: int = lengths.pop() if lengths else 1
         # schedule=None and no total_steps: a constant that never runs out (no warning)
         self.unbounded = lr_sched is None and wd_sched is None
-        self.devices: dict[torch.device, DeviceSchedule] = {}
+        self._host_tables()
+        self.devices: dict[torch.device, DeviceSchedule] = {_CPU: DeviceSchedule(self.lr_host, self.wd_host, _CPU)}
+        self.primary_device = _CPU
         self.host_steps = 0  # step() calls counted on the host, to warn past the end without a sync
 
-    def on(self, device: torch.device) -> DeviceSchedule:
-        """The tables and counters on ``device`` (a device met later starts at the same position)."""
-        ds = self.devices.get(device)
-        if ds is None:
-            ds = DeviceSchedule(self.lr_host, self.wd_host, device)
-            if self.devices:
-                ds.step_count.copy_(self.primary.step_count)
-            self.devices[device] = ds
-        return ds
+    def _host_tables(self) -> None:
+        ones = torch.ones(self.total_steps, dtype=torch.float32)
+        self.lr_host = self.lr_sched.table() if self.lr_sched is not None else ones
+        self.wd_host = self.wd_sched.table() if self.wd_sched is not None else ones
+
+    def __getstate__(self) -> dict[str, Any]:
+        # pickle / deepcopy: the schedules' descriptions and the counters, not the tables (rebuilt)
+        return {k: v for k, v in self.__dict__.items() if k not in ("lr_host", "wd_host")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._host_tables()
+        for dev, ds in self.devices.items():
+            ds.lr_table, ds.wd_table = self.lr_host.to(dev), self.wd_host.to(dev)
 
     @property
     def primary(self) -> DeviceSchedule:
-        """The first parameter's device's."""
-        return next(iter(self.devices.values()))
+        """The first parameter's device's (the CPU's before any device was met)."""
+        return self.devices[self.primary_device]
+
+    def use(self, devices: Iterable[torch.device]) -> None:
+        """This step's parameters are on ``devices`` (the first is the first parameter's): tables for
+        a device met for the first time start at the current position; devices no parameter is on
+        any more are dropped (meeting one again starts it at the position of that time)."""
+        devices = list(dict.fromkeys(devices))
+        if not devices or devices == list(self.devices):
+            return
+        now = self.primary
+        for dev in devices:
+            if dev not in self.devices:
+                ds = DeviceSchedule(self.lr_host, self.wd_host, dev)
+                if dev.type != "meta" and now.step_count.device.type != "meta":
+                    ds.step_count.copy_(now.step_count)
+                    ds.skipped_steps.copy_(now.skipped_steps)
+                self.devices[dev] = ds
+        self.devices = {dev: self.devices[dev] for dev in devices}
+        self.primary_device = devices[0]
 
     def next_multiplier(self) -> Tensor:
         """The LR multiplier of the next step, float64 on the primary device (no host read)."""
@@ -112,10 +160,12 @@ class ScheduleTables:
         idx = ds.step_count.clamp(max=self.total_steps - 1).view(1)
         return ds.lr_table.index_select(0, idx).squeeze(0).to(torch.float64)
 
-    def set_position(self, position: Tensor) -> None:
+    def set_position(self, position: Tensor, skipped: Tensor | None = None) -> None:
         """Every device's counter at ``position`` (a host int64 0-d tensor): a checkpoint's."""
         for ds in self.devices.values():
             ds.step_count.copy_(position)
+            if skipped is not None:
+                ds.skipped_steps.copy_(skipped)
         self.host_steps = int(position)
         if self.host_steps > self.total_steps and not self.unbounded:
             self.host_steps = self.total_steps + 1  # already past the end: warned by the run that saved

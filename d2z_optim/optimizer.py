@@ -9,16 +9,17 @@ backends that hold the update math (``backends/``).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from . import backends, checkpoint, dual
+from . import arguments, backends, checkpoint, dual
 from .device_schedule import ScheduleTables, as_schedule
 from .schedules import Schedule
-from .step_cache import StepCache, local
+from .step_cache import StepCache, choose_backends
 
 __all__ = ["AdamW"]
 
@@ -42,13 +43,17 @@ class AdamW(torch.optim.Optimizer):
         capturable: accepted for compatibility; every step is capturable already
             (no host sync, all scalars on the device).
         differentiable: must be ``False``: the step is an in-place kernel.
+        (``amsgrad``, ``maximize``, ``capturable``, ``differentiable`` must be bools, ``foreach`` and
+        ``fused`` bools or None; every group's own values are checked as these are.)
         fused: ``True`` requires a fused kernel backend, ``False`` the torch backend.
         schedule: a name from :func:`d2z_optim.schedules.names`, a
             :class:`~d2z_optim.schedules.Schedule`, or a 1-D sequence/tensor of
             multipliers. ``None`` is a constant 1 (torch's behaviour), unless
             ``total_steps`` is given: then ``"linear-d2z"``, the paper's recipe.
         total_steps: number of ``step()`` calls of the run (needed by named schedules).
-        warmup: warmup steps (int) or fraction of ``total_steps`` (float) for named schedules.
+        warmup: warmup steps (int) or fraction of ``total_steps`` (float) for named schedules;
+            10% when not given. Given with a table or a Schedule (which hold their own) or
+            without ``total_steps``, it raises instead of being ignored.
         wd_schedule: multipliers of the weight decay, same forms as ``schedule``;
             all ones by default.
         weight_decay_mode: ``"coupled"`` decays by ``lr_g * table[t] * wd_g * wd_table[t]``
@@ -85,78 +90,72 @@ class AdamW(torch.optim.Optimizer):
         fused: bool | None = None,
         schedule: str | Schedule | Sequence[float] | Tensor | None = None,
         total_steps: int | None = None,
-        warmup: int | float = 0.1,
+        warmup: int | float | None = None,
         wd_schedule: str | Schedule | Sequence[float] | Tensor | None = None,
         weight_decay_mode: str = "coupled",
         backend: str = "auto",
         skip_nonfinite: bool = False,
     ) -> None:
-        # torch's own checks give torch's exact errors for everything torch has
-        torch.optim.AdamW(
-            [torch.empty(0)],
-            lr,
-            betas,
-            eps,
-            weight_decay,
-            amsgrad,
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
             maximize=maximize,
             foreach=foreach,
             capturable=capturable,
             differentiable=differentiable,
             fused=fused,
         )
-        if differentiable:
-            raise ValueError(
-                "differentiable=True is not supported by d2z_optim.AdamW: its step is an in-place "
-                "kernel that autograd cannot differentiate through; use torch.optim.AdamW"
-            )
+        arguments.check_group(defaults)  # torch's checks and errors for torch's arguments
         if weight_decay_mode not in WEIGHT_DECAY_MODES:
             raise ValueError(f"weight_decay_mode must be one of {list(WEIGHT_DECAY_MODES)}, got {weight_decay_mode!r}")
-        self._backends = backends.resolve(backend, fused=fused)
+        if not arguments.is_bool(skip_nonfinite):
+            raise TypeError(f"skip_nonfinite must be a bool, got {skip_nonfinite!r}")
+        self._selection = backends.resolve(backend, fused=fused)
         self.weight_decay_mode = weight_decay_mode
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         if schedule is None and total_steps is not None:
             schedule = "linear-d2z"
+        if warmup is not None and total_steps is None and not isinstance(schedule, str):
+            raise ValueError(
+                f"warmup={warmup!r} needs total_steps (the run's length) and a named schedule: a "
+                "constant (no schedule) has no warmup"
+            )
         self.schedule = as_schedule(schedule, "schedule", total_steps, warmup, defaults, weight_decay_mode)
         self.wd_schedule = as_schedule(wd_schedule, "wd_schedule", total_steps, warmup, defaults, weight_decay_mode)
         self._tables = ScheduleTables(self.schedule, self.wd_schedule, total_steps)
         self.total_steps: int = self._tables.total_steps
         self.skip_nonfinite = bool(skip_nonfinite)
-        self._cache = StepCache(
-            self._init_state, independent_wd=weight_decay_mode == "independent", skip_nonfinite=self.skip_nonfinite
-        )
-        self._chosen: dict[torch.device, backends.Backend] = {}
-        super().__init__(
-            params,
-            dict(
-                lr=lr,
-                betas=tuple(float(b) if isinstance(b, Tensor) else b for b in betas),
-                eps=eps,
-                weight_decay=weight_decay,
-                amsgrad=amsgrad,
-                maximize=maximize,
-                foreach=foreach,
-                capturable=capturable,
-                differentiable=differentiable,
-                fused=fused,
-                decoupled_weight_decay=True,
-            ),
-        )
+        self._cache = self._new_cache()
+        self._lock = threading.Lock()
+        defaults["betas"] = arguments.scalar_betas(betas)
+        super().__init__(params, dict(defaults, decoupled_weight_decay=True))
+
+    def _new_cache(self) -> StepCache:
+        independent = self.weight_decay_mode == "independent"
+        return StepCache(self._init_state, independent_wd=independent, skip_nonfinite=self.skip_nonfinite)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
+        """Add a group (see :meth:`torch.optim.Optimizer.add_param_group`). Every check runs before
+        the group is appended: torch's, the group's own settings as the constructor checks them, a
+        parameter listed twice, and a named backend's fit (for parameters not on ``meta``)."""
+        groups = self.param_groups
+        self.param_groups = list(groups)  # torch's normalisation and checks, on a copy of the list
+        try:
+            candidate = dict(param_group) if isinstance(param_group, dict) else param_group
+            super().add_param_group(candidate)
+        finally:
+            self.param_groups = groups
+        arguments.check_group(candidate)
+        arguments.check_distinct(candidate["params"], f"parameter group {len(groups)}")
+        real = [p for p in candidate["params"] if p.device.type != "meta"]  # meta: moved before stepping
+        choose_backends([*groups, {"params": real}], self._selection)
+        candidate["betas"] = arguments.scalar_betas(candidate["betas"])
+        param_group.clear()  # the caller's dict is the group, as torch keeps it
+        param_group.update(candidate)
+        groups.append(param_group)
         self._cache.invalidate()
-        for p in self.param_groups[-1]["params"]:
-            self._tables.on(p.device)  # tables go to each device once, never during step()
-        # chosen once, from every parameter's device and dtype: a backend that cannot take
-        # them fails here, not in step(), and step() does no selection work
-        dtypes: dict[torch.device, set] = {}
-        dense: dict[torch.device, bool] = {}
-        for group in self.param_groups:
-            for p in group["params"]:
-                dtypes.setdefault(p.device, set()).add(p.dtype)
-                dense[p.device] = dense.get(p.device, True) and backends.fills_block(local(p))
-        self._chosen = {dev: self._backends.for_device(dev, dts, dense[dev]) for dev, dts in dtypes.items()}
 
     @staticmethod
     def _init_state(state: dict, p: Tensor, amsgrad: bool) -> None:
@@ -169,8 +168,13 @@ class AdamW(torch.optim.Optimizer):
     # ------------------------------------------------------------------ reading
     @property
     def backend_name(self) -> str:
-        """The backend that steps the first parameter's device."""
-        return next(iter(self._chosen.values())).name
+        """The backend that steps the first parameter's device (before the first step: the one
+        that would; with no parameter at all: the name asked for)."""
+        chosen = self._cache.backends
+        if chosen is None:
+            real = [{"params": [p for g in self.param_groups for p in g["params"] if p.device.type != "meta"]}]
+            chosen = choose_backends(real, self._selection)
+        return next(iter(chosen.values())).name if chosen else self._selection.name
 
     @property
     def step_count(self) -> Tensor:
@@ -214,51 +218,63 @@ class AdamW(torch.optim.Optimizer):
     # -------------------------------------------------------------------- step
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
-        """Perform one optimization step (see :class:`torch.optim.AdamW`)."""
+        """Perform one optimization step (see :class:`torch.optim.AdamW`). Calls from several
+        threads are serialised: each step sees the schedule position the previous one left."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if torch.compiler.is_compiling():  # one trace: no lock to take (dynamo cannot trace one)
+            self._step()
+        else:
+            with self._lock:
+                self._step()
+        return loss
+
+    def _step(self) -> None:
         # AMP: torch.amp.GradScaler sets these attributes for optimizers that declare
         # _step_supports_amp_scaling, instead of unscaling and checking grads itself (a sync)
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        used = self._cache.step(self.param_groups, self.state, self._chosen, self._tables, grad_scale, found_inf)
+        used = self._cache.step(self.param_groups, self.state, self._selection, self._tables, grad_scale, found_inf)
         self._tables.count_step(used)
-        return loss
 
     # ------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
         """torch's layout, plus ``"d2z"``: the schedule position and description."""
         sd = super().state_dict()
-        sd[checkpoint.SAVE_KEY] = checkpoint.entry(self._tables, self.schedule, self.weight_decay_mode)
+        sd[checkpoint.SAVE_KEY] = checkpoint.entry(self._tables, self.weight_decay_mode)
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state_dict of this class or of :class:`torch.optim.AdamW`.
-
-        From a torch state_dict the schedule position is the largest per-parameter
-        ``step`` and a group's ``initial_lr`` (left by torch's LR schedulers) is its
-        peak ``lr``. This reads values on the host, once, at load time.
-        """
+        """Load a state_dict of this class or of :class:`torch.optim.AdamW`, all or nothing: every
+        check (torch's part and ours) runs before anything changes (see :mod:`d2z_optim.checkpoint`
+        for the conversions, e.g. a torch scheduler's ``initial_lr``). Reads the position on the
+        host, once, at load time."""
         state_dict = dict(state_dict)
         saved = state_dict.pop(checkpoint.SAVE_KEY, None)
-        checkpoint.check_loadable(self.param_groups, state_dict)  # every check before anything changes
+        checkpoint.check_loadable(self.param_groups, state_dict, saved)
         super().load_state_dict(state_dict)
-        checkpoint.convert_loaded(self.param_groups, self.state)
-        self._tables.set_position(checkpoint.position_after_load(saved, self.state, self._tables))
+        checkpoint.convert_loaded(self.param_groups, self.state, scheduled=self.schedule is not None, ours=saved)
+        position, skipped = checkpoint.position_after_load(saved, self.state, self._tables, self.weight_decay_mode)
+        self._tables.set_position(position, skipped)
 
     def __getstate__(self) -> dict[str, Any]:
         # torch keeps defaults, state and param_groups; ours also needs its schedule, device
-        # tables and backends. Hooks are dropped as torch drops them; the cached lists are rebuilt.
-        return {k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_") and k != "_cache"}
+        # tables and backends. Hooks are dropped as torch drops them; the cache and lock are new.
+        skip = ("_cache", "_lock")
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_") and k not in skip}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)  # also called by load_state_dict
+        for group in self.param_groups:  # flags a checkpoint of an older torch lacks: torch's defaults
+            for key, default in checkpoint.GROUP_DEFAULTS.items():
+                group.setdefault(key, default)
+            group["decoupled_weight_decay"] = True
         if "_cache" in self.__dict__:
             self._cache.invalidate()
-        else:  # unpickled: a new cache
-            mode, skip = self.__dict__["weight_decay_mode"], self.__dict__["skip_nonfinite"]
-            self._cache = StepCache(self._init_state, independent_wd=mode == "independent", skip_nonfinite=skip)
+        else:  # unpickled: a new cache and lock
+            self._cache = self._new_cache()
+            self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         base = super().__repr__()

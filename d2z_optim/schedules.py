@@ -36,6 +36,7 @@ import torch
 __all__ = ["Schedule", "from_values", "get", "names"]
 
 _WSD_SHAPES = ("linear", "1-sqrt", "cosine")
+_F32_MAX = torch.finfo(torch.float32).max
 
 
 # --------------------------------------------------------------------------- #
@@ -114,6 +115,13 @@ def _check_values(values: Any, arg: str = "schedule") -> torch.Tensor:
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
         raise ValueError(f"{arg} must hold non-negative finite multipliers; entry {i} is {t[i].item()!r}")
+    big = t > _F32_MAX
+    if bool(big.any()):
+        i = int(big.nonzero()[0, 0])
+        raise ValueError(
+            f"{arg} must hold multipliers that are finite in float32 (the device table's dtype, at most "
+            f"{_F32_MAX:.4g}); entry {i} is {t[i].item()!r}"
+        )
     return t.contiguous()
 
 
@@ -153,8 +161,17 @@ class Schedule:
         return self.total_steps
 
     def __getstate__(self) -> dict[str, Any]:
-        # pickle / deepcopy: the multipliers themselves (the building function is a closure)
-        return {**self.__dict__, "_cache": self.multipliers(), "_fn": None}
+        # pickle / deepcopy: the description (a named schedule is rebuilt from it) or, for a
+        # custom one, its values (in params); never the table (the building function is a closure)
+        return {**self.__dict__, "_cache": None, "_fn": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if self.name in _BUILDERS:
+            self._fn = _BUILDERS[self.name](self.total_steps, self.warmup_steps, **self.params)[0]
+        else:
+            table = self.params["values"]
+            self._fn = lambda i: table[i.long()]
 
     def __repr__(self) -> str:
         extra = "".join(f", {k}={v!r}" for k, v in self.params.items() if k != "values")
@@ -163,8 +180,15 @@ class Schedule:
     def multipliers(self) -> torch.Tensor:
         """All ``T`` multipliers as a float64 CPU tensor (computed once, cached)."""
         if self._cache is None:
-            i = torch.arange(self.total_steps, dtype=torch.float64)
-            out = torch.empty_like(i)
+            try:
+                i = torch.arange(self.total_steps, dtype=torch.float64)
+                out = torch.empty_like(i)
+            except (RuntimeError, MemoryError):  # the allocator refused: say which argument
+                gb = self.total_steps * 16 / 1e9
+                raise ValueError(
+                    f"total_steps={self.total_steps} is too large to tabulate: its multipliers need about "
+                    f"{gb:.3g} GB of float64 to compute (and the device table 4 bytes per step)"
+                ) from None
             w = self.warmup_steps
             out[:w] = (i[:w] + 1.0) / w if w else i[:0]
             out[w:] = self._fn(i[w:])
@@ -304,10 +328,10 @@ def _build_rational(
 
 def _preset(builder: Callable, **fixed) -> Callable:
     def build(T: int, W: int, **params):
-        clash = sorted(set(params) & set(fixed))
+        clash = sorted(k for k in set(params) & set(fixed) if params[k] != fixed[k])
         if clash:
             raise ValueError(f"{clash[0]} is fixed by this schedule's name; use 'linear' or 'cosine'")
-        return builder(T, W, **fixed, **params)
+        return builder(T, W, **{**params, **fixed})
 
     return build
 
@@ -360,7 +384,17 @@ def get(name: str, total_steps: int, *, warmup: int | float = 0.1, **params: Any
         fn, used = _BUILDERS[name](T, W, **params)
     except TypeError as e:  # an unexpected keyword
         raise ValueError(f"schedule {name!r}: {e}") from None
-    return Schedule(name, T, W, fn, used)
+    sched = Schedule(name, T, W, fn, used)
+    m = sched.multipliers()
+    big = ~(m.abs() <= _F32_MAX)
+    if bool(big.any()):
+        i = int(big.nonzero()[0, 0])
+        args = ", ".join(f"{k}={v!r}" for k, v in used.items()) or "its defaults"
+        raise ValueError(
+            f"schedule {name!r} with {args} has multiplier {m[i].item()!r} at step {i}, which is not finite "
+            f"in float32 (the device table's dtype, at most {_F32_MAX:.4g})"
+        )
+    return sched
 
 
 def _build_custom(total_steps: Any, warmup: Any, params: dict) -> Schedule:

@@ -27,7 +27,7 @@ from itertools import repeat
 import torch
 from torch import Tensor
 
-from .backends import TORCH, Backend
+from .backends import TORCH, Backend, Selection, fills_block
 from .backends.contract import DeviceWork, GroupWork, HparamsTable, StepStatus, in_layout_of
 from .device_schedule import ScheduleTables
 
@@ -77,6 +77,7 @@ class CachedLists:
         backends: Mapping[torch.device, Backend],
         init_state: InitState,
     ) -> None:
+        self.backends = dict(backends)
         self.groups: list[_Group] = []
         self.slots: list[_Slot] = []
         self.dtensor = False
@@ -166,31 +167,68 @@ class CachedLists:
             and [g.device for g in flat] == devices
         )
 
+    def params_changed(self) -> bool:
+        """A parameter moved to another device or dtype since the lists were built (e.g. ``.data =``)."""
+        _, dtypes, devices = self.expect
+        return [p.dtype for p in self.params] != dtypes or [p.device for p in self.params] != devices
+
     def works(
         self,
         groups: list[dict],
         schedules: ScheduleTables,
-        backends: Mapping[torch.device, Backend],
         independent_wd: bool,
         grads: list[list[Tensor | None]] | None = None,
     ) -> dict[torch.device, DeviceWork]:
         """This step's work per device: the cached lists, this step's gradients (none for a
         holder, which reads them itself) and hyperparameters."""
-        out = {
-            dev: DeviceWork(ds.lr_table, ds.wd_table, ds.step_count, independent_wd)
-            for dev, ds in schedules.devices.items()
-        }
+        out = {}
+        for dev in self.backends:
+            ds = schedules.devices[dev]
+            out[dev] = DeviceWork(ds.lr_table, ds.wd_table, ds.step_count, independent_wd)
         for s in self.slots:
             gw = group_work(groups[s.group], s.device)
             gw.params, gw.exp_avgs, gw.exp_avg_sqs = s.params, s.exp_avgs, s.exp_avg_sqs
             gw.max_exp_avg_sqs, gw.steps = s.max_exp_avg_sqs, s.steps
             if grads is not None:
                 gl = self.slot_grads(grads, s)
-                if self.relayout and backends[s.device] is not TORCH:  # fused kernels walk a grad like its param
+                if self.relayout and self.backends[s.device] is not TORCH:  # fused kernels walk a grad like its param
                     gl = in_layout_of(gl, s.params)
                 gw.grads = gl
             out[s.device].groups.append(gw)
         return out
+
+
+def choose_backends(groups: list[dict], selection: Selection) -> dict[torch.device, Backend]:
+    """The backend of each device the parameters are on now (the first parameter's first), from
+    the dtypes and layouts there. A named backend that cannot take them raises ValueError."""
+    dtypes: dict[torch.device, set] = {}
+    dense: dict[torch.device, bool] = {}
+    for group in groups:
+        for p in group["params"]:
+            dtypes.setdefault(p.device, set()).add(p.dtype)
+            dense[p.device] = dense.get(p.device, True) and fills_block(local(p))
+    return {dev: selection.for_device(dev, dts, dense[dev]) for dev, dts in dtypes.items()}
+
+
+def check_states(groups: list[dict], state: Mapping[Tensor, dict], grads: list[list[Tensor | None]]) -> None:
+    """A state made for a parameter before it changed device, dtype or size (``model.double()``
+    after a step, without moving the optimizer's state) is refused, naming it, before any write."""
+    for gi, (group, gl) in enumerate(zip(groups, grads)):
+        for i, (p, g) in enumerate(zip(group["params"], gl)):
+            st = state.get(p) if g is not None else None
+            for key in STATE_KEYS[1:] if st else ():
+                t = st.get(key)
+                if key == "max_exp_avg_sq" and not group["amsgrad"]:
+                    continue
+                if not isinstance(t, Tensor):
+                    raise ValueError(f"state {key!r} of parameter {i} of group {gi} is {t!r}, not a tensor")
+                tl, pl = local(t), local(p)
+                if tl.device != pl.device or tl.dtype != pl.dtype or tl.shape != pl.shape:
+                    raise ValueError(
+                        f"state {key!r} of parameter {i} of group {gi} is {tuple(tl.shape)} {tl.dtype} on {tl.device} "
+                        f"but the parameter is now {tuple(pl.shape)} {pl.dtype} on {pl.device}: move the optimizer's "
+                        "state with its parameters (or load a state_dict, which converts it)"
+                    )
 
 
 class StepCache:
@@ -207,11 +245,16 @@ class StepCache:
     def invalidate(self) -> None:
         self.lists = None
 
+    @property
+    def backends(self) -> dict[torch.device, Backend] | None:
+        """The backend of each device at the last (re)build of the lists."""
+        return None if self.lists is None else self.lists.backends
+
     def step(
         self,
         groups: list[dict],
         state: Mapping[Tensor, dict],
-        backends: Mapping[torch.device, Backend],
+        selection: Selection,
         schedules: ScheduleTables,
         grad_scale: Tensor | None,
         found_inf: Tensor | None,
@@ -220,58 +263,71 @@ class StepCache:
         lists = self.lists
         if not torch.compiler.is_compiling() and lists is not None and lists.holder is not None:
             if lists.matches(groups, state):
-                done, used = self._holder_step(lists, groups, backends, schedules, grad_scale, found_inf)
+                done, used = self._holder_step(lists, groups, schedules, grad_scale, found_inf)
                 if done:
                     return used
             self.lists = None  # the holder could not take this step: build the lists anew
-        return self._lists_step(groups, state, backends, schedules, grad_scale, found_inf)
+        return self._lists_step(groups, state, selection, schedules, grad_scale, found_inf)
 
-    def _works(self, lists, groups, backends, schedules, grads=None) -> dict[torch.device, DeviceWork]:
-        works = lists.works(groups, schedules, backends, self.independent_wd, grads)
+    def _works(self, lists, groups, schedules, grads=None) -> dict[torch.device, DeviceWork]:
+        works = lists.works(groups, schedules, self.independent_wd, grads)
         for dev, work in works.items():
-            if backends[dev] is not TORCH:
+            if lists.backends[dev] is not TORCH:
                 work.hparams = self.hparams.setdefault(dev, HparamsTable()).get(work)
         return works
 
-    def _holder_step(self, lists, groups, backends, schedules, grad_scale, found_inf) -> tuple[bool, Tensor | None]:
+    def _holder_step(self, lists, groups, schedules, grad_scale, found_inf) -> tuple[bool, Tensor | None]:
         """One step through the holder. False, with nothing written, when it cannot take it (a
         parameter gained or lost a gradient, a tensor changed, a bad gradient): the caller then
         steps through the lists, which rebuilds them or says what is wrong."""
         if any(p.grad is not None for p in lists.absent):
             return False, found_inf
-        (work,) = self._works(lists, groups, backends, schedules).values()
+        (work,) = self._works(lists, groups, schedules).values()
         work.grad_scale, work.found_inf = amp_tensors(work.step_count.device, grad_scale, found_inf)
         status = lists.holder.step(work, self.skip_nonfinite)
         if status is StepStatus.SKIPPED_NONFINITE:
             return True, torch.ones((), device=work.step_count.device)
         return status is StepStatus.APPLIED, found_inf
 
-    def _lists_step(self, groups, state, backends, schedules, grad_scale, found_inf) -> Tensor | None:
+    def _lists_step(self, groups, state, selection, schedules, grad_scale, found_inf, retried=False) -> Tensor | None:
         """The step through the lists of tensors: each backend's call gets them all."""
         grads = [[p.grad for p in g["params"]] for g in groups]
         lists, checked = self.lists, False
         if lists is None or not (lists.matches(groups, state) and lists.grads_present(grads)):
             check_grads(groups, grads)  # every check before any write (or any new state)
-            lists = self.lists = self._build(groups, state, grads, backends, schedules)
+            lists = self.lists = self._build(groups, state, grads, selection, schedules)
             checked = True
         elif not lists.kernel_checks and not lists.grads_match(grads):
             check_grads(groups, grads)  # raises, naming the offending gradient
         try:
-            return self._apply(lists, groups, grads, backends, schedules, grad_scale, found_inf)
+            return self._apply(lists, groups, grads, schedules, grad_scale, found_inf)
         except RuntimeError:
             # One device with a fused kernel: the op checked the gradients itself and wrote nothing.
-            # Say what torch would say about a bad gradient; a gradient laid out unlike its
-            # parameter is copied into its layout from now on, and the step retried.
+            # Say what torch would say about a bad gradient; parameters moved to another device or
+            # dtype since the lists were built get new lists; a gradient laid out unlike its
+            # parameter is copied into its layout from now on; and the step is retried.
             if not lists.kernel_checks or checked:
                 raise
             check_grads(groups, grads)
+            if not retried and lists.params_changed():
+                self.lists = None
+                return self._lists_step(groups, state, selection, schedules, grad_scale, found_inf, True)
             if lists.relayout:
                 raise
             lists.relayout = True
             lists.holder = None
-            return self._apply(lists, groups, grads, backends, schedules, grad_scale, found_inf)
+            return self._apply(lists, groups, grads, schedules, grad_scale, found_inf)
 
-    def _build(self, groups, state, grads, backends, schedules) -> CachedLists:
+    def _build(self, groups, state, grads, selection, schedules) -> CachedLists:
+        if any(g["fused"] for g in groups):  # torch's check and error, where torch makes it: new state
+            for group, gl in zip(groups, grads):
+                for p, g in zip(group["params"], gl):
+                    if group["fused"] and g is not None and not state.get(p):
+                        _fused_check(p)
+        check_states(groups, state, grads)
+        # no parameter at all (only empty groups): the schedule still moves, on the CPU
+        backends = choose_backends(groups, selection) or {schedules.primary_device: TORCH}
+        schedules.use(backends)
         lists = CachedLists(groups, state, grads, backends, self.init_state)
         # One device whose backend keeps a step holder: the lists are handed over once, and a step
         # passes only the schedule tensors (gradients are read in C++). Not for DTensor shards
@@ -280,27 +336,34 @@ class StepCache:
         # is not).
         make = next(iter(backends.values())).holder if lists.kernel_checks else None
         if make and not (lists.relayout or lists.dtensor or torch.compiler.is_compiling()):
-            (work,) = self._works(lists, groups, backends, schedules).values()
+            (work,) = self._works(lists, groups, schedules).values()
             lists.holder = make(work)
         return lists
 
-    def _apply(self, lists, groups, grads, backends, schedules, grad_scale, found_inf) -> Tensor | None:
-        works = self._works(lists, groups, backends, schedules, grads)
+    def _apply(self, lists, groups, grads, schedules, grad_scale, found_inf) -> Tensor | None:
+        works = self._works(lists, groups, schedules, grads)
         if self.skip_nonfinite:
             grad_lists = [[gr for g in w.groups for gr in g.grads] for w in works.values()]
-            found_inf = nonfinite_flag(grad_lists, next(iter(schedules.devices)), found_inf)
+            found_inf = nonfinite_flag(grad_lists, schedules.primary_device, found_inf)
         for dev, work in works.items():
             work.grad_scale, work.found_inf = amp_tensors(dev, grad_scale, found_inf)
-            backends[dev].step(work)
+            lists.backends[dev].step(work)
         return found_inf
+
+
+def _fused_check(p: Tensor) -> None:
+    """torch's own device/dtype check of ``fused=True`` (its error, at the first step, as torch)."""
+    check = getattr(torch.optim.optimizer, "_device_dtype_check_for_fused", None)
+    if check is not None:
+        check(p)
 
 
 # ------------------------------------------------------------------ pieces of a step
 def group_work(group: dict, device: torch.device) -> GroupWork:
     """A parameter group's hyperparameters, as the backends take them (no tensors yet)."""
     lr = group["lr"]
-    if isinstance(lr, Tensor):
-        lr = lr.to(device=device, dtype=torch.float64)
+    if isinstance(lr, Tensor):  # any shape with one element, as torch takes it
+        lr = lr.reshape(()).to(device=device, dtype=torch.float64)
     beta1, beta2 = group["betas"]
     return GroupWork(
         lr=lr,

@@ -113,8 +113,10 @@ def test_schedule_position_is_saved_with_the_schedule():
     train(opt, p, 0, 5)
     sd = opt.state_dict()["d2z"]
     assert int(sd["step_count"]) == 5 and sd["total_steps"] == 30
-    assert sd["schedule"] == {"name": "linear-d2z", "decay_to": 0.0}
-    assert sd["weight_decay_mode"] == "coupled"
+    # the description says enough to see another schedule, warmup or decay mode on load
+    assert sd["schedule"] == {"name": "linear-d2z", "warmup_steps": 3, "decay_to": 0.0}
+    assert sd["wd_schedule"] is None and sd["weight_decay_mode"] == "coupled"
+    assert int(sd["skipped_steps"]) == 0
 
 
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])

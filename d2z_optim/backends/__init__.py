@@ -107,10 +107,22 @@ class Selection:
 
     def __init__(self, name: str, fused: bool | None) -> None:
         self.name, self.fused = name, fused
+        # choices made, by (device, dtypes, dense): a step under torch.compile finds the choice the
+        # optimizer made eagerly (add_param_group) instead of tracing the extension's checks
+        self._memo: dict[tuple, Backend] = {}
+
+    def __getstate__(self) -> dict:
+        return {"name": self.name, "fused": self.fused, "_memo": {}}
 
     def for_device(self, device: torch.device, dtypes: Iterable[torch.dtype], dense: bool = True) -> Backend:
         """``dense``: every parameter fills one block of memory (see ``contract.fills_block``)."""
-        dtypes = set(dtypes)
+        key = (device, frozenset(dtypes), dense)
+        found = self._memo.get(key)
+        if found is None:
+            found = self._memo[key] = self._choose(device, set(dtypes), dense)
+        return found
+
+    def _choose(self, device: torch.device, dtypes: set[torch.dtype], dense: bool) -> Backend:
         if self.name != "auto":
             b = _load(self.name)
             why = b.unsupported(device, dtypes, dense)
