@@ -39,8 +39,9 @@ def test_auto_prefers_triton_then_the_cuda_kernel_on_cuda_devices():
     expect = next((n for n in ("triton", "cuda") if avail[n] is None), "torch")
     chosen = backends.resolve("auto").for_device(torch.device("cuda", 0), {torch.float32})
     assert chosen.name == expect
-    # float64 is for the torch backend only
-    assert backends.resolve("auto").for_device(torch.device("cuda", 0), {torch.float64}).name == "torch"
+    # float64 too (torch's fused kernels take it); complex is for the torch backend only
+    assert backends.resolve("auto").for_device(torch.device("cuda", 0), {torch.float64}).name == expect
+    assert backends.resolve("auto").for_device(torch.device("cuda", 0), {torch.complex64}).name == "torch"
 
 
 def test_auto_picks_the_cpu_kernel_for_cpu_parameters():

@@ -13,7 +13,9 @@ import pytest
 CSRC = Path(__file__).resolve().parent.parent / "csrc" / "kernels"  # the torch-free CUDA sources
 NVCC = shutil.which("nvcc")
 ARCHS = ("80", "90")
-MAX_REGISTERS = 64
+# per kernel: adamw_kernel's launch bounds keep 4 blocks of 256 threads per SM (64 registers);
+# adamw_kernel_f64 (taken only when a float64 tensor is in the call) keeps 2 (128)
+MAX_REGISTERS = {"adamw_kernel_f64": 128, "adamw_kernel": 64, "counter_kernel": 64}
 
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH: the CUDA compile checks need a toolkit")
 
@@ -72,17 +74,18 @@ def test_every_cu_file_is_checked(ptxas_report):
     assert "adamw_cuda.cu" in ptxas_report
 
 
-def test_no_spills_and_at_most_64_registers(ptxas_report):
+def test_no_spills_and_registers_within_the_launch_bounds(ptxas_report):
     for name, (funcs, log) in ptxas_report.items():
         entries = [k for k, v in funcs.items() if "registers" in v]
         for arch in ARCHS:
             kernels = {f for f, a in entries if a == f"sm_{arch}"}
-            for kernel in ("adamw_kernel", "counter_kernel"):
+            for kernel in MAX_REGISTERS:
                 assert any(kernel in k for k in kernels), f"{name}: no {kernel} for sm_{arch}\n{log}"
         for (func, arch), v in funcs.items():
             assert v.get("spill_stores", 0) == 0 and v.get("spill_loads", 0) == 0, f"{name} {func} {arch} spills\n{log}"
             if "registers" in v:
-                assert v["registers"] <= MAX_REGISTERS, f"{name} {func} {arch}: {v['registers']} registers\n{log}"
+                limit = next(n for k, n in MAX_REGISTERS.items() if k in func)  # the longest name first
+                assert v["registers"] <= limit, f"{name} {func} {arch}: {v['registers']} registers\n{log}"
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -35,13 +35,14 @@ OPS = {
     "replay": torch.ops.d2z.adamw_step_grid_replay_.default,
     "plan": plan_step,
 }
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 # Tolerances after a few steps, relative to the stored values. fp32: the kernel rounds each
 # intermediate to fp32 (~6e-8 relative) where the reference keeps float64, a few roundings deep.
 # bf16/fp16: the kernel and the reference may round to opposite sides of one storage ulp
 # (2^-8 / 2^-11 relative); atol covers values near zero (v ~ 1e-3 * g^2, fp16 subnormals).
 TOL = {
+    torch.float64: {"rtol": 1e-12, "atol": 1e-15},  # float64 math, a few roundings from the reference
     torch.float32: {"rtol": 2e-5, "atol": 1e-7},
     torch.bfloat16: {"rtol": 1.6e-2, "atol": 1e-5},
     torch.float16: {"rtol": 2e-3, "atol": 1e-6},
@@ -237,7 +238,7 @@ def assert_same_state(a: Case, b: Case, exact=False):
                 assert torch.equal(x, y), f"{name}[{k}] differs"
             else:
                 torch.testing.assert_close(
-                    x.float(), y.float(), **TOL[x.dtype], msg=lambda s, w=f"{name}[{k}]": f"{w}: {s}"
+                    x.double(), y.double(), **TOL[x.dtype], msg=lambda s, w=f"{name}[{k}]": f"{w}: {s}"
                 )
     for k, (x, y) in enumerate(zip(a.steps, b.steps)):
         assert float(x) == float(y), f"steps[{k}]"
@@ -448,7 +449,7 @@ def _bad_cases():
         "group_index negative": (mod(setattr_("group_index", [-1, 0])), "group_index[0]"),
         "grad dtype": (mod(set_item("grads", 1, lambda c: c.grads[1].float())), "grads[1]"),
         "exp_avg dtype": (mod(set_item("exp_avgs", 0, lambda c: c.exp_avgs[0].double())), "exp_avgs[0]"),
-        "param dtype float64": (mod(set_item("params", 0, lambda c: c.params[0].double())), "params[0]"),
+        "param dtype int32": (mod(set_item("params", 0, lambda c: c.params[0].int())), "params[0]"),
         "grad shape": (mod(set_item("grads", 0, lambda c: c.grads[0][:10].clone())), "grads[0]"),
         "exp_avg_sq shape": (mod(set_item("exp_avg_sqs", 1, lambda c: c.exp_avg_sqs[1].view(5, 1))), "exp_avg_sqs[1]"),
         "max_sq shape": (
@@ -485,7 +486,7 @@ BAD = _bad_cases()
 
 
 # the plan reads gradients from .grad, whose setter already refuses these, and takes its lists once
-NOT_FOR_PLAN = {"grad dtype", "grad shape", "param dtype float64"}
+NOT_FOR_PLAN = {"grad dtype", "grad shape", "param dtype int32"}
 
 
 @pytest.mark.parametrize(

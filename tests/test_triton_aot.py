@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 ARCHS = (80, 90)
-DTYPES = ("fp32", "bf16", "fp16")
+DTYPES = ("fp32", "bf16", "fp16", "fp64")
 SIGNATURE = {
     "meta_ptr": "*i64",
     "work_ptr": "*i64",
@@ -47,9 +47,10 @@ def _compile(dtype: str, arch: int, amsgrad: bool = True):
 
     from d2z_optim.backends import triton_backend
 
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}[dtype]
     constexprs = dict(
-        DTYPE={"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}[dtype],
+        DTYPE={"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16, "fp64": tl.float64}[dtype],
+        COMPUTE=tl.float64 if dtype == "fp64" else tl.float32,
         INDEPENDENT_WD=False,
         HAS_GRAD_SCALE=True,
         HAS_FOUND_INF=True,
@@ -102,16 +103,19 @@ def test_compiles_without_spills(dtype, arch, amsgrad):
     # 256 threads per program: at most 255 registers per thread, else the launch fails
     # (measured: 48-112 on sm_80, 74-182 on sm_90; see the BLOCK comment in adamw.py)
     assert regs * 32 * adamw_num_warps() <= 65536, report
-    # IEEE sqrt and division, never the approximate ones
-    assert "sqrt.approx.f32" not in ptx and "div.approx.f32" not in ptx and "div.full.f32" not in ptx
-    assert "sqrt.rn.f32" in ptx and "div.rn.f32" in ptx
+    # IEEE sqrt and division, never the approximate ones (float64: the element math in f64)
+    assert "sqrt.approx" not in ptx and "div.approx" not in ptx and "div.full" not in ptx
+    width = "f64" if dtype == "fp64" else "f32"
+    assert f"sqrt.rn.{width}" in ptx and f"div.rn.{width}" in ptx
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_aligned_fp32_uses_128_bit_accesses(arch):
-    ptx = _compile("fp32", arch).asm["ptx"]
-    assert "ld.global.v4" in ptx, "no 128-bit loads: the aligned path lost its alignment hints"
-    assert "st.global.v4" in ptx, "no 128-bit stores"
+@pytest.mark.parametrize("dtype", ["fp32", "fp64"])
+def test_aligned_fp32_and_fp64_use_128_bit_accesses(arch, dtype):
+    ptx = _compile(dtype, arch).asm["ptx"]
+    wide = r"\.v4\.|\.v2\.b64" if dtype == "fp64" else r"\.v4\."  # 128 bits: 4 x 32 or 2 x 64
+    assert re.search(rf"ld\.global({wide})", ptx), "no 128-bit loads: the aligned path lost its alignment hints"
+    assert re.search(rf"st\.global({wide})", ptx), "no 128-bit stores"
 
 
 @pytest.mark.parametrize("arch", ARCHS)

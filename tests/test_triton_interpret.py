@@ -114,7 +114,7 @@ def _cases():
     from d2z_optim.backends import triton_backend
     from d2z_optim.backends.contract import flatten
 
-    DT = (torch.float32, torch.bfloat16, torch.float16)
+    DT = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
     ODD = [1, 5, 1023, 4099, 0]
 
     def mixed_groups(dtype, seed=0):
@@ -242,7 +242,7 @@ def _cases():
         expect("grads[1] has dtype torch.float16", setp("grads", 1, lambda t: t.half()))
         expect("exp_avgs[0] has shape [4]", setp("exp_avgs", 0, lambda t: t[:4]))
         expect("params[2] is not dense", setp("params", 0, lambda t: t.expand(2, 4)[:, 0], gi=1))
-        expect("params[0] has dtype torch.float64", setp("params", 0, lambda t: t.double()))
+        expect("params[0] has dtype torch.int32", setp("params", 0, lambda t: t.int()))
         expect("steps[1] must be a float32", setp("steps", 1, lambda t: t.double()))
         expect("max_exp_avg_sqs[1] has 0 elements", setp("max_exp_avg_sqs", 1, lambda t: t[:0]))
         expect("grad_scale must be torch.float32", lambda w: None, grad_scale=torch.tensor(2.0, dtype=torch.float64))
@@ -348,7 +348,7 @@ def _main_no_interpreter() -> None:
 
 # ------------------------------------------------------------------------- pytest
 CASES = (
-    [f"parity_{d}_{m}" for d in ("float32", "bfloat16", "float16") for m in ("coupled", "independent")]
+    [f"parity_{d}_{m}" for d in ("float32", "bfloat16", "float16", "float64") for m in ("coupled", "independent")]
     + ["small_chunks", "misaligned", "amp_scale", "found_inf_noop", "grads_read_only", "tensor_lr"]
     + ["one_launch_per_dtype", "empty_work", "plan_cache", "bad_input", "compiled", "opcheck", "optimizer"]
 )

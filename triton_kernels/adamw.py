@@ -10,7 +10,8 @@ metadata and hyperparameter tables come in as constexpr arguments. Semantics are
         idx = min(step_count, T - 1); m = lr_table[idx]; wm = wd_table[idx]; lr_t = lr * m
         decay = (independent_wd ? m : lr_t) * (weight_decay * wm); t = steps[i] + 1 (float32)
         bc1 = 1 - beta1^t; bc2_sqrt = sqrt(1 - beta2^t); step_size = lr_t / bc1
-    per element, float32 registers (parameters and states stored as fp32, bf16 or fp16):
+    per element, float32 registers (parameters and states stored as fp32, bf16 or fp16;
+    float64 registers for float64, as torch's fused kernels compute them):
         g = grad (negated if maximize, divided by grad_scale); p = p * (1 - decay)
         m = lerp(m, g, 1 - beta1); v = beta2 * v + (1 - beta2) * g * g; vmax = max(vmax, v)
         p = p - step_size * m / (sqrt(amsgrad ? vmax : v) / bc2_sqrt + eps)
@@ -54,7 +55,9 @@ __all__ = ["BLOCK", "CHUNK_BLOCKS", "COUNTER_BLOCK", "FP_FUSION", "NUM_WARPS", "
 NUM_WARPS = 8
 VEC_BYTES = 16
 # elements per iteration, per storage dtype (read at each launch: tests shrink them)
-BLOCK = {d: NUM_WARPS * 32 * VEC_BYTES // d.itemsize for d in (torch.float32, torch.bfloat16, torch.float16)}
+BLOCK = {
+    d: NUM_WARPS * 32 * VEC_BYTES // d.itemsize for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+}
 CHUNK_BLOCKS = 8  # CHUNK = CHUNK_BLOCKS * BLOCK[dtype]
 # The kernels write every fma they mean (tl.fma): no contraction is left to the compiler,
 # so GPU and interpreter round alike, whatever Triton's default (it changes in 3.10).
@@ -99,6 +102,7 @@ def _block(
     COL_V: tl.constexpr,
     COL_X: tl.constexpr,
     DTYPE: tl.constexpr,
+    COMPUTE: tl.constexpr,
     AMSGRAD: tl.constexpr,
     FULL_ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -121,10 +125,10 @@ def _block(
         mask = None
     else:
         mask = offs < n
-    p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
-    g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
-    m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
-    v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
+    p = tl.load(p_ptr + offs, mask=mask).to(COMPUTE)
+    g = tl.load(g_ptr + offs, mask=mask).to(COMPUTE)
+    m = tl.load(m_ptr + offs, mask=mask).to(COMPUTE)
+    v = tl.load(v_ptr + offs, mask=mask).to(COMPUTE)
     p, m, v = _update(p, g, m, v, gmul, neg_decay, lerp_w, lerp_low, beta2, omb2)
     vhat = v
     if AMSGRAD:
@@ -132,13 +136,18 @@ def _block(
             x_ptr = tl.load(row + COL_X).to(pt)
             if FULL_ALIGNED:
                 x_ptr = tl.multiple_of(x_ptr, 16)
-            x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
+            x = tl.load(x_ptr + offs, mask=mask).to(COMPUTE)
             x = tl.maximum(x, v, propagate_nan=tl.PropagateNan.ALL)  # as torch.maximum
             tl.store(x_ptr + offs, x.to(DTYPE), mask=mask)
             vhat = x
-    # IEEE sqrt and division (tl.sqrt and / may be approximate on the GPU)
-    denom = tl.div_rn(tl.sqrt_rn(vhat), bc2_sqrt) + eps
-    p = tl.fma(neg_step_size, tl.div_rn(m, denom), p)  # p - step_size * m / denom
+    # IEEE sqrt and division (tl.sqrt and / may be approximate on the GPU in float32; in float64
+    # they are the IEEE ones, and sqrt_rn/div_rn take float32 only)
+    if COMPUTE == tl.float64:
+        denom = tl.sqrt(vhat) / bc2_sqrt + eps
+        p = tl.fma(neg_step_size, m / denom, p)
+    else:
+        denom = tl.div_rn(tl.sqrt_rn(vhat), bc2_sqrt) + eps
+        p = tl.fma(neg_step_size, tl.div_rn(m, denom), p)  # p - step_size * m / denom
     tl.store(p_ptr + offs, p.to(DTYPE), mask=mask)
     tl.store(m_ptr + offs, m.to(DTYPE), mask=mask)
     tl.store(v_ptr + offs, v.to(DTYPE), mask=mask)
@@ -176,6 +185,7 @@ def adamw_kernel(
     HP_AMSGRAD: tl.constexpr,
     HP_MAXIMIZE: tl.constexpr,
     DTYPE: tl.constexpr,
+    COMPUTE: tl.constexpr,  # float32, or float64 for float64 parameters
     INDEPENDENT_WD: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
@@ -209,19 +219,19 @@ def adamw_kernel(
     t = (tl.load(step_ptr) + 1.0).to(tl.float64)  # torch: steps += 1 in float32, then float64
     # beta^t = exp2(t * log2(beta)): float64 to ~1e-13 relative, far below float32 rounding
     bc1 = 1.0 - tl.exp2(t * tl.log2(beta1))
-    bc2_sqrt = tl.sqrt(1.0 - tl.exp2(t * tl.log2(beta2))).to(tl.float32)
-    neg_step_size = (-lr_t / bc1).to(tl.float32)
+    bc2_sqrt = tl.sqrt(1.0 - tl.exp2(t * tl.log2(beta2))).to(COMPUTE)
+    neg_step_size = (-lr_t / bc1).to(COMPUTE)
     gmul = tl.where(tl.load(hp + HP_MAXIMIZE) != 0.0, -1.0, 1.0).to(tl.float64)
     if HAS_GRAD_SCALE:  # torch_backend: g * fp32(1 / fp64(scale)); the sign flip is exact
         gmul = gmul * (1.0 / tl.load(grad_scale_ptr).to(tl.float64))
-    gmul = gmul.to(tl.float32)
-    neg_decay = (-decay).to(tl.float32)
-    w1 = (1.0 - beta1).to(tl.float32)  # the lerp weight, rounded as torch passes it
+    gmul = gmul.to(COMPUTE)
+    neg_decay = (-decay).to(COMPUTE)
+    w1 = (1.0 - beta1).to(COMPUTE)  # the lerp weight, rounded as torch passes it
     lerp_low = w1 < 0.5
     lerp_w = tl.where(lerp_low, w1, w1 - 1.0)
-    omb2 = (1.0 - beta2).to(tl.float32)
-    beta2 = beta2.to(tl.float32)
-    eps = tl.load(hp + HP_EPS).to(tl.float32)
+    omb2 = (1.0 - beta2).to(COMPUTE)
+    beta2 = beta2.to(COMPUTE)
+    eps = tl.load(hp + HP_EPS).to(COMPUTE)
 
     end = tl.minimum(start + CHUNK, n)
     iters = tl.cdiv(end - start, BLOCK)  # <= 0 when found_inf (n = 0): no iteration
@@ -230,12 +240,12 @@ def adamw_kernel(
         if aligned & (off + BLOCK <= n):
             _block(
                 row, off, n, ams, gmul, neg_decay, lerp_w, lerp_low, beta2, omb2, bc2_sqrt, eps, neg_step_size,
-                COL_P, COL_G, COL_M, COL_V, COL_X, DTYPE, AMSGRAD, True, BLOCK,
+                COL_P, COL_G, COL_M, COL_V, COL_X, DTYPE, COMPUTE, AMSGRAD, True, BLOCK,
             )  # fmt: skip
         else:
             _block(
                 row, off, n, ams, gmul, neg_decay, lerp_w, lerp_low, beta2, omb2, bc2_sqrt, eps, neg_step_size,
-                COL_P, COL_G, COL_M, COL_V, COL_X, DTYPE, AMSGRAD, False, BLOCK,
+                COL_P, COL_G, COL_M, COL_V, COL_X, DTYPE, COMPUTE, AMSGRAD, False, BLOCK,
             )  # fmt: skip
 
 

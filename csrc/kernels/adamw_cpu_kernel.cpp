@@ -16,8 +16,10 @@ constexpr int64_t kItemCost = 256;      // fixed cost of an item (scalars, dispa
 using Item = CpuItems::Item;
 
 template <int D, bool kFma, bool kAms>
-__attribute__((always_inline)) inline void cpu_loop(const CpuTensor& ct, int64_t b, int64_t e, ElemScalars s) {
+__attribute__((always_inline)) inline void cpu_loop(const CpuTensor& ct, int64_t b, int64_t e,
+                                                    const ScalarsOf<typename Storage<D>::compute>& s) {
   using T = typename Storage<D>::type;
+  using C = typename Storage<D>::compute;
   using S = Storage<D>;
   T* __restrict__ p = static_cast<T*>(ct.p);
   const T* __restrict__ g = static_cast<const T*>(ct.g);
@@ -25,8 +27,8 @@ __attribute__((always_inline)) inline void cpu_loop(const CpuTensor& ct, int64_t
   T* __restrict__ v = static_cast<T*>(ct.v);
   T* __restrict__ x = static_cast<T*>(ct.vmax);
   for (int64_t i = b; i < e; ++i) {
-    float fp = S::load(p[i]), fm = S::load(m[i]), fv = S::load(v[i]);
-    float fx = kAms ? S::load(x[i]) : 0.0f;
+    C fp = S::load(p[i]), fm = S::load(m[i]), fv = S::load(v[i]);
+    C fx = kAms ? S::load(x[i]) : C(0);
     adamw_element<kFma, kAms>(fp, S::load(g[i]), fm, fv, fx, s);
     p[i] = S::store(fp);
     m[i] = S::store(fm);
@@ -35,12 +37,18 @@ __attribute__((always_inline)) inline void cpu_loop(const CpuTensor& ct, int64_t
   }
 }
 
+// The item's scalars come in double (cheap to round again per item) and are rounded to the
+// compute type of the tensor's dtype here.
 template <bool kFma>
-__attribute__((always_inline)) inline void cpu_item(const CpuTensor& ct, int64_t b, int64_t e, const ElemScalars& s) {
+__attribute__((always_inline)) inline void cpu_item(const CpuTensor& ct, int64_t b, int64_t e,
+                                                    const ScalarsOf<double>& sd, const ElemScalars& s) {
   const bool ams = ct.vmax != nullptr;
   switch (ct.dtype) {
     case kF32:
       ams ? cpu_loop<kF32, kFma, true>(ct, b, e, s) : cpu_loop<kF32, kFma, false>(ct, b, e, s);
+      break;
+    case kF64:
+      ams ? cpu_loop<kF64, kFma, true>(ct, b, e, sd) : cpu_loop<kF64, kFma, false>(ct, b, e, sd);
       break;
     case kBF16:
       ams ? cpu_loop<kBF16, kFma, true>(ct, b, e, s) : cpu_loop<kBF16, kFma, false>(ct, b, e, s);
@@ -56,7 +64,7 @@ __attribute__((always_inline)) inline void cpu_item(const CpuTensor& ct, int64_t
 inline void prefetch_item(const std::vector<CpuTensor>& ts, const Item& it) {
   constexpr int64_t kMaxBytes = 16384;  // per array
   const CpuTensor& ct = ts[it.tensor];
-  const int64_t esize = ct.dtype == kF32 ? 4 : 2;
+  const int64_t esize = ct.dtype == kF64 ? 8 : (ct.dtype == kF32 ? 4 : 2);
   const int64_t bytes = (it.end - it.begin) * esize;
   if (bytes > kMaxBytes) return;
   const char* arrays[5] = {static_cast<const char*>(ct.p), static_cast<const char*>(ct.g),
@@ -69,25 +77,27 @@ inline void prefetch_item(const std::vector<CpuTensor>& ts, const Item& it) {
   }
 }
 
-using ItemFn = void (*)(const CpuTensor&, int64_t, int64_t, const ElemScalars&);
+using ItemFn = void (*)(const CpuTensor&, int64_t, int64_t, const ScalarsOf<double>&, const ElemScalars&);
 
 // Baseline x86-64 (SSE2) or any other architecture: no hardware FMA assumed, so a*b+c
 // (std::fma would be a libm call per element there).
-void item_baseline(const CpuTensor& ct, int64_t b, int64_t e, const ElemScalars& s) { cpu_item<false>(ct, b, e, s); }
+void item_baseline(const CpuTensor& ct, int64_t b, int64_t e, const ScalarsOf<double>& sd, const ElemScalars& s) {
+  cpu_item<false>(ct, b, e, sd, s);
+}
 
 #if defined(__x86_64__) && defined(__GNUC__)
 // Function multiversioning by hand: the same loop built for two more ISA levels, chosen once at
 // run time with __builtin_cpu_supports (GCC's target attribute; the callee templates are
 // always_inline so they are compiled for the caller's ISA).
 __attribute__((target("avx2,fma,f16c,bmi,bmi2"))) void item_avx2(const CpuTensor& ct, int64_t b, int64_t e,
-                                                                 const ElemScalars& s) {
-  cpu_item<true>(ct, b, e, s);
+                                                                 const ScalarsOf<double>& sd, const ElemScalars& s) {
+  cpu_item<true>(ct, b, e, sd, s);
 }
 
 __attribute__((
     target("avx512f,avx512vl,avx512bw,avx512dq,avx512cd,avx2,fma,f16c,bmi,bmi2,prefer-vector-width=512"))) void
-item_avx512(const CpuTensor& ct, int64_t b, int64_t e, const ElemScalars& s) {
-  cpu_item<true>(ct, b, e, s);
+item_avx512(const CpuTensor& ct, int64_t b, int64_t e, const ScalarsOf<double>& sd, const ElemScalars& s) {
+  cpu_item<true>(ct, b, e, sd, s);
 }
 #endif
 
@@ -169,17 +179,19 @@ void cpu_update_items(const std::vector<CpuTensor>& ts, const CpuItems& work, co
   // of one group at one step (the usual case) share them, and skip the two pow() calls.
   const double* last_hp = nullptr;
   float last_t = -1.0f;
+  ScalarsOf<double> sd{};
   ElemScalars s{};
   for (size_t i = i0; i < i1; ++i) {
     const Item& it = items[i];
     const CpuTensor& ct = ts[it.tensor];
     if (ct.hp != last_hp || ct.t != last_t) {
-      s = make_scalars(ct.hp, sc.lr_mult, sc.wd_mult, ct.t, sc.independent_wd, sc.grad_scale);
+      sd = make_scalars<double>(ct.hp, sc.lr_mult, sc.wd_mult, ct.t, sc.independent_wd, sc.grad_scale);
+      s = make_scalars<float>(ct.hp, sc.lr_mult, sc.wd_mult, ct.t, sc.independent_wd, sc.grad_scale);
       last_hp = ct.hp;
       last_t = ct.t;
     }
     if (i + 1 < i1) prefetch_item(ts, items[i + 1]);
-    fn(ct, it.begin, it.end, s);
+    fn(ct, it.begin, it.end, sd, s);
   }
 }
 
@@ -194,6 +206,9 @@ bool cpu_nonfinite_items(const std::vector<CpuTensor>& ts, const CpuItems& work,
         break;
       case kBF16:
         bad = nonfinite_bits<int16_t, 0x7fff, 0x7f80>(ct.g, it.begin, it.end);
+        break;
+      case kF64:
+        bad = nonfinite_bits<int64_t, 0x7fffffffffffffff, 0x7ff0000000000000>(ct.g, it.begin, it.end);
         break;
       default:
         bad = nonfinite_bits<int16_t, 0x7fff, 0x7c00>(ct.g, it.begin, it.end);

@@ -8,17 +8,27 @@ namespace d2z {
 
 // 256 threads and at least 4 resident blocks per SM: at most 64 registers per thread.
 __global__ void __launch_bounds__(kBlockThreads, 4) adamw_kernel(const LaunchArgs a) {
-  adamw_thread(blockIdx.x, threadIdx.x, blockDim.x, a);
+  adamw_thread<false>(blockIdx.x, threadIdx.x, blockDim.x, a);
+}
+
+// With float64 tensors: the fp64 path's scalars and values take twice the registers (at 64 it
+// spilled: ptxas, nvcc 13.0), so 2 resident blocks per SM, at most 128 registers.
+__global__ void __launch_bounds__(kBlockThreads, 2) adamw_kernel_f64(const LaunchArgs a) {
+  adamw_thread<true>(blockIdx.x, threadIdx.x, blockDim.x, a);
 }
 
 __global__ void __launch_bounds__(kBlockThreads) counter_kernel(const LaunchArgs a) {
   counter_thread(blockIdx.x, threadIdx.x, blockDim.x, a);
 }
 
-int launch_adamw(const LaunchArgs& a, int64_t n_blocks, void* stream_ptr) {
+int launch_adamw(const LaunchArgs& a, int64_t n_blocks, bool with_f64, void* stream_ptr) {
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   if (n_blocks > 0) {
-    adamw_kernel<<<static_cast<unsigned>(n_blocks), kBlockThreads, 0, stream>>>(a);
+    if (with_f64) {
+      adamw_kernel_f64<<<static_cast<unsigned>(n_blocks), kBlockThreads, 0, stream>>>(a);
+    } else {
+      adamw_kernel<<<static_cast<unsigned>(n_blocks), kBlockThreads, 0, stream>>>(a);
+    }
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return static_cast<int>(err);
   }

@@ -67,6 +67,7 @@ D2Z_INLINE bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>
 struct WorkList {
   std::vector<TensorMeta> tensors;
   std::vector<BlockWork> blocks;
+  bool has_f64 = false;  // a float64 tensor: the launch takes adamw_kernel_f64
   size_t bytes() const { return tensors.size() * sizeof(TensorMeta) + blocks.size() * sizeof(BlockWork); }
   void pack(void* dst) const {
     std::memcpy(dst, tensors.data(), tensors.size() * sizeof(TensorMeta));
@@ -78,10 +79,12 @@ struct WorkList {
 // Fills list.blocks from list.tensors (whose pointers, sizes and dtypes are set) and sets vec.
 inline void build_work_list(WorkList& list) {
   list.blocks.clear();
+  list.has_f64 = false;
   for (size_t i = 0; i < list.tensors.size(); ++i) {
     TensorMeta& t = list.tensors[i];
     t.vec = aligned16(t.p) && aligned16(t.g) && aligned16(t.m) && aligned16(t.v) &&
             (t.vmax == nullptr || aligned16(t.vmax));
+    list.has_f64 = list.has_f64 || t.dtype == kF64;
     const int64_t chunks = (t.n + kChunk - 1) / kChunk;
     for (int64_t c = 0; c < chunks; ++c) list.blocks.push_back({static_cast<int32_t>(i), static_cast<int32_t>(c)});
   }
@@ -110,13 +113,17 @@ D2Z_INLINE void store16(void* base, int64_t k, const uint32_t (&w)[4]) {
 #endif
 }
 
+template <int D>
+using ScalarsFor = ScalarsOf<typename Storage<D>::compute>;
+
 // One element given as storage values, updated in place.
 template <int D, bool kAms>
 D2Z_INLINE void update_stored(typename Storage<D>::type& p, typename Storage<D>::type g, typename Storage<D>::type& m,
-                              typename Storage<D>::type& v, typename Storage<D>::type* vmax, const ElemScalars& s) {
+                              typename Storage<D>::type& v, typename Storage<D>::type* vmax, const ScalarsFor<D>& s) {
   using S = Storage<D>;
-  float fp = S::load(p), fm = S::load(m), fv = S::load(v);
-  float fx = kAms ? S::load(*vmax) : 0.0f;
+  using C = typename S::compute;
+  C fp = S::load(p), fm = S::load(m), fv = S::load(v);
+  C fx = kAms ? S::load(*vmax) : C(0);
   adamw_element<true, kAms>(fp, S::load(g), fm, fv, fx, s);
   p = S::store(fp);
   m = S::store(fm);
@@ -124,34 +131,47 @@ D2Z_INLINE void update_stored(typename Storage<D>::type& p, typename Storage<D>:
   if (kAms) *vmax = S::store(fx);
 }
 
-// 16 bytes of each array (4 fp32 or 8 bf16/fp16 elements), vector index k.
+// 16 bytes of each array (4 fp32, 2 fp64 or 8 bf16/fp16 elements), vector index k.
 template <int D, bool kAms>
-D2Z_INLINE void update_vec16(const TensorMeta& t, int64_t k, const ElemScalars& s) {
+D2Z_INLINE void update_vec16(const TensorMeta& t, int64_t k, const ScalarsFor<D>& s) {
   uint32_t p[4], g[4], m[4], v[4], x[4] = {0, 0, 0, 0};
   load16(t.p, k, p);
   load16(t.g, k, g);
   load16(t.m, k, m);
   load16(t.v, k, v);
   if (kAms) load16(t.vmax, k, x);
-  D2Z_UNROLL
-  for (int w = 0; w < 4; ++w) {
-    if constexpr (D == kF32) {
-      float fp = bits_to_float(p[w]), fm = bits_to_float(m[w]), fv = bits_to_float(v[w]), fx = bits_to_float(x[w]);
-      adamw_element<true, kAms>(fp, bits_to_float(g[w]), fm, fv, fx, s);
-      p[w] = float_to_bits(fp);
-      m[w] = float_to_bits(fm);
-      v[w] = float_to_bits(fv);
-      x[w] = float_to_bits(fx);
-    } else {
-      uint16_t p2[2] = {uint16_t(p[w]), uint16_t(p[w] >> 16)}, m2[2] = {uint16_t(m[w]), uint16_t(m[w] >> 16)};
-      uint16_t v2[2] = {uint16_t(v[w]), uint16_t(v[w] >> 16)}, x2[2] = {uint16_t(x[w]), uint16_t(x[w] >> 16)};
-      const uint16_t g2[2] = {uint16_t(g[w]), uint16_t(g[w] >> 16)};
-      D2Z_UNROLL
-      for (int h = 0; h < 2; ++h) update_stored<D, kAms>(p2[h], g2[h], m2[h], v2[h], &x2[h], s);
-      p[w] = uint32_t(p2[0]) | (uint32_t(p2[1]) << 16);
-      m[w] = uint32_t(m2[0]) | (uint32_t(m2[1]) << 16);
-      v[w] = uint32_t(v2[0]) | (uint32_t(v2[1]) << 16);
-      x[w] = uint32_t(x2[0]) | (uint32_t(x2[1]) << 16);
+  if constexpr (D == kF64) {
+    D2Z_UNROLL
+    for (int w = 0; w < 4; w += 2) {
+      double fp = bits_to_double(p[w], p[w + 1]), fm = bits_to_double(m[w], m[w + 1]);
+      double fv = bits_to_double(v[w], v[w + 1]), fx = bits_to_double(x[w], x[w + 1]);
+      adamw_element<true, kAms>(fp, bits_to_double(g[w], g[w + 1]), fm, fv, fx, s);
+      double_to_bits(fp, p[w], p[w + 1]);
+      double_to_bits(fm, m[w], m[w + 1]);
+      double_to_bits(fv, v[w], v[w + 1]);
+      double_to_bits(fx, x[w], x[w + 1]);
+    }
+  } else {
+    D2Z_UNROLL
+    for (int w = 0; w < 4; ++w) {
+      if constexpr (D == kF32) {
+        float fp = bits_to_float(p[w]), fm = bits_to_float(m[w]), fv = bits_to_float(v[w]), fx = bits_to_float(x[w]);
+        adamw_element<true, kAms>(fp, bits_to_float(g[w]), fm, fv, fx, s);
+        p[w] = float_to_bits(fp);
+        m[w] = float_to_bits(fm);
+        v[w] = float_to_bits(fv);
+        x[w] = float_to_bits(fx);
+      } else {
+        uint16_t p2[2] = {uint16_t(p[w]), uint16_t(p[w] >> 16)}, m2[2] = {uint16_t(m[w]), uint16_t(m[w] >> 16)};
+        uint16_t v2[2] = {uint16_t(v[w]), uint16_t(v[w] >> 16)}, x2[2] = {uint16_t(x[w]), uint16_t(x[w] >> 16)};
+        const uint16_t g2[2] = {uint16_t(g[w]), uint16_t(g[w] >> 16)};
+        D2Z_UNROLL
+        for (int h = 0; h < 2; ++h) update_stored<D, kAms>(p2[h], g2[h], m2[h], v2[h], &x2[h], s);
+        p[w] = uint32_t(p2[0]) | (uint32_t(p2[1]) << 16);
+        m[w] = uint32_t(m2[0]) | (uint32_t(m2[1]) << 16);
+        v[w] = uint32_t(v2[0]) | (uint32_t(v2[1]) << 16);
+        x[w] = uint32_t(x2[0]) | (uint32_t(x2[1]) << 16);
+      }
     }
   }
   store16(t.p, k, p);
@@ -161,7 +181,7 @@ D2Z_INLINE void update_vec16(const TensorMeta& t, int64_t k, const ElemScalars& 
 }
 
 template <int D, bool kAms>
-D2Z_INLINE void update_chunk(const TensorMeta& t, const ElemScalars& s, int64_t start, int64_t end, int thread,
+D2Z_INLINE void update_chunk(const TensorMeta& t, const ScalarsFor<D>& s, int64_t start, int64_t end, int thread,
                              int block_dim) {
   using T = typename Storage<D>::type;
   int64_t e0 = start;
@@ -185,7 +205,7 @@ D2Z_INLINE void update_chunk(const TensorMeta& t, const ElemScalars& s, int64_t 
 }
 
 template <int D>
-D2Z_INLINE void update_chunk_dtype(const TensorMeta& t, bool ams, const ElemScalars& s, int64_t start, int64_t end,
+D2Z_INLINE void update_chunk_dtype(const TensorMeta& t, bool ams, const ScalarsFor<D>& s, int64_t start, int64_t end,
                                    int thread, int block_dim) {
   if (ams) {
     update_chunk<D, true>(t, s, start, end, thread, block_dim);
@@ -194,7 +214,10 @@ D2Z_INLINE void update_chunk_dtype(const TensorMeta& t, bool ams, const ElemScal
   }
 }
 
-// The body of adamw_kernel: thread `thread` of block `block`.
+// The body of adamw_kernel (kWithF64 = false: fp32/bf16/fp16 tensors only, at most 64 registers)
+// and adamw_kernel_f64 (every dtype; the fp64 path needs more registers): thread `thread` of block
+// `block`.
+template <bool kWithF64>
 D2Z_HD inline void adamw_thread(int64_t block, int thread, int block_dim, const LaunchArgs& a) {
   if (a.found_inf != nullptr && *a.found_inf != 0.0f) return;  // AMP: skip the whole step
   const BlockWork w = a.blocks[block];
@@ -203,11 +226,19 @@ D2Z_HD inline void adamw_thread(int64_t block, int thread, int block_dim, const 
   int64_t idx = *a.step_count;
   idx = idx < 0 ? 0 : (idx > a.table_len - 1 ? a.table_len - 1 : idx);
   const double* hp = a.hparams + static_cast<int64_t>(t.group) * kHpCols;
-  const ElemScalars s =
-      make_scalars(hp, a.lr_table[idx], a.wd_table[idx], *t.step + 1.0f, a.independent_wd != 0, a.grad_scale);
+  const float lr_mult = a.lr_table[idx], wd_mult = a.wd_table[idx], step = *t.step + 1.0f;
+  const bool wd_mode = a.independent_wd != 0;
   const bool ams = t.vmax != nullptr && hp[kAmsgrad] != 0.0;
   const int64_t start = static_cast<int64_t>(w.chunk) * kChunk;
   const int64_t end = start + kChunk < t.n ? start + kChunk : t.n;
+  if constexpr (kWithF64) {
+    if (t.dtype == kF64) {
+      const ScalarsOf<double> sd = make_scalars<double>(hp, lr_mult, wd_mult, step, wd_mode, a.grad_scale);
+      update_chunk_dtype<kF64>(t, ams, sd, start, end, thread, block_dim);
+      return;
+    }
+  }
+  const ElemScalars s = make_scalars<float>(hp, lr_mult, wd_mult, step, wd_mode, a.grad_scale);
   switch (t.dtype) {
     case kF32:
       update_chunk_dtype<kF32>(t, ams, s, start, end, thread, block_dim);
@@ -215,8 +246,10 @@ D2Z_HD inline void adamw_thread(int64_t block, int thread, int block_dim, const 
     case kBF16:
       update_chunk_dtype<kBF16>(t, ams, s, start, end, thread, block_dim);
       break;
-    default:
+    case kF16:
       update_chunk_dtype<kF16>(t, ams, s, start, end, thread, block_dim);
+      break;
+    default:  // kF64 reaches only adamw_kernel_f64 (the launcher's choice)
       break;
   }
 }
@@ -234,8 +267,9 @@ inline int64_t counter_blocks(int64_t n_tensors) {
   return b < 1 ? 1 : b;
 }
 
-// Launches adamw_kernel (n_blocks blocks, skipped when 0) and counter_kernel on `stream`.
-// Returns the first launch error (cudaSuccess otherwise). Defined in adamw_cuda.cu.
-int launch_adamw(const LaunchArgs& a, int64_t n_blocks, void* stream);
+// Launches adamw_kernel, or adamw_kernel_f64 when `with_f64` (n_blocks blocks, skipped when 0), then
+// counter_kernel on `stream`. Returns the first launch error (cudaSuccess otherwise). Defined in
+// adamw_cuda.cu.
+int launch_adamw(const LaunchArgs& a, int64_t n_blocks, bool with_f64, void* stream);
 
 }  // namespace d2z

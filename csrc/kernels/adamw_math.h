@@ -2,14 +2,14 @@
 //
 // Torch-free and usable from host code (g++: the CPU kernel, the CUDA grid replay) and device
 // code (nvcc). Semantics follow d2z_optim/backends/torch_backend.py:
-//   scalars, once per tensor (double, rounded once to float):
+//   scalars, once per tensor (double, rounded once to the compute type):
 //     idx = min(step_count, T-1); lr_t = lr * lr_table[idx]; wm = wd_table[idx]
 //     decay = (independent_wd ? lr_table[idx] : lr_t) * (weight_decay * wm)
 //     t = steps[i] + 1 (float32, written back); bc1 = 1 - beta1^t; bc2_sqrt = sqrt(1 - beta2^t)
 //     step_size = lr_t / bc1
-//   element, fp32 registers:
+//   element, in the compute type: fp32 registers (fp32/bf16/fp16 storage), fp64 for float64:
 //     g = grad * (maximize ? -1 : 1) / grad_scale
-//     p = p - decay * p;  m = lerp(m, g, 1 - beta1) as ATen computes it (see lerp_m below)
+//     p = p - decay * p;  m = lerp(m, g, 1 - beta1) as ATen computes it (see adamw_element)
 //     v = beta2 * v + (1 - beta2) * g * g
 //     vhat = amsgrad ? (vmax = max(vmax, v)) : v;  p = p - step_size * m / (sqrt(vhat) / bc2_sqrt + eps)
 #pragma once
@@ -30,29 +30,34 @@
 
 namespace d2z {
 
-// Storage dtypes of params/grads/states (grads and states have their param's dtype).
-enum Dtype : int32_t { kF32 = 0, kBF16 = 1, kF16 = 2 };
+// Storage dtypes of params/grads/states (grads and states have their param's dtype). The math runs
+// in float for the first three and in double for kF64 (as torch's fused kernels do: opmath).
+enum Dtype : int32_t { kF32 = 0, kBF16 = 1, kF16 = 2, kF64 = 3 };
 
 // Columns of the hparams [G, 8] float64 tensor.
 enum HpCol : int { kLr = 0, kBeta1, kBeta2, kEps, kWeightDecay, kAmsgrad, kMaximize, kHpCols = 8 };
 
-// Per-tensor scalars of one step, rounded once from double to float.
-struct ElemScalars {
-  float gmul;       // (maximize ? -1 : 1) / grad_scale: exact for 1 and powers of two
-  float neg_decay;  // -decay: p = fma(-decay, p, p)
-  float lerp_w;     // w = 1 - beta1 (the lerp weight, rounded to float) when w < 0.5, else w - 1 (exact)
-  bool lerp_low;    // w < 0.5
-  float beta2;
-  float omb2;      // 1 - beta2
-  float bc2_sqrt;  // sqrt(1 - beta2^t)
-  float eps;
-  float neg_step_size;  // -lr_t / (1 - beta1^t)
+// Per-tensor scalars of one step, rounded once from double to the compute type T (float, or
+// double for float64 parameters).
+template <typename T>
+struct ScalarsOf {
+  T gmul;         // (maximize ? -1 : 1) / grad_scale: exact for 1 and powers of two
+  T neg_decay;    // -decay: p = fma(-decay, p, p)
+  T lerp_w;       // w = 1 - beta1 (the lerp weight, rounded to T) when w < 0.5, else w - 1 (exact)
+  bool lerp_low;  // w < 0.5
+  T beta2;
+  T omb2;      // 1 - beta2
+  T bc2_sqrt;  // sqrt(1 - beta2^t)
+  T eps;
+  T neg_step_size;  // -lr_t / (1 - beta1^t)
 };
+using ElemScalars = ScalarsOf<float>;
 
 // hp: this tensor's hparams row; lr_mult/wd_mult: lr_table[idx], wd_table[idx]; t: the new step
 // (old + 1); grad_scale: nullptr when absent. All in double, as torch's Python scalars are.
-D2Z_INLINE ElemScalars make_scalars(const double* hp, float lr_mult, float wd_mult, float t, bool independent_wd,
-                                    const float* grad_scale) {
+template <typename T = float>
+D2Z_INLINE ScalarsOf<T> make_scalars(const double* hp, float lr_mult, float wd_mult, float t, bool independent_wd,
+                                     const float* grad_scale) {
   const double m = static_cast<double>(lr_mult);
   const double wm = static_cast<double>(wd_mult);
   const double lr_t = m * hp[kLr];
@@ -62,17 +67,17 @@ D2Z_INLINE ElemScalars make_scalars(const double* hp, float lr_mult, float wd_mu
   const double bc2_sqrt = sqrt(1.0 - pow(hp[kBeta2], td));
   double gmul = hp[kMaximize] != 0.0 ? -1.0 : 1.0;
   if (grad_scale != nullptr) gmul = gmul * (1.0 / static_cast<double>(*grad_scale));
-  ElemScalars s;
-  s.gmul = static_cast<float>(gmul);
-  s.neg_decay = static_cast<float>(-decay);
-  const float w1 = static_cast<float>(1.0 - hp[kBeta1]);
-  s.lerp_low = w1 < 0.5f;
-  s.lerp_w = s.lerp_low ? w1 : w1 - 1.0f;
-  s.beta2 = static_cast<float>(hp[kBeta2]);
-  s.omb2 = static_cast<float>(1.0 - hp[kBeta2]);
-  s.bc2_sqrt = static_cast<float>(bc2_sqrt);
-  s.eps = static_cast<float>(hp[kEps]);
-  s.neg_step_size = static_cast<float>(-lr_t / bc1);
+  ScalarsOf<T> s;
+  s.gmul = static_cast<T>(gmul);
+  s.neg_decay = static_cast<T>(-decay);
+  const T w1 = static_cast<T>(1.0 - hp[kBeta1]);
+  s.lerp_low = w1 < T(0.5);
+  s.lerp_w = s.lerp_low ? w1 : w1 - T(1);
+  s.beta2 = static_cast<T>(hp[kBeta2]);
+  s.omb2 = static_cast<T>(1.0 - hp[kBeta2]);
+  s.bc2_sqrt = static_cast<T>(bc2_sqrt);
+  s.eps = static_cast<T>(hp[kEps]);
+  s.neg_step_size = static_cast<T>(-lr_t / bc1);
   return s;
 }
 
@@ -92,21 +97,37 @@ D2Z_INLINE float madd(float a, float b, float c) {
 #endif
 }
 
-// The update of one element; p, m, v (and vmax when kAmsgrad) are updated in place.
-template <bool kFma, bool kAmsgrad>
-D2Z_INLINE void adamw_element(float& p, float g, float& m, float& v, float& vmax, const ElemScalars& s) {
+template <bool kFma>
+D2Z_INLINE double madd(double a, double b, double c) {
+#if defined(__CUDA_ARCH__)
+  return fma(a, b, c);
+#else
+  if constexpr (kFma) {
+    return __builtin_fma(a, b, c);
+  } else {
+    return a * b + c;
+  }
+#endif
+}
+
+D2Z_INLINE float sqrt_of(float x) { return sqrtf(x); }
+D2Z_INLINE double sqrt_of(double x) { return sqrt(x); }
+
+// The update of one element in compute type T; p, m, v (and vmax when kAmsgrad) updated in place.
+template <bool kFma, bool kAmsgrad, typename T>
+D2Z_INLINE void adamw_element(T& p, T g, T& m, T& v, T& vmax, const ScalarsOf<T>& s) {
   g = g * s.gmul;
   p = madd<kFma>(s.neg_decay, p, p);
   // ATen's lerp: fma(w, g - m, m) for w < 0.5, else fma(w - 1, g - m, g), so beta1 = 0 gives m = g
   // exactly (m + 1 * (g - m) would not: g - m rounds at m's magnitude).
   m = madd<kFma>(s.lerp_w, g - m, s.lerp_low ? m : g);
   v = madd<kFma>(s.beta2, v, (s.omb2 * g) * g);
-  float vhat = v;
+  T vhat = v;
   if constexpr (kAmsgrad) {
     vmax = (vmax > v || vmax != vmax) ? vmax : v;  // a NaN in either propagates, as torch.maximum
     vhat = vmax;
   }
-  const float denom = sqrtf(vhat) / s.bc2_sqrt + s.eps;
+  const T denom = sqrt_of(vhat) / s.bc2_sqrt + s.eps;
   p = madd<kFma>(s.neg_step_size, m / denom, p);
 }
 
@@ -129,6 +150,29 @@ D2Z_INLINE uint32_t float_to_bits(float f) {
   std::memcpy(&u, &f, 4);
   return u;
 #endif
+}
+
+// A double from / to its two 32-bit halves (little-endian: low word first), for 128-bit accesses.
+D2Z_INLINE double bits_to_double(uint32_t lo, uint32_t hi) {
+  const uint64_t u = (static_cast<uint64_t>(hi) << 32) | lo;
+#if defined(__CUDA_ARCH__)
+  return __longlong_as_double(static_cast<long long>(u));
+#else
+  double d;
+  std::memcpy(&d, &u, 8);
+  return d;
+#endif
+}
+
+D2Z_INLINE void double_to_bits(double d, uint32_t& lo, uint32_t& hi) {
+#if defined(__CUDA_ARCH__)
+  const uint64_t u = static_cast<uint64_t>(__double_as_longlong(d));
+#else
+  uint64_t u;
+  std::memcpy(&u, &d, 8);
+#endif
+  lo = static_cast<uint32_t>(u);
+  hi = static_cast<uint32_t>(u >> 32);
 }
 
 D2Z_INLINE float bf16_to_float(uint16_t h) { return bits_to_float(static_cast<uint32_t>(h) << 16); }
@@ -182,23 +226,34 @@ D2Z_INLINE uint16_t float_to_f16(float f) {
 #endif
 }
 
+// How a storage dtype is loaded into its compute type and stored back.
 template <int kDtype>
 struct Storage;
 template <>
 struct Storage<kF32> {
   using type = float;
+  using compute = float;
   static D2Z_INLINE float load(float x) { return x; }
   static D2Z_INLINE float store(float x) { return x; }
 };
 template <>
+struct Storage<kF64> {
+  using type = double;
+  using compute = double;
+  static D2Z_INLINE double load(double x) { return x; }
+  static D2Z_INLINE double store(double x) { return x; }
+};
+template <>
 struct Storage<kBF16> {
   using type = uint16_t;
+  using compute = float;
   static D2Z_INLINE float load(uint16_t x) { return bf16_to_float(x); }
   static D2Z_INLINE uint16_t store(float x) { return float_to_bf16(x); }
 };
 template <>
 struct Storage<kF16> {
   using type = uint16_t;
+  using compute = float;
   static D2Z_INLINE float load(uint16_t x) { return f16_to_float(x); }
   static D2Z_INLINE uint16_t store(float x) { return float_to_f16(x); }
 };

@@ -31,6 +31,8 @@ inline Dtype to_dtype(at::ScalarType t) {
       return kF32;
     case at::kBFloat16:
       return kBF16;
+    case at::kDouble:
+      return kF64;
     default:
       return kF16;
   }
@@ -107,8 +109,8 @@ inline void check_param(int64_t i, const at::Tensor& p, const at::Tensor& g, con
               " is out of range for hparams with ", groups, " rows");
   TORCH_CHECK(is_dense(p), "d2z::adamw_step_: params[", i, "] must be a dense tensor");
   const auto dt = p.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, "d2z::adamw_step_: params[", i,
-              "] has dtype ", dt, "; supported: float32, bfloat16, float16");
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf || dt == at::kDouble,
+              "d2z::adamw_step_: params[", i, "] has dtype ", dt, "; supported: float32, bfloat16, float16, float64");
   check_on(p, dev, "params", i);
   TORCH_CHECK(fills_block(p), "d2z::adamw_step_: params[", i, "] is not dense (strides ", p.strides(),
               "): its elements must fill one block of memory, as contiguous and channels_last tensors do");

@@ -81,12 +81,48 @@ void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   cpu_step(ts, items, step_count, lr_table, wd_table, independent_wd, grad_scale, found_inf, false);
 }
 
+void any_nonfinite_cpu(at::TensorList tensors, const at::Tensor& found) {
+  TORCH_CHECK(found.device().is_cpu() && found.scalar_type() == at::kFloat && found.numel() == 1,
+              "d2z::any_nonfinite_: found must be a float32 CPU tensor with one element");
+  std::vector<at::Tensor> dense;  // each tensor as one block of real elements
+  dense.reserve(tensors.size());
+  for (size_t k = 0; k < tensors.size(); ++k) {
+    at::Tensor t = tensors[k];
+    TORCH_CHECK(t.device().is_cpu() && is_dense(t), "d2z::any_nonfinite_: tensors[", k, "] must be a dense CPU tensor");
+    if (t.is_complex()) t = at::view_as_real(t);
+    const auto dt = t.scalar_type();
+    TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf || dt == at::kDouble,
+                "d2z::any_nonfinite_: tensors[", k, "] has dtype ", dt, "; supported: floating point and complex");
+    dense.push_back(fills_block(t) ? t : t.contiguous());  // an overlapping view (expanded): its values
+  }
+  // ---- nothing is written above this line ----
+  std::vector<CpuTensor> ts(dense.size());
+  CpuItems items;
+  for (size_t k = 0; k < dense.size(); ++k) {
+    ts[k] = CpuTensor{nullptr,
+                      dense[k].data_ptr(),
+                      nullptr,
+                      nullptr,
+                      nullptr,
+                      nullptr,
+                      dense[k].numel(),
+                      nullptr,
+                      to_dtype(dense[k].scalar_type()),
+                      0.0f};
+    items.add(static_cast<int32_t>(k), ts[k].n);
+  }
+  if (cpu_any_nonfinite(ts, items)) found.fill_(1.0);
+}
+
 }  // namespace
 }  // namespace d2z
 
 TORCH_LIBRARY_FRAGMENT(d2z, m) { m.def("_cpu_isa(int force=-1) -> str", &d2z::cpu_isa); }
 
-TORCH_LIBRARY_IMPL(d2z, CPU, m) { m.impl("adamw_step_", &d2z::adamw_step_cpu); }
+TORCH_LIBRARY_IMPL(d2z, CPU, m) {
+  m.impl("adamw_step_", &d2z::adamw_step_cpu);
+  m.impl("any_nonfinite_", &d2z::any_nonfinite_cpu);
+}
 
 // A sparse grad routes the call to the sparse key: the same kernel, whose checks reject it by name.
 TORCH_LIBRARY_IMPL(d2z, SparseCPU, m) { m.impl("adamw_step_", &d2z::adamw_step_cpu); }

@@ -19,6 +19,7 @@ struct CachedWorkList {
   std::vector<int64_t> key;
   at::Tensor device_meta;  // uint8 on the device: [TensorMeta x n][BlockWork x blocks]
   int64_t n_blocks = 0;
+  bool has_f64 = false;
   cudaStream_t stream = nullptr;
 };
 
@@ -70,6 +71,7 @@ void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
     CachedWorkList c;
     c.key = std::move(key);
     c.n_blocks = static_cast<int64_t>(list.blocks.size());
+    c.has_f64 = list.has_f64;
     const int64_t bytes = static_cast<int64_t>(std::max<size_t>(list.bytes(), 16));
     // Pinned staging buffer from torch's caching host allocator: it is not reused before the
     // asynchronous copy that reads it has completed (the allocator records the copy's stream).
@@ -90,7 +92,7 @@ void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                                                   at::cuda::getCurrentCUDAStream(dev.index()));
   }
   const LaunchArgs L = make_launch_args(a, it->device_meta.data_ptr(), params.size());
-  const int err = launch_adamw(L, it->n_blocks, stream);
+  const int err = launch_adamw(L, it->n_blocks, it->has_f64, stream);
   TORCH_CHECK(err == 0, "d2z::adamw_step_: kernel launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -13,6 +13,9 @@ TORCH_LIBRARY(d2z, m) {
   // One AdamW step of every tensor: lr_table[step_count] and wd_table[step_count] scale the
   // group's lr and weight decay; steps and step_count advance (unless found_inf is nonzero).
   m.def("adamw_step_" D2Z_STEP_ARGS);
+  // found = 1 where any element of any tensor is a NaN or an Inf (exact: their bits; complex
+  // tensors as their real and imaginary parts); found is left as it is otherwise.
+  m.def("any_nonfinite_(Tensor[] tensors, Tensor(a!) found) -> ()");
   // Test only: the CUDA kernel's grid (every block and thread) replayed on the CPU.
   m.def("adamw_step_grid_replay_" D2Z_STEP_ARGS);
   // Test only: dst.copy_(src) through the kernels' own float <-> bf16/fp16 conversions (CPU).

@@ -28,6 +28,7 @@ __all__ = [
     "StepStatus",
     "available",
     "fills_block",
+    "flag_nonfinite",
     "in_layout_of",
     "resolve",
 ]
@@ -95,6 +96,29 @@ def _load(name: str) -> Backend | str:
         note = " (TRITON_INTERPRET=1 runs Triton on CPU tensors, for tests only)"
         return Backend("triton", triton_backend.step, device, triton_backend.DTYPES, device_note=note)
     raise AssertionError(name)
+
+
+def flag_nonfinite(grads: list[torch.Tensor], found: torch.Tensor) -> torch.Tensor:
+    """``found`` (float32 0-d on the gradients' device), or 1 where an element of ``grads`` is a
+    NaN or an Inf: exact (a finite 1e20 counts as finite), on the device, no sync, and no copy of
+    the gradients (they may be bf16 of billions of elements). On the CPU the extension's bit scan
+    (``d2z::any_nonfinite_``); elsewhere (or without the extension) torch's max-abs norm per tensor
+    (``_foreach_norm`` with ord=inf: exact, fused on CUDA), which a NaN or an Inf makes non-finite."""
+    grads = [g for g in grads if g.numel()]
+    if not grads:
+        return found
+    if cpp_backend.has_scan(grads[0].device):
+        out = found.clone()
+        torch.ops.d2z.any_nonfinite_(grads, out)
+        return out
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    for same in by_dtype.values():
+        norms = torch._foreach_norm(same, float("inf"))
+        bad = ~torch.isfinite(torch.stack(norms)).all()
+        found = torch.maximum(found, bad.to(device=found.device, dtype=torch.float32, non_blocking=True))
+    return found
 
 
 def available() -> dict[str, str | None]:

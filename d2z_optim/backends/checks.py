@@ -18,8 +18,9 @@ from .contract import HP_COLS, DeviceWork, fills_block, same_layout
 
 __all__ = ["DTYPES", "StepArgumentError", "check_device_work", "check_step_args"]
 
-# what the fused kernels take (their parameters, gradients and states share the parameter's dtype)
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# what the fused kernels take (their parameters, gradients and states share the parameter's dtype;
+# the math runs in float32 for the first three and in float64 for float64, as torch's fused)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 class StepArgumentError(RuntimeError):
@@ -105,7 +106,7 @@ def check_step_args(
         if p.layout != torch.strided:
             c.fail(f"params[{i}] must be a dense tensor")
         if p.dtype not in DTYPES:
-            c.fail(f"params[{i}] has dtype {p.dtype}; supported: float32, bfloat16, float16")
+            c.fail(f"params[{i}] has dtype {p.dtype}; supported: float32, bfloat16, float16, float64")
         if p.device != dev:
             c.fail(f"params[{i}] is on {p.device} but the call is on {dev} (all tensors of one call on one device)")
         if not fills_block(p):

@@ -13,9 +13,10 @@ import torch
 from .checks import DTYPES, check_step_args
 from .contract import DeviceWork, StepStatus, flatten, hparams_tensor
 
-__all__ = ["DTYPES", "CpuStepHolder", "has_kernel", "load_extension", "step"]
+__all__ = ["DTYPES", "CpuStepHolder", "has_kernel", "has_scan", "load_extension", "step"]
 
 OPS = ("d2z::adamw_step_", "d2z::adamw_step_grid_replay_")  # one schema
+SCAN = "d2z::any_nonfinite_"
 
 _LOADED = False
 
@@ -31,8 +32,20 @@ def load_extension() -> str | None:
         return f"the C++ extension d2z_optim._C is not built or failed to import ({e})"
     for op in OPS:
         _register_fake(op)
+    torch.library.register_fake(SCAN)(lambda tensors, found: None)
+    _SCAN_DEVICES.update(t for t in ("cpu", "cuda") if torch._C._dispatch_has_kernel_for_dispatch_key(SCAN, t.upper()))
     _LOADED = True
     return None
+
+
+_SCAN_DEVICES: set[str] = set()
+
+
+def has_scan(device: torch.device) -> bool:
+    """The exact non-finite scan ``d2z::any_nonfinite_`` runs on ``device`` in this install."""
+    if not _LOADED and not torch.compiler.is_compiling():
+        load_extension()
+    return device.type in _SCAN_DEVICES
 
 
 def has_kernel(dispatch_key: str) -> bool:

@@ -100,8 +100,16 @@ _METAS: dict[tuple, TritonMeta] = {}
 _MAX_METAS = 16
 
 
+_TL_DTYPES = {
+    torch.float32: tl.float32,
+    torch.bfloat16: tl.bfloat16,
+    torch.float16: tl.float16,
+    torch.float64: tl.float64,
+}
+
+
 def _tl_dtype(dtype: torch.dtype):
-    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
+    return _TL_DTYPES[dtype]
 
 
 def _metadata(dev, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, group_index) -> TritonMeta:
@@ -194,6 +202,7 @@ def adamw_step_triton(
                 fi,
                 **COLUMN_ARGS,
                 DTYPE=_tl_dtype(dtype),
+                COMPUTE=tl.float64 if dtype == torch.float64 else tl.float32,
                 INDEPENDENT_WD=bool(independent_wd),
                 HAS_GRAD_SCALE=grad_scale is not None,
                 HAS_FOUND_INF=found_inf is not None,
