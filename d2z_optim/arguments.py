@@ -21,7 +21,8 @@ OPTIONAL_FLAGS = ("foreach", "fused")  # bool or None
 
 
 def is_bool(value: Any) -> bool:
-    return isinstance(value, bool) or type(value).__name__ == "bool_"  # numpy.bool_ too
+    t = type(value)
+    return isinstance(value, bool) or (t.__module__ == "numpy" and t.__name__ in ("bool", "bool_"))  # numpy too
 
 
 def check_flags(values: dict[str, Any]) -> None:

@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import ast
 import math
+import os
 import sys
+import tempfile
 from dataclasses import dataclass, field
 
 from . import dual, schedules
@@ -75,6 +77,18 @@ class CliError(Exception):
     pass
 
 
+MAX_STEPS = 10_000_000  # a run's optimizer steps: the paper's longest has ~47k; tables of 8 B per step
+DPI_RANGE = (10, 1200)
+MAX_PIXELS = 20_000  # per side
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's errors on one line (``d2z <command>: error: ...``), exit status 2, no usage dump."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _param(text: str) -> tuple[str, object]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"--param takes key=value, got {text!r}")
@@ -86,13 +100,30 @@ def _param(text: str) -> tuple[str, object]:
     return key.strip(), value
 
 
-def _positive_int(text: str) -> int:
+def _positive_int(text: str, most: int | None = None) -> int:
     try:
         v = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a positive int, got {text!r}") from None
     if v <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive int, got {v}")
+    if most is not None and v > most:
+        raise argparse.ArgumentTypeError(f"must be at most {most:,}, got {v:,}")
+    return v
+
+
+def _steps(text: str) -> int:
+    return _positive_int(text, MAX_STEPS)
+
+
+def _pixels(text: str) -> int:
+    return _positive_int(text, MAX_PIXELS)
+
+
+def _dpi(text: str) -> int:
+    v = _positive_int(text)
+    if not DPI_RANGE[0] <= v <= DPI_RANGE[1]:
+        raise argparse.ArgumentTypeError(f"must be between {DPI_RANGE[0]} and {DPI_RANGE[1]}, got {v}")
     return v
 
 
@@ -107,8 +138,32 @@ def _nonneg_float(text: str) -> float:
 
 
 def _warmup(text: str) -> int | float:
-    v = float(text)
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an int number of steps or a fraction, got {text!r}") from None
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 steps or a fraction in [0, 1], got {text}")
     return int(v) if v.is_integer() and "." not in text else v
+
+
+def _output(path: str, plt) -> str:
+    """A file we can write, in a format matplotlib knows: checked before anything is computed."""
+    if not path.strip():
+        raise CliError("-o/--output is empty: give a file name such as d2z.png or d2z.svg")
+    if os.path.isdir(path):
+        raise CliError(f"-o/--output {path!r} is a directory: give a file name such as {os.path.join(path, 'd2z.png')}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise CliError(f"-o/--output {path!r}: the folder {folder!r} does not exist")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise CliError(f"-o/--output {path!r}: not writable")
+    ext = os.path.splitext(path)[1].lstrip(".").lower()
+    formats = plt.figure().canvas.get_supported_filetypes()
+    plt.close("all")
+    if ext not in formats:
+        raise CliError(f"-o/--output {path!r}: the extension must name an image format ({', '.join(sorted(formats))})")
+    return ext
 
 
 def _build(name: str, steps: int, warmup, lr: float, wd: float, rho: float, params: dict) -> Schedule:
@@ -172,12 +227,13 @@ def cmd_plot(args) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise CliError("plotting needs matplotlib: pip install 'd2z_optim[plot]' (or pip install matplotlib)") from None
+    fmt = _output(args.output, plt)
     title, steps, lr, wd, rho, curves = _curves(args)
+    coefficients = [(label, s, dual.coefficients(s, lr, wd, rho=rho)[1]) for label, s in curves]  # errors first
     fig, (ax_lr, ax_c) = plt.subplots(1, 2, figsize=(args.width / args.dpi, args.height / args.dpi), dpi=args.dpi)
-    for label, s in curves:
+    for label, s, c in coefficients:
         i = range(1, steps + 1)
         ax_lr.plot(i, (s.multipliers() * (rho * lr)).tolist(), label=label)
-        _, c = dual.coefficients(s, lr, wd, rho=rho)
         ax_c.plot(i, c.tolist(), label=label)
     ax_lr.set(xlabel="step", ylabel="learning rate (rho x peak x multiplier)", title="LR schedule")
     ax_c.set(xlabel="update i", ylabel="c_{t,i}", yscale="log", title=f"dual coefficients at t = {steps}")
@@ -187,18 +243,27 @@ def cmd_plot(args) -> None:
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(args.output, dpi=args.dpi)
-    plt.close(fig)
+    # into a temporary file beside the output, renamed when complete: a failure writes nothing
+    folder = os.path.dirname(os.path.abspath(args.output))
+    fd, tmp = tempfile.mkstemp(prefix=".d2z-", suffix=f".{fmt}", dir=folder)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=args.dpi, format=fmt)
+        os.replace(tmp, args.output)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     print(f"wrote {args.output}")
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="d2z", description=__doc__.split("\n")[0])
-    sub = ap.add_subparsers(dest="command", required=True)
+    ap = _Parser(prog="d2z", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("names", nargs="*", help="schedule names (d2z table --list)")
-        p.add_argument("--steps", type=_positive_int, help="total optimizer steps T")
+        p.add_argument("--steps", type=_steps, help=f"total optimizer steps T (at most {MAX_STEPS:,})")
         p.add_argument("--warmup", type=_warmup, default=0.1, help="warmup steps (int) or fraction (default 0.1)")
         p.add_argument("--lr", type=_nonneg_float, default=1.6e-2, help="peak learning rate (default 1.6e-2)")
         p.add_argument("--wd", type=_nonneg_float, default=0.1, help="weight decay lambda (default 0.1)")
@@ -209,9 +274,9 @@ def parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--preset", choices=sorted(PRESETS), help="reproduce one of the paper's figures")
     p.add_argument("-o", "--output", default="d2z.png", help="output file; the extension picks PNG or SVG")
-    p.add_argument("--width", type=_positive_int, default=1200, help="pixels (default 1200)")
-    p.add_argument("--height", type=_positive_int, default=450, help="pixels (default 450)")
-    p.add_argument("--dpi", type=_positive_int, default=100)
+    p.add_argument("--width", type=_pixels, default=1200, help="pixels (default 1200)")
+    p.add_argument("--height", type=_pixels, default=450, help="pixels (default 450)")
+    p.add_argument("--dpi", type=_dpi, default=100, help=f"dots per inch, {DPI_RANGE[0]}-{DPI_RANGE[1]} (default 100)")
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("table", help="a schedule's multiplier table as CSV")
@@ -230,8 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         args.func(args)
-    except (CliError, ValueError) as e:
-        print(f"d2z {args.command}: error: {e}", file=sys.stderr)
+    except (CliError, ValueError, OSError, MemoryError) as e:  # what a bad argument can cause: one line
+        print(f"d2z {args.command}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
     return 0
 

@@ -78,6 +78,11 @@ def alphas(
             raise ValueError(f"wd_schedule has {wm.numel()} steps but schedule has {m.numel()}")
         a = a * wm
     peak = float(a.max())
+    if not math.isfinite(peak):  # lr * weight_decay overflowed (e.g. lr=1e308): no number comes out
+        raise ValueError(
+            f"alpha = lr * weight_decay * multiplier is not finite (lr={lr!r}, weight_decay={lam!r}, rho={rho!r}); "
+            "alpha must stay below 1"
+        )
     if peak >= 1.0:
         raise ValueError(
             f"alpha = lr * weight_decay * multiplier reaches {peak:g} >= 1: a step would remove all of the "

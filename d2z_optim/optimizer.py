@@ -10,6 +10,7 @@ backends that hold the update math (``backends/``).
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -117,7 +118,7 @@ class AdamW(torch.optim.Optimizer):
         self.weight_decay_mode = weight_decay_mode
         if schedule is None and total_steps is not None:
             schedule = "linear-d2z"
-        if warmup is not None and total_steps is None and not isinstance(schedule, str):
+        if warmup is not None and total_steps is None and schedule is None and not isinstance(wd_schedule, str):
             raise ValueError(
                 f"warmup={warmup!r} needs total_steps (the run's length) and a named schedule: a "
                 "constant (no schedule) has no warmup"
@@ -144,7 +145,9 @@ class AdamW(torch.optim.Optimizer):
         self.param_groups = list(groups)  # torch's normalisation and checks, on a copy of the list
         try:
             candidate = dict(param_group) if isinstance(param_group, dict) else param_group
-            super().add_param_group(candidate)
+            with warnings.catch_warnings():  # torch warns of a parameter listed twice; we refuse it below
+                warnings.filterwarnings("ignore", "optimizer contains a parameter group with duplicate parameters")
+                super().add_param_group(candidate)
         finally:
             self.param_groups = groups
         arguments.check_group(candidate)
@@ -199,7 +202,7 @@ class AdamW(torch.optim.Optimizer):
     def current_lr(self) -> list[Tensor]:
         """Each group's LR for the next ``step()``, as float64 device tensors (no host sync)."""
         m = self._tables.next_multiplier()
-        return [m * g["lr"] for g in self.param_groups]
+        return [m * (g["lr"].reshape(()) if isinstance(g["lr"], Tensor) else g["lr"]) for g in self.param_groups]
 
     def dual_summary(self, *, rho: float = 1.0, step: int | None = None) -> list[dual.DualSummary]:
         """Each group's dual-coefficient summary over the whole schedule (see :mod:`d2z_optim.dual`).

@@ -26,6 +26,7 @@ from itertools import repeat
 
 import torch
 from torch import Tensor
+from torch.optim import optimizer as _torch_optimizer
 
 from .backends import TORCH, Backend, Selection, fills_block, flag_nonfinite
 from .backends.contract import DeviceWork, GroupWork, HparamsTable, StepStatus, in_layout_of
@@ -198,13 +199,18 @@ class CachedLists:
         return out
 
 
-def choose_backends(groups: list[dict], selection: Selection) -> dict[torch.device, Backend]:
-    """The backend of each device the parameters are on now (the first parameter's first), from
-    the dtypes and layouts there. A named backend that cannot take them raises ValueError."""
+def choose_backends(
+    groups: list[dict], selection: Selection, grads: list[list[Tensor | None]] | None = None
+) -> dict[torch.device, Backend]:
+    """The backend of each device the parameters (with a gradient, when ``grads`` is given) are on
+    now, the first parameter's first, from the dtypes and layouts there. A named backend that
+    cannot take them raises ValueError."""
     dtypes: dict[torch.device, set] = {}
     dense: dict[torch.device, bool] = {}
-    for group in groups:
-        for p in group["params"]:
+    for gi, group in enumerate(groups):
+        for i, p in enumerate(group["params"]):
+            if grads is not None and grads[gi][i] is None:
+                continue
             dtypes.setdefault(p.device, set()).add(p.dtype)
             dense[p.device] = dense.get(p.device, True) and fills_block(local(p))
     return {dev: selection.for_device(dev, dts, dense[dev]) for dev, dts in dtypes.items()}
@@ -299,6 +305,10 @@ class StepCache:
             checked = True
         elif not lists.kernel_checks and not lists.grads_match(grads):
             check_grads(groups, grads)  # raises, naming the offending gradient
+            # the gradients match their parameters, which changed (device, dtype or size) since the
+            # lists were built: build them anew (which checks the states made before)
+            lists = self.lists = self._build(groups, state, grads, selection, schedules)
+            checked = True
         try:
             return self._apply(lists, groups, grads, schedules, grad_scale, found_inf)
         except RuntimeError:
@@ -325,8 +335,8 @@ class StepCache:
                     if group["fused"] and g is not None and not state.get(p):
                         _fused_check(p)
         check_states(groups, state, grads)
-        # no parameter at all (only empty groups): the schedule still moves, on the CPU
-        backends = choose_backends(groups, selection) or {schedules.primary_device: TORCH}
+        # no parameter with a gradient (or none at all): the schedule still moves where it is
+        backends = choose_backends(groups, selection, grads) or {schedules.primary_device: TORCH}
         schedules.use(backends)
         lists = CachedLists(groups, state, grads, backends, self.init_state)
         # One device whose backend keeps a step holder: the lists are handed over once, and a step
@@ -353,7 +363,7 @@ class StepCache:
 
 def _fused_check(p: Tensor) -> None:
     """torch's own device/dtype check of ``fused=True`` (its error, at the first step, as torch)."""
-    check = getattr(torch.optim.optimizer, "_device_dtype_check_for_fused", None)
+    check = getattr(_torch_optimizer, "_device_dtype_check_for_fused", None)
     if check is not None:
         check(p)
 
