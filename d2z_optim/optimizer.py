@@ -282,4 +282,4 @@ class AdamW(torch.optim.Optimizer):
     def __repr__(self) -> str:
         base = super().__repr__()
         sched = "constant (no schedule)" if self.schedule is None else repr(self.schedule)
-        return f"{base[:-1]}    schedule: {sched}\n    backend: {self.backend_name}\n)"
+        return f"{base[:-1]}Schedule: {sched}\nBackend: {self.backend_name}\n)"

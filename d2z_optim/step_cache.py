@@ -79,6 +79,7 @@ class CachedLists:
         init_state: InitState,
     ) -> None:
         self.backends = dict(backends)
+        self.idle = False  # no parameter had a gradient: the backends are a placeholder
         self.groups: list[_Group] = []
         self.slots: list[_Slot] = []
         self.dtensor = False
@@ -253,8 +254,9 @@ class StepCache:
 
     @property
     def backends(self) -> dict[torch.device, Backend] | None:
-        """The backend of each device at the last (re)build of the lists."""
-        return None if self.lists is None else self.lists.backends
+        """The backend of each device at the last (re)build of the lists (None before, or when no
+        parameter had a gradient then)."""
+        return None if self.lists is None or self.lists.idle else self.lists.backends
 
     def step(
         self,
@@ -336,9 +338,12 @@ class StepCache:
                         _fused_check(p)
         check_states(groups, state, grads)
         # no parameter with a gradient (or none at all): the schedule still moves where it is
-        backends = choose_backends(groups, selection, grads) or {schedules.primary_device: TORCH}
+        backends = choose_backends(groups, selection, grads)
+        idle = not backends
+        backends = backends or {schedules.primary_device: TORCH}
         schedules.use(backends)
         lists = CachedLists(groups, state, grads, backends, self.init_state)
+        lists.idle = idle
         # One device whose backend keeps a step holder: the lists are handed over once, and a step
         # passes only the schedule tensors (gradients are read in C++). Not for DTensor shards
         # (their local views are new tensors each time), gradients that need a copy into their

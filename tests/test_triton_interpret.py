@@ -132,16 +132,19 @@ def _cases():
 
     def small_chunks():
         # BLOCK 64, CHUNK 256 (the defaults are 1024-2048 and 8x that): 1023 and 4099 span
-        # many programs, with full and tail iterations
+        # many programs, with full and tail iterations; the masked path in sub-blocks of 16, as the
+        # GPU runs it in sub-blocks of one element per thread
         old = dict(adamw.BLOCK), adamw.CHUNK_BLOCKS
         adamw.BLOCK.update({d: 64 for d in DT})
         adamw.CHUNK_BLOCKS = 4
+        triton_backend.INTERPRETER_SUB = 16
         try:
             for dtype in DT:
                 run_steps(work([group(dtype, ODD + [256, 64], 7, amsgrad=True), group(dtype, [300], 8)]), 2)
         finally:
             adamw.BLOCK.update(old[0])
             adamw.CHUNK_BLOCKS = old[1]
+            triton_backend.INTERPRETER_SUB = None
 
     def misaligned():
         # storage offset 1: 4 (fp32) or 2 (bf16/fp16) bytes off a 16-byte boundary,

@@ -34,7 +34,16 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["BLOCK", "CHUNK_BLOCKS", "COUNTER_BLOCK", "FP_FUSION", "NUM_WARPS", "adamw_kernel", "counter_kernel"]
+__all__ = [
+    "BLOCK",
+    "CHUNK_BLOCKS",
+    "COUNTER_BLOCK",
+    "FP_FUSION",
+    "NUM_WARPS",
+    "adamw_kernel",
+    "counter_kernel",
+    "sub_block",
+]
 
 # num_warps 8 (256 threads) and BLOCK = 256 x 16 bytes / element size (fp32: 1024,
 # bf16/fp16: 2048): every thread makes exactly one 128-bit access per array and
@@ -65,6 +74,11 @@ FP_FUSION = False
 COUNTER_BLOCK = 1024  # tensors per program of counter_kernel
 
 
+def sub_block(block: int) -> int:
+    """The masked path's elements per sub-iteration: one per thread (``NUM_WARPS * 32``)."""
+    return min(block, NUM_WARPS * 32)
+
+
 @triton.jit
 def _update(p, g, m, v, gmul, neg_decay, lerp_w, lerp_low, beta2, omb2):
     """The element update up to the denominator, float32; the fmas of the C++ op (adamw_math.h).
@@ -79,6 +93,55 @@ def _update(p, g, m, v, gmul, neg_decay, lerp_w, lerp_low, beta2, omb2):
     m = tl.fma(lerp_w, g - m, tl.where(lerp_low, m, g))
     v = tl.fma(beta2, v, (omb2 * g) * g)
     return p, m, v
+
+
+@triton.jit
+def _elements(
+    p_ptr,
+    g_ptr,
+    m_ptr,
+    v_ptr,
+    x_ptr,
+    offs,
+    mask,
+    ams,
+    gmul,
+    neg_decay,
+    lerp_w,
+    lerp_low,
+    beta2,
+    omb2,
+    bc2_sqrt,
+    eps,
+    neg_step_size,
+    DTYPE: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    AMSGRAD: tl.constexpr,
+):
+    """The update of the elements ``offs`` (``mask``: which exist), loaded and stored once each."""
+    p = tl.load(p_ptr + offs, mask=mask).to(COMPUTE)
+    g = tl.load(g_ptr + offs, mask=mask).to(COMPUTE)
+    m = tl.load(m_ptr + offs, mask=mask).to(COMPUTE)
+    v = tl.load(v_ptr + offs, mask=mask).to(COMPUTE)
+    p, m, v = _update(p, g, m, v, gmul, neg_decay, lerp_w, lerp_low, beta2, omb2)
+    vhat = v
+    if AMSGRAD:
+        if ams:
+            x = tl.load(x_ptr + offs, mask=mask).to(COMPUTE)
+            x = tl.maximum(x, v, propagate_nan=tl.PropagateNan.ALL)  # as torch.maximum
+            tl.store(x_ptr + offs, x.to(DTYPE), mask=mask)
+            vhat = x
+    # IEEE sqrt and division (tl.sqrt and / may be approximate on the GPU in float32; in float64
+    # they are the IEEE ones, and sqrt_rn/div_rn take float32 only)
+    if COMPUTE == tl.float64:
+        denom = tl.sqrt(vhat) / bc2_sqrt + eps
+        p = tl.fma(neg_step_size, m / denom, p)
+    else:
+        denom = tl.div_rn(tl.sqrt_rn(vhat), bc2_sqrt) + eps
+        p = tl.fma(neg_step_size, tl.div_rn(m, denom), p)  # p - step_size * m / denom
+    tl.store(p_ptr + offs, p.to(DTYPE), mask=mask)
+    tl.store(m_ptr + offs, m.to(DTYPE), mask=mask)
+    tl.store(v_ptr + offs, v.to(DTYPE), mask=mask)
 
 
 @triton.jit
@@ -106,8 +169,10 @@ def _block(
     AMSGRAD: tl.constexpr,
     FULL_ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
+    SUB: tl.constexpr,
 ):
-    """BLOCK elements from ``off``: unmasked 128-bit accesses (FULL_ALIGNED) or masked."""
+    """BLOCK elements from ``off``: unmasked 128-bit accesses (FULL_ALIGNED), or masked ones of one
+    element per thread (tails, tensors not 16-byte aligned), SUB at a time."""
     pt = tl.pointer_type(DTYPE)
     # The addresses become pointers here, inside the branch that may promise alignment:
     # the tt.divisibility hint sits on these casts only, never on the masked path's.
@@ -115,42 +180,29 @@ def _block(
     g_ptr = tl.load(row + COL_G).to(pt)
     m_ptr = tl.load(row + COL_M).to(pt)
     v_ptr = tl.load(row + COL_V).to(pt)
+    x_ptr = tl.load(row + COL_X).to(pt)
     if FULL_ALIGNED:  # the launcher checked every address of this tensor is 16-byte aligned
         p_ptr = tl.multiple_of(p_ptr, 16)
         g_ptr = tl.multiple_of(g_ptr, 16)
         m_ptr = tl.multiple_of(m_ptr, 16)
         v_ptr = tl.multiple_of(v_ptr, 16)
-    offs = off + tl.arange(0, BLOCK)
-    if FULL_ALIGNED:
-        mask = None
+        x_ptr = tl.multiple_of(x_ptr, 16)
+        offs = off + tl.arange(0, BLOCK)
+        _elements(
+            p_ptr, g_ptr, m_ptr, v_ptr, x_ptr, offs, None, ams, gmul, neg_decay, lerp_w, lerp_low, beta2, omb2,
+            bc2_sqrt, eps, neg_step_size, DTYPE, COMPUTE, AMSGRAD,
+        )  # fmt: skip
     else:
-        mask = offs < n
-    p = tl.load(p_ptr + offs, mask=mask).to(COMPUTE)
-    g = tl.load(g_ptr + offs, mask=mask).to(COMPUTE)
-    m = tl.load(m_ptr + offs, mask=mask).to(COMPUTE)
-    v = tl.load(v_ptr + offs, mask=mask).to(COMPUTE)
-    p, m, v = _update(p, g, m, v, gmul, neg_decay, lerp_w, lerp_low, beta2, omb2)
-    vhat = v
-    if AMSGRAD:
-        if ams:
-            x_ptr = tl.load(row + COL_X).to(pt)
-            if FULL_ALIGNED:
-                x_ptr = tl.multiple_of(x_ptr, 16)
-            x = tl.load(x_ptr + offs, mask=mask).to(COMPUTE)
-            x = tl.maximum(x, v, propagate_nan=tl.PropagateNan.ALL)  # as torch.maximum
-            tl.store(x_ptr + offs, x.to(DTYPE), mask=mask)
-            vhat = x
-    # IEEE sqrt and division (tl.sqrt and / may be approximate on the GPU in float32; in float64
-    # they are the IEEE ones, and sqrt_rn/div_rn take float32 only)
-    if COMPUTE == tl.float64:
-        denom = tl.sqrt(vhat) / bc2_sqrt + eps
-        p = tl.fma(neg_step_size, m / denom, p)
-    else:
-        denom = tl.div_rn(tl.sqrt_rn(vhat), bc2_sqrt) + eps
-        p = tl.fma(neg_step_size, tl.div_rn(m, denom), p)  # p - step_size * m / denom
-    tl.store(p_ptr + offs, p.to(DTYPE), mask=mask)
-    tl.store(m_ptr + offs, m.to(DTYPE), mask=mask)
-    tl.store(v_ptr + offs, v.to(DTYPE), mask=mask)
+        # One element per thread and sub-block (SUB = the program's threads): the loads' and the
+        # stores' layouts are then the same. BLOCK-wide, the loads kept 4 elements per thread while
+        # the unaligned stores took 1, a shared-memory layout conversion with two bar.sync per
+        # stored array and iteration (TTGIR/PTX, Triton 3.9, sm_80/sm_90).
+        for j in tl.static_range(BLOCK // SUB):
+            offs = off + j * SUB + tl.arange(0, SUB)
+            _elements(
+                p_ptr, g_ptr, m_ptr, v_ptr, x_ptr, offs, offs < n, ams, gmul, neg_decay, lerp_w, lerp_low, beta2,
+                omb2, bc2_sqrt, eps, neg_step_size, DTYPE, COMPUTE, AMSGRAD,
+            )  # fmt: skip
 
 
 @triton.jit
@@ -192,6 +244,7 @@ def adamw_kernel(
     AMSGRAD: tl.constexpr,  # some tensor of this launch has a max_exp_avg_sq
     BLOCK: tl.constexpr,
     CHUNK: tl.constexpr,
+    SUB: tl.constexpr,  # sub_block(BLOCK)
 ):
     pid = tl.program_id(0).to(tl.int64)
     tensor = tl.load(work_ptr + 2 * pid)
@@ -240,12 +293,12 @@ def adamw_kernel(
         if aligned & (off + BLOCK <= n):
             _block(
                 row, off, n, ams, gmul, neg_decay, lerp_w, lerp_low, beta2, omb2, bc2_sqrt, eps, neg_step_size,
-                COL_P, COL_G, COL_M, COL_V, COL_X, DTYPE, COMPUTE, AMSGRAD, True, BLOCK,
+                COL_P, COL_G, COL_M, COL_V, COL_X, DTYPE, COMPUTE, AMSGRAD, True, BLOCK, SUB,
             )  # fmt: skip
         else:
             _block(
                 row, off, n, ams, gmul, neg_decay, lerp_w, lerp_low, beta2, omb2, bc2_sqrt, eps, neg_step_size,
-                COL_P, COL_G, COL_M, COL_V, COL_X, DTYPE, COMPUTE, AMSGRAD, False, BLOCK,
+                COL_P, COL_G, COL_M, COL_V, COL_X, DTYPE, COMPUTE, AMSGRAD, False, BLOCK, SUB,
             )  # fmt: skip
 
 

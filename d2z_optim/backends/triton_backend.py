@@ -63,6 +63,18 @@ COLUMN_ARGS = {
 COUNTER_COLUMN_ARGS = {"META_COLS": META_COLS, "COL_STEP": int(MetaCol.STEP)}
 
 
+# The interpreter runs the masked path in one sub-block per BLOCK by default (the same numbers; the
+# GPU's sub-blocks of one element per thread cost the interpreter 4-8x the time, Python per op);
+# a test sets this to an element count to run the GPU's sub-block loop there too.
+INTERPRETER_SUB: int | None = None
+
+
+def _sub_block(block: int) -> int:
+    if interpreting():
+        return block if INTERPRETER_SUB is None else min(block, INTERPRETER_SUB)
+    return kernels.sub_block(block)
+
+
 def interpreting() -> bool:
     """Triton runs kernels in its interpreter (TRITON_INTERPRET=1: on CPU tensors, for tests)."""
     knobs = getattr(triton, "knobs", None)
@@ -209,6 +221,7 @@ def adamw_step_triton(
                 AMSGRAD=ams,
                 BLOCK=kernels.BLOCK[dtype],
                 CHUNK=kernels.CHUNK_BLOCKS * kernels.BLOCK[dtype],
+                SUB=_sub_block(kernels.BLOCK[dtype]),
                 num_warps=kernels.NUM_WARPS,
                 enable_fp_fusion=kernels.FP_FUSION,
             )
