@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import arguments, backends, checkpoint, dual
+from . import arguments, backends, checkpoint, dual, tracked
 from .device_schedule import ScheduleTables, as_schedule
 from .schedules import Schedule
 from .step_cache import StepCache, choose_backends
@@ -130,8 +130,10 @@ class AdamW(torch.optim.Optimizer):
         self.skip_nonfinite = bool(skip_nonfinite)
         self._cache = self._new_cache()
         self._lock = threading.Lock()
+        self._changes = tracked.Counter()  # changes to the state and the groups' lists (step cache)
         defaults["betas"] = arguments.scalar_betas(betas)
         super().__init__(params, dict(defaults, decoupled_weight_decay=True))
+        self.state = tracked.OptimizerState(self._changes)
 
     def _new_cache(self) -> StepCache:
         independent = self.weight_decay_mode == "independent"
@@ -155,18 +157,23 @@ class AdamW(torch.optim.Optimizer):
         real = [p for p in candidate["params"] if p.device.type != "meta"]  # meta: moved before stepping
         choose_backends([*groups, {"params": real}], self._selection)
         candidate["betas"] = arguments.scalar_betas(candidate["betas"])
+        candidate["params"] = tracked.ParamList(self._changes, candidate["params"])
         param_group.clear()  # the caller's dict is the group, as torch keeps it
         param_group.update(candidate)
         groups.append(param_group)
         self._cache.invalidate()
 
-    @staticmethod
-    def _init_state(state: dict, p: Tensor, amsgrad: bool) -> None:
-        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    def _init_state(self, p: Tensor, amsgrad: bool) -> dict:
+        """A new parameter's state, in torch's keys and layout."""
+        state = tracked.ParamState(
+            self._changes,
+            step=torch.zeros((), dtype=torch.float32, device=p.device),
+            exp_avg=torch.zeros_like(p, memory_format=torch.preserve_format),
+            exp_avg_sq=torch.zeros_like(p, memory_format=torch.preserve_format),
+        )
         if amsgrad:
             state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
 
     # ------------------------------------------------------------------ reading
     @property
@@ -245,6 +252,7 @@ class AdamW(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """torch's layout, plus ``"d2z"``: the schedule position and description."""
         sd = super().state_dict()
+        sd["state"] = {k: dict(v) if isinstance(v, dict) else v for k, v in sd["state"].items()}  # plain dicts
         sd[checkpoint.SAVE_KEY] = checkpoint.entry(self._tables, self.weight_decay_mode)
         return sd
 
@@ -269,10 +277,16 @@ class AdamW(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)  # also called by load_state_dict
+        if "_changes" not in self.__dict__:
+            self._changes = tracked.Counter()
         for group in self.param_groups:  # flags a checkpoint of an older torch lacks: torch's defaults
             for key, default in checkpoint.GROUP_DEFAULTS.items():
                 group.setdefault(key, default)
             group["decoupled_weight_decay"] = True
+            if type(group["params"]) is not tracked.ParamList:
+                group["params"] = tracked.ParamList(self._changes, group["params"])
+        if type(self.state) is not tracked.OptimizerState:
+            self.state = tracked.OptimizerState(self._changes, self.state)
         if "_cache" in self.__dict__:
             self._cache.invalidate()
         else:  # unpickled: a new cache and lock

@@ -16,7 +16,7 @@ import torch
 from d2z_optim import AdamW, schedules
 from d2z_optim.backends import cpp_backend
 
-from .conftest import BACKENDS, SHAPES, Fp64AdamW, clone_params, grads_for, make_params, run
+from .conftest import BACKENDS, SHAPES, Fp64AdamW, clone_params, grads_for, make_params, roundtrip, run
 
 STEPS = 60
 TORCH_PATHS = {"forloop": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
@@ -482,3 +482,24 @@ def test_a_gradient_that_changes_layout_mid_run_is_still_taken(backend):
         b.step()
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
     assert int(a.step_count) == 6
+
+
+def test_steady_steps_see_an_unchanged_state_in_one_comparison(backend):
+    """opt.state, each parameter's state and each group's params count their changes
+    (d2z_optim.tracked): the cached lists see "unchanged" without walking every parameter. A
+    plain dict put in the state is seen as well (then by identity, as before)."""
+    p = make_params()
+    opt = AdamW(p, backend=backend)
+    run(lambda q: opt, p, 2)
+    lists = opt._cache.lists
+    assert lists.counted and type(opt.state).__name__ == "OptimizerState"
+    before = lists.changes
+    run(lambda q: opt, p, 2)
+    assert opt._cache.lists is lists and lists.changes == before  # nothing counted, nothing rebuilt
+    opt.state[p[0]] = dict(opt.state[p[0]])  # a plain dict: counted as a change, then checked by identity
+    run(lambda q: opt, p, 1)
+    assert opt._cache.lists is not lists and not opt._cache.lists.counted
+    opt.load_state_dict(roundtrip(opt.state_dict()))  # loading makes every state counted again
+    run(lambda q: opt, p, 1)
+    assert opt._cache.lists.counted and type(opt.state[p[0]]).__name__ == "ParamState"
+    assert all(type(v) is dict for v in opt.state_dict()["state"].values())  # saved as plain dicts

@@ -15,9 +15,11 @@ constexpr int64_t kItemCost = 256;      // fixed cost of an item (scalars, dispa
 
 using Item = CpuItems::Item;
 
+// The scalars by value: a reference could alias the arrays written, and the compiler would then
+// reload them each iteration and not vectorise (1 x 16M fp32: 43 ms instead of ~15 ms).
 template <int D, bool kFma, bool kAms>
 __attribute__((always_inline)) inline void cpu_loop(const CpuTensor& ct, int64_t b, int64_t e,
-                                                    const ScalarsOf<typename Storage<D>::compute>& s) {
+                                                    const ScalarsOf<typename Storage<D>::compute> s) {
   using T = typename Storage<D>::type;
   using C = typename Storage<D>::compute;
   using S = Storage<D>;
