@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["as_index", "check_distinct", "check_flags", "check_group", "is_bool", "scalar_betas"]
+__all__ = ["as_index", "as_python_flags", "check_distinct", "check_flags", "check_group", "is_bool", "scalar_betas"]
 
 FLAGS = ("amsgrad", "maximize", "capturable", "differentiable")  # bool
 OPTIONAL_FLAGS = ("foreach", "fused")  # bool or None
@@ -57,6 +57,15 @@ def check_group(group: dict[str, Any]) -> None:
             "differentiable=True is not supported by d2z_optim.AdamW: its step is an in-place "
             "kernel that autograd cannot differentiate through; use torch.optim.AdamW"
         )
+
+
+def as_python_flags(values: dict[str, Any]) -> dict[str, Any]:
+    """The flags as Python bools (a numpy bool passes the checks, but ``fused is False`` fails for it)."""
+    out = dict(values)
+    for name in (*FLAGS, *OPTIONAL_FLAGS):
+        if name in out and out[name] is not None:
+            out[name] = bool(out[name])
+    return out
 
 
 def scalar_betas(betas: Sequence[float | Tensor]) -> tuple[float, float]:

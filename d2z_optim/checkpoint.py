@@ -155,7 +155,10 @@ def check_loadable(param_groups: list[dict], state_dict: dict[str, Any], saved: 
                 raise ValueError(f"{what} is a {value.layout} tensor; states are dense (strided) tensors")
             if value.shape != p.shape:
                 raise ValueError(f"{what} has shape {tuple(value.shape)}, the parameter has {tuple(p.shape)}")
-            if value.dtype != p.dtype:
+            # torch casts a floating state to its floating parameter's dtype (so does this load);
+            # anything else must already be the parameter's dtype
+            castable = p.is_floating_point() and value.is_floating_point()
+            if value.dtype != p.dtype and not castable:
                 raise ValueError(
                     f"{what} has dtype {value.dtype}, the parameter has "
                     f"{p.dtype} (states are kept in the parameter's dtype)"

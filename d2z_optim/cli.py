@@ -243,13 +243,17 @@ def cmd_plot(args) -> None:
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    # into a temporary file beside the output, renamed when complete: a failure writes nothing
-    folder = os.path.dirname(os.path.abspath(args.output))
-    fd, tmp = tempfile.mkstemp(prefix=".d2z-", suffix=f".{fmt}", dir=folder)
+    # into a temporary file beside the output (a symlink's target), renamed when complete: a
+    # failure writes nothing; the file gets the mode a plain open() would (the umask's)
+    target = os.path.realpath(args.output)
+    fd, tmp = tempfile.mkstemp(prefix=".d2z-", suffix=f".{fmt}", dir=os.path.dirname(target))
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=args.dpi, format=fmt)
-        os.replace(tmp, args.output)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, target)
     finally:
         plt.close(fig)
         if os.path.exists(tmp):

@@ -24,7 +24,7 @@ from . import schedules
 from .arguments import as_index
 from .schedules import Schedule
 
-__all__ = ["DeviceSchedule", "ScheduleTables", "as_schedule"]
+__all__ = ["DeviceSchedule", "ScheduleTables", "as_schedule", "check_warmup"]
 
 _CPU = torch.device("cpu")
 
@@ -54,12 +54,6 @@ def as_schedule(
                 "weight_decay": float(defaults["weight_decay"]),
             }
         return schedules.get(value, total_steps, warmup=0.1 if warmup is None else warmup, **params)
-    if warmup is not None:
-        what = "a Schedule" if isinstance(value, Schedule) else "a table of multipliers"
-        raise ValueError(
-            f"warmup={warmup!r} has no effect with {arg} given as {what}, which holds its own warmup: "
-            f"build it with the warmup (schedules.get(name, total_steps, warmup=...)) or leave warmup out"
-        )
     if isinstance(value, Schedule):
         return value
     if isinstance(value, (Tensor, Sequence)) or hasattr(value, "__array__"):  # numpy arrays too
@@ -67,6 +61,25 @@ def as_schedule(
     raise ValueError(
         f"{arg} must be a schedule name, a d2z_optim.schedules.Schedule or a 1-D sequence of "
         f"multipliers, got {type(value).__name__}"
+    )
+
+
+def check_warmup(warmup: Any, total_steps: Any, schedule: Any, wd_schedule: Any) -> None:
+    """``warmup`` shapes named schedules only: given when none of them is named, it would be ignored."""
+    if warmup is None or isinstance(schedule, str) or isinstance(wd_schedule, str):
+        return
+    if schedule is None and total_steps is not None:
+        return  # the default linear-d2z takes it
+    if schedule is None and wd_schedule is None:
+        raise ValueError(
+            f"warmup={warmup!r} needs total_steps (the run's length) and a named schedule: a "
+            "constant (no schedule) has no warmup"
+        )
+    arg, value = ("schedule", schedule) if schedule is not None else ("wd_schedule", wd_schedule)
+    what = "a Schedule" if isinstance(value, Schedule) else "a table of multipliers"
+    raise ValueError(
+        f"warmup={warmup!r} has no effect with {arg} given as {what}, which holds its own warmup: "
+        f"build it with the warmup (schedules.get(name, total_steps, warmup=...)) or leave warmup out"
     )
 
 
@@ -114,6 +127,7 @@ class ScheduleTables:
         self._host_tables()
         self.devices: dict[torch.device, DeviceSchedule] = {_CPU: DeviceSchedule(self.lr_host, self.wd_host, _CPU)}
         self.primary_device = _CPU
+        self.active: list[torch.device] = [_CPU]  # the devices of the last step's parameters
         self.host_steps = 0  # step() calls counted on the host, to warn past the end without a sync
 
     def _host_tables(self) -> None:
@@ -137,21 +151,24 @@ class ScheduleTables:
         return self.devices[self.primary_device]
 
     def use(self, devices: Iterable[torch.device]) -> None:
-        """This step's parameters are on ``devices`` (the first is the first parameter's): tables for
-        a device met for the first time start at the current position; devices no parameter is on
-        any more are dropped (meeting one again starts it at the position of that time)."""
+        """This step's parameters are on ``devices`` (the first is the first parameter's). A device
+        met for the first time, or again after steps without it, starts at the current position;
+        the first becomes the primary device (which counts the skipped steps: the count moves with
+        it). Tables are never dropped: a CUDA graph or a reference the caller keeps may read them."""
         devices = list(dict.fromkeys(devices))
-        if not devices or devices == list(self.devices):
+        if not devices or devices == self.active:
             return
         now = self.primary
         for dev in devices:
-            if dev not in self.devices:
-                ds = DeviceSchedule(self.lr_host, self.wd_host, dev)
-                if dev.type != "meta" and now.step_count.device.type != "meta":
-                    ds.step_count.copy_(now.step_count)
-                    ds.skipped_steps.copy_(now.skipped_steps)
-                self.devices[dev] = ds
-        self.devices = {dev: self.devices[dev] for dev in devices}
+            ds = self.devices.get(dev)
+            if ds is None:
+                ds = self.devices[dev] = DeviceSchedule(self.lr_host, self.wd_host, dev)
+            if dev not in self.active and ds is not now and dev.type != "meta" and now.step_count.device.type != "meta":
+                ds.step_count.copy_(now.step_count)
+        first = self.devices[devices[0]]
+        if first is not now and first.step_count.device.type != "meta" and now.step_count.device.type != "meta":
+            first.skipped_steps.copy_(now.skipped_steps)
+        self.active = devices
         self.primary_device = devices[0]
 
     def next_multiplier(self) -> Tensor:
@@ -163,6 +180,8 @@ class ScheduleTables:
     def set_position(self, position: Tensor, skipped: Tensor | None = None) -> None:
         """Every device's counter at ``position`` (a host int64 0-d tensor): a checkpoint's."""
         for ds in self.devices.values():
+            if ds.step_count.device.type == "meta":
+                continue
             ds.step_count.copy_(position)
             if skipped is not None:
                 ds.skipped_steps.copy_(skipped)

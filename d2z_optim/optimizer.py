@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch
 from torch import Tensor
 
 from . import arguments, backends, checkpoint, dual, tracked
-from .device_schedule import ScheduleTables, as_schedule
+from .device_schedule import ScheduleTables, as_schedule, check_warmup
 from .schedules import Schedule
 from .step_cache import StepCache, choose_backends
 
@@ -110,34 +111,50 @@ class AdamW(torch.optim.Optimizer):
             fused=fused,
         )
         arguments.check_group(defaults)  # torch's checks and errors for torch's arguments
-        if weight_decay_mode not in WEIGHT_DECAY_MODES:
-            raise ValueError(f"weight_decay_mode must be one of {list(WEIGHT_DECAY_MODES)}, got {weight_decay_mode!r}")
-        if not arguments.is_bool(skip_nonfinite):
-            raise TypeError(f"skip_nonfinite must be a bool, got {skip_nonfinite!r}")
-        self._selection = backends.resolve(backend, fused=fused)
-        self.weight_decay_mode = weight_decay_mode
+        defaults = arguments.as_python_flags(defaults)  # numpy bools -> bool (they are compared by identity)
+        self.weight_decay_mode = weight_decay_mode  # checked by the property's setter
+        self.skip_nonfinite = skip_nonfinite
+        self._selection = backends.resolve(backend, fused=defaults["fused"])
         if schedule is None and total_steps is not None:
             schedule = "linear-d2z"
-        if warmup is not None and total_steps is None and schedule is None and not isinstance(wd_schedule, str):
-            raise ValueError(
-                f"warmup={warmup!r} needs total_steps (the run's length) and a named schedule: a "
-                "constant (no schedule) has no warmup"
-            )
+        check_warmup(warmup, total_steps, schedule, wd_schedule)
         self.schedule = as_schedule(schedule, "schedule", total_steps, warmup, defaults, weight_decay_mode)
         self.wd_schedule = as_schedule(wd_schedule, "wd_schedule", total_steps, warmup, defaults, weight_decay_mode)
         self._tables = ScheduleTables(self.schedule, self.wd_schedule, total_steps)
         self.total_steps: int = self._tables.total_steps
-        self.skip_nonfinite = bool(skip_nonfinite)
         self._cache = self._new_cache()
         self._lock = threading.Lock()
         self._changes = tracked.Counter()  # changes to the state and the groups' lists (step cache)
         defaults["betas"] = arguments.scalar_betas(betas)
         super().__init__(params, dict(defaults, decoupled_weight_decay=True))
         self.state = tracked.OptimizerState(self._changes)
+        real = [p.device for g in self.param_groups for p in g["params"] if p.device.type != "meta"]
+        self._tables.use(real[:1])  # the first parameter's device holds the position from the start
 
     def _new_cache(self) -> StepCache:
-        independent = self.weight_decay_mode == "independent"
-        return StepCache(self._init_state, independent_wd=independent, skip_nonfinite=self.skip_nonfinite)
+        return StepCache(self._init_state)
+
+    @property
+    def weight_decay_mode(self) -> str:
+        """``"coupled"`` (torch's AdamW) or ``"independent"``; may be changed between steps."""
+        return self._weight_decay_mode
+
+    @weight_decay_mode.setter
+    def weight_decay_mode(self, mode: str) -> None:
+        if mode not in WEIGHT_DECAY_MODES:
+            raise ValueError(f"weight_decay_mode must be one of {list(WEIGHT_DECAY_MODES)}, got {mode!r}")
+        self._weight_decay_mode = mode
+
+    @property
+    def skip_nonfinite(self) -> bool:
+        """Whether a step whose gradients hold a NaN or an Inf is a no-op; may be changed between steps."""
+        return self._skip_nonfinite
+
+    @skip_nonfinite.setter
+    def skip_nonfinite(self, value: bool) -> None:
+        if not arguments.is_bool(value):
+            raise TypeError(f"skip_nonfinite must be a bool, got {value!r}")
+        self._skip_nonfinite = bool(value)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (see :meth:`torch.optim.Optimizer.add_param_group`). Every check runs before
@@ -153,6 +170,7 @@ class AdamW(torch.optim.Optimizer):
         finally:
             self.param_groups = groups
         arguments.check_group(candidate)
+        candidate.update(arguments.as_python_flags(candidate))
         arguments.check_distinct(candidate["params"], f"parameter group {len(groups)}")
         real = [p for p in candidate["params"] if p.device.type != "meta"]  # meta: moved before stepping
         choose_backends([*groups, {"params": real}], self._selection)
@@ -245,7 +263,16 @@ class AdamW(torch.optim.Optimizer):
         # AMP: torch.amp.GradScaler sets these attributes for optimizers that declare
         # _step_supports_amp_scaling, instead of unscaling and checking grads itself (a sync)
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        used = self._cache.step(self.param_groups, self.state, self._selection, self._tables, grad_scale, found_inf)
+        used = self._cache.step(
+            self.param_groups,
+            self.state,
+            self._selection,
+            self._tables,
+            grad_scale,
+            found_inf,
+            independent_wd=self._weight_decay_mode == "independent",
+            skip_nonfinite=self._skip_nonfinite,
+        )
         self._tables.count_step(used)
 
     # ------------------------------------------------------------- checkpoints
@@ -262,12 +289,21 @@ class AdamW(torch.optim.Optimizer):
         for the conversions, e.g. a torch scheduler's ``initial_lr``). Reads the position on the
         host, once, at load time."""
         state_dict = dict(state_dict)
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():  # as torch runs them: first
+            state_dict = hook(self, state_dict) or state_dict
         saved = state_dict.pop(checkpoint.SAVE_KEY, None)
         checkpoint.check_loadable(self.param_groups, state_dict, saved)
-        super().load_state_dict(state_dict)
+        pre, post = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
+        self._optimizer_load_state_dict_pre_hooks = self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = pre, post
         checkpoint.convert_loaded(self.param_groups, self.state, scheduled=self.schedule is not None, ours=saved)
         position, skipped = checkpoint.position_after_load(saved, self.state, self._tables, self.weight_decay_mode)
         self._tables.set_position(position, skipped)
+        for hook in post.values():  # as torch runs them: last, on the loaded optimizer
+            hook(self)
 
     def __getstate__(self) -> dict[str, Any]:
         # torch keeps defaults, state and param_groups; ours also needs its schedule, device
@@ -289,9 +325,12 @@ class AdamW(torch.optim.Optimizer):
             self.state = tracked.OptimizerState(self._changes, self.state)
         if "_cache" in self.__dict__:
             self._cache.invalidate()
-        else:  # unpickled: a new cache and lock
+        else:  # unpickled (or an older pickle): a new cache and lock
             self._cache = self._new_cache()
             self._lock = threading.Lock()
+        for old, new in (("weight_decay_mode", "_weight_decay_mode"), ("skip_nonfinite", "_skip_nonfinite")):
+            if old in self.__dict__:  # pickled before these were properties
+                self.__dict__[new] = self.__dict__.pop(old)
 
     def __repr__(self) -> str:
         base = super().__repr__()

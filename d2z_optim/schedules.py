@@ -161,17 +161,23 @@ class Schedule:
         return self.total_steps
 
     def __getstate__(self) -> dict[str, Any]:
-        # pickle / deepcopy: the description (a named schedule is rebuilt from it) or, for a
-        # custom one, its values (in params); never the table (the building function is a closure)
-        return {**self.__dict__, "_cache": None, "_fn": None}
+        # pickle / deepcopy (the building function is a closure): what get() built, its description
+        # (rebuilt from it, no table carried); a table (from_values), its values; any other, its
+        # multipliers
+        if getattr(self, "_by_name", False) or "values" in self.params:
+            return {**self.__dict__, "_cache": None, "_fn": None}
+        return {**self.__dict__, "_cache": self.multipliers(), "_fn": None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        if self.name in _BUILDERS:
+        if self._cache is not None:
+            table = self._cache
+        elif getattr(self, "_by_name", False):
             self._fn = _BUILDERS[self.name](self.total_steps, self.warmup_steps, **self.params)[0]
+            return
         else:
             table = self.params["values"]
-            self._fn = lambda i: table[i.long()]
+        self._fn = lambda i: table[i.long()]
 
     def __repr__(self) -> str:
         extra = "".join(f", {k}={v!r}" for k, v in self.params.items() if k != "values")
@@ -385,6 +391,7 @@ def get(name: str, total_steps: int, *, warmup: int | float = 0.1, **params: Any
     except TypeError as e:  # an unexpected keyword
         raise ValueError(f"schedule {name!r}: {e}") from None
     sched = Schedule(name, T, W, fn, used)
+    sched._by_name = True  # rebuilt from (name, total_steps, warmup_steps, params) when unpickled
     m = sched.multipliers()
     big = ~(m.abs() <= _F32_MAX)
     if bool(big.any()):

@@ -29,7 +29,7 @@ from torch import Tensor
 from torch.optim import optimizer as _torch_optimizer
 
 from .backends import TORCH, Backend, Selection, fills_block, flag_nonfinite
-from .backends.contract import DeviceWork, GroupWork, HparamsTable, StepStatus, in_layout_of
+from .backends.contract import DeviceWork, GroupWork, HparamsTable, StepStatus, in_layout_of, same_layout
 from .device_schedule import ScheduleTables
 from .tracked import OptimizerState, ParamList
 
@@ -42,6 +42,10 @@ InitState = Callable[[Tensor, bool], dict]  # (parameter, amsgrad) -> its new st
 def local(t: Tensor) -> Tensor:
     """A DTensor's local shard (a view of its storage: in-place updates land in the DTensor)."""
     return t.to_local() if type(t).__name__ == "DTensor" else t
+
+
+def _locals(ts: list[Tensor]) -> list[Tensor]:
+    return [local(t) for t in ts]
 
 
 @dataclass
@@ -99,11 +103,11 @@ class CachedLists:
                     state[p] = st
                 self.dtensor |= type(p).__name__ == "DTensor"
                 slot.indices.append(i)
-                slot.params.append(local(p))  # FSDP2 / DTensor: the kernels run on local shards
-                slot.exp_avgs.append(local(st["exp_avg"]))
-                slot.exp_avg_sqs.append(local(st["exp_avg_sq"]))
+                slot.params.append(p)  # DTensors (FSDP2) as they are: works() takes their local shards
+                slot.exp_avgs.append(st["exp_avg"])
+                slot.exp_avg_sqs.append(st["exp_avg_sq"])
                 if group["amsgrad"]:
-                    slot.max_exp_avg_sqs.append(local(st["max_exp_avg_sq"]))
+                    slot.max_exp_avg_sqs.append(st["max_exp_avg_sq"])
                 slot.steps.append(st["step"])
             for slot in per_dev.values():
                 if len(slot.indices) == len(params):
@@ -120,6 +124,8 @@ class CachedLists:
         # `p.data = ...` may change it), dtype and device
         self.params = chosen
         self.expect = ([torch.strided] * len(chosen), [p.dtype for p in chosen], [p.device for p in chosen])
+        self.strides = [p.stride() for p in chosen]
+        self.sizes = [p.size() for p in chosen]  # then: a `.data =` resize since is seen against these
         # One device stepped by a fused kernel: the op checks every gradient itself before it
         # writes anything, so the steady state skips the checks here (~0.7 us per tensor) and
         # the step says torch's words only when the op refuses. Otherwise checked here each step.
@@ -127,7 +133,8 @@ class CachedLists:
         # gradients laid out unlike their parameters are copied into the parameter's layout for the
         # fused kernels; with kernel checks, only once the op (or this first step) has met one
         self.relayout = not self.kernel_checks or any(
-            (gl := self.slot_grads(grads, s)) is not in_layout_of(gl, s.params) for s in self.slots
+            (gl := self.slot_grads(grads, s)) is not in_layout_of(gl, _locals(s.params) if self.dtensor else s.params)
+            for s in self.slots
         )
         # The parameters without a gradient now: a step through the holder below checks only the
         # others (in C++), so these are checked here.
@@ -180,15 +187,22 @@ class CachedLists:
         layouts, dtypes, devices = self.expect
         return (
             [g.layout for g in flat] == layouts
-            and list(map(Tensor.size, flat)) == list(map(Tensor.size, self.params))
+            and list(map(Tensor.size, flat)) == self.sizes
+            and list(map(Tensor.size, self.params)) == self.sizes  # no `.data =` resize since the build
             and [g.dtype for g in flat] == dtypes
             and [g.device for g in flat] == devices
         )
 
     def params_changed(self) -> bool:
-        """A parameter moved to another device or dtype since the lists were built (e.g. ``.data =``)."""
+        """A parameter moved to another device, dtype or memory layout since the lists were built
+        (``.data = ...``, ``model.double()``, ``model.to(memory_format=...)``)."""
         _, dtypes, devices = self.expect
-        return [p.dtype for p in self.params] != dtypes or [p.device for p in self.params] != devices
+        return (
+            [p.dtype for p in self.params] != dtypes
+            or [p.device for p in self.params] != devices
+            or [p.stride() for p in self.params] != self.strides
+            or [p.size() for p in self.params] != self.sizes
+        )
 
     def works(
         self,
@@ -207,10 +221,14 @@ class CachedLists:
             gw = group_work(groups[s.group], s.device)
             gw.params, gw.exp_avgs, gw.exp_avg_sqs = s.params, s.exp_avgs, s.exp_avg_sqs
             gw.max_exp_avg_sqs, gw.steps = s.max_exp_avg_sqs, s.steps
+            if self.dtensor:  # the kernels run on local shards, taken anew each step (swap_tensors and
+                # Module._apply give a DTensor another local tensor)
+                gw.params, gw.exp_avgs, gw.exp_avg_sqs = map(_locals, (s.params, s.exp_avgs, s.exp_avg_sqs))
+                gw.max_exp_avg_sqs = _locals(s.max_exp_avg_sqs)
             if grads is not None:
                 gl = self.slot_grads(grads, s)
                 if self.relayout and self.backends[s.device] is not TORCH:  # fused kernels walk a grad like its param
-                    gl = in_layout_of(gl, s.params)
+                    gl = in_layout_of(gl, gw.params)
                 gw.grads = gl
             out[s.device].groups.append(gw)
         return out
@@ -233,6 +251,31 @@ def choose_backends(
     return {dev: selection.for_device(dev, dts, dense[dev]) for dev, dts in dtypes.items()}
 
 
+def check_disjoint(groups: list[dict], grads: list[list[Tensor | None]], backends: Mapping) -> None:
+    """Two parameters over the same memory (two Parameter objects viewing one storage) would be
+    updated at once by a fused kernel's threads: a race, results differing run to run. Refused,
+    naming both (the torch backend updates them one after the other, as torch does)."""
+    spans = []
+    for gi, (group, gl) in enumerate(zip(groups, grads)):
+        for i, (p, g) in enumerate(zip(group["params"], gl)):
+            t = local(p)
+            if g is None or t.numel() == 0 or backends.get(t.device, TORCH) is TORCH or not fills_block(t):
+                continue
+            start = t.data_ptr()
+            spans.append((t.device, start, start + t.numel() * t.element_size(), gi, i))
+    spans.sort(key=lambda s: (str(s[0]), s[1]))
+    widest = None  # the span reaching furthest so far, on this device
+    for b in spans:
+        if widest is not None and widest[0] == b[0] and b[1] < widest[2]:
+            raise ValueError(
+                f"parameter {widest[4]} of group {widest[3]} and parameter {b[4]} of group {b[3]} share memory: a "
+                "fused kernel would update both at once (a race); make them one parameter (tied weights: one "
+                "nn.Parameter used twice), or use backend='torch'"
+            )
+        if widest is None or widest[0] != b[0] or b[2] > widest[2]:
+            widest = b
+
+
 def check_states(groups: list[dict], state: Mapping[Tensor, dict], grads: list[list[Tensor | None]]) -> None:
     """A state made for a parameter before it changed device, dtype or size (``model.double()``
     after a step, without moving the optimizer's state) is refused, naming it, before any write."""
@@ -252,16 +295,20 @@ def check_states(groups: list[dict], state: Mapping[Tensor, dict], grads: list[l
                         f"but the parameter is now {tuple(pl.shape)} {pl.dtype} on {pl.device}: move the optimizer's "
                         "state with its parameters (or load a state_dict, which converts it)"
                     )
+                if fills_block(pl) and not (fills_block(tl) and same_layout(tl, pl)) and tl is t:
+                    # the parameter took another memory layout (model.to(memory_format=...)): its
+                    # states follow it, as the fused kernels walk them alike (same values)
+                    st[key] = torch.empty_like(pl, memory_format=torch.preserve_format).copy_(tl)
 
 
 class StepCache:
     """One optimizer's step: through its backend's step holder when the lists are settled, else
     through the lists (built anew when they changed), with every check before any write."""
 
-    def __init__(self, init_state: InitState, *, independent_wd: bool, skip_nonfinite: bool) -> None:
+    def __init__(self, init_state: InitState) -> None:
         self.init_state = init_state
-        self.independent_wd = independent_wd
-        self.skip_nonfinite = skip_nonfinite
+        self.independent_wd = False  # this step's options (step() sets them: the optimizer's may change)
+        self.skip_nonfinite = False
         self.lists: CachedLists | None = None
         self.hparams: dict[torch.device, HparamsTable] = {}  # the fused kernels' tables, per device
 
@@ -282,8 +329,12 @@ class StepCache:
         schedules: ScheduleTables,
         grad_scale: Tensor | None,
         found_inf: Tensor | None,
+        *,
+        independent_wd: bool,
+        skip_nonfinite: bool,
     ) -> Tensor | None:
         """One step; returns the found_inf it used (GradScaler's, or skip_nonfinite's verdict)."""
+        self.independent_wd, self.skip_nonfinite = independent_wd, skip_nonfinite
         lists = self.lists
         if not torch.compiler.is_compiling() and lists is not None and lists.holder is not None:
             if lists.matches(groups, state):
@@ -357,6 +408,8 @@ class StepCache:
         backends = choose_backends(groups, selection, grads)
         idle = not backends
         backends = backends or {schedules.primary_device: TORCH}
+        if not torch.compiler.is_compiling():  # addresses mean nothing to a trace
+            check_disjoint(groups, grads, backends)
         schedules.use(backends)
         lists = CachedLists(groups, state, grads, backends, self.init_state)
         lists.idle = idle

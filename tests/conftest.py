@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 
 import pytest
 import torch
@@ -19,6 +20,10 @@ BACKENDS = [
     for n, why in d2z_optim.available_backends().items()
     if why is None and backends._load(n).device_type in (None, "cpu")
 ]
+# D2Z_TEST_BACKENDS=triton (with TRITON_INTERPRET=1): the backend-parametrised tests on those only
+# (tests/test_triton_interpret.py runs test_fidelity.py so, in a child process)
+if os.environ.get("D2Z_TEST_BACKENDS"):
+    BACKENDS = [n for n in os.environ["D2Z_TEST_BACKENDS"].split(",") if n in BACKENDS]
 
 SHAPES = [(33, 17), (1,), (1023,), (0,), (5, 1, 3)]
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import copy
 import gc
+import os
 import pickle
+import stat
 import subprocess
 import sys
 import threading
@@ -246,9 +248,13 @@ def test_the_schedule_position_carries_over_to_a_device_met_later():
     t.use([cpu])
     t.primary.step_count.fill_(7)
     t.primary.skipped_steps.fill_(2)
+    early = t.primary  # a reference taken before: its tables stay (a CUDA graph may read them)
     t.use([other])
     assert t.primary_device == other and int(t.primary.step_count) == 7 and int(t.primary.skipped_steps) == 2
-    assert list(t.devices) == [other]  # the device no parameter is on any more is dropped
+    assert t.active == [other] and t.devices[cpu] is early
+    t.primary.step_count.fill_(9)
+    t.use([cpu, other])  # met again: starts at the current position, and counts the skipped steps
+    assert int(t.devices[cpu].step_count) == 9 and int(t.primary.skipped_steps) == 2
 
 
 # ---------------------------------------------------- 4. fused=True like torch's fused
@@ -720,3 +726,194 @@ def test_torchs_own_adamw_error_inputs_raise_torchs_errors():
         with pytest.raises(err.error_type) as ours:
             AdamW(params, **kw)
         assert str(ours.value) == str(theirs.value), oi.desc
+
+
+# ------------------------------------------------------------- found by review (regressions)
+def test_flags_set_after_construction_take_effect(backend):
+    p = [torch.nn.Parameter(torch.ones(4))]
+    opt = AdamW(p, backend=backend, lr=0.5, weight_decay=0.5)
+    opt.skip_nonfinite = True
+    p[0].grad = torch.tensor([0.0, float("nan"), 0.0, 0.0])
+    opt.step()
+    assert int(opt.skipped_steps) == 1 and torch.equal(p[0], torch.ones(4))
+    opt.weight_decay_mode = "independent"  # decay by wd * m = 0.5, not lr * wd = 0.25
+    p[0].grad = torch.zeros(4)
+    opt.step()
+    torch.testing.assert_close(p[0].detach(), torch.full((4,), 0.5))
+    with pytest.raises(ValueError, match="weight_decay_mode must be one of"):
+        opt.weight_decay_mode = "l2"
+    with pytest.raises(TypeError, match="skip_nonfinite must be a bool"):
+        opt.skip_nonfinite = "yes"
+
+
+def test_numpy_bool_flags_mean_what_python_bools_mean():
+    assert AdamW(make_params(), fused=np.False_).backend_name == "torch"
+    with pytest.raises(ValueError, match="contradicts"):
+        AdamW(make_params(), fused=np.False_, backend="cpu")
+
+
+def test_a_refused_step_after_a_resize_changes_nothing(backend):
+    p = [torch.nn.Parameter(torch.ones(5)), torch.nn.Parameter(torch.ones(3))]
+    opt = AdamW(p, backend=backend)
+    for q in p:
+        q.grad = torch.ones_like(q)
+    opt.step()
+    p[0].data = torch.ones(7)
+    p[0].grad = torch.ones(7)
+    refused(opt, p, opt.step, ValueError, match="state 'exp_avg' of parameter 0 of group 0")
+
+
+def test_floating_states_of_another_dtype_are_cast_at_load_as_torch_does(backend):
+    m = _model()
+    opt = AdamW(m.parameters(), backend=backend)
+    _train(m, opt, 2)
+    sd = roundtrip(opt.state_dict())  # float32 states
+    m64 = _model().double()
+    ours, ref = AdamW(m64.parameters(), backend=backend), torch.optim.AdamW(_model().double().parameters())
+    ours.load_state_dict(sd)
+    ref.load_state_dict(copy.deepcopy(sd))
+    assert ours.state[next(m64.parameters())]["exp_avg"].dtype == torch.float64
+    _train(m64, ours, 2)
+
+
+def test_a_parameter_that_takes_another_memory_layout_keeps_training(backend):
+    torch.manual_seed(0)
+    ms = [torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(3, 4, 3)]
+    ms[1].load_state_dict(ms[0].state_dict())
+    opts = [AdamW(ms[0].parameters(), backend=backend), torch.optim.AdamW(ms[1].parameters())]
+    x = torch.randn(2, 3, 8, 8)
+    for k in range(4):
+        if k == 2:
+            for m in ms:
+                m.to(memory_format=torch.channels_last)
+        for m, o in zip(ms, opts):
+            o.zero_grad()
+            m(x).square().mean().backward()
+            o.step()
+    for a, b in zip(ms[0].parameters(), ms[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_load_pre_hooks_run_before_the_checks_and_post_hooks_after_the_position():
+    p, opt = trained(total_steps=10)
+    sd = roundtrip(opt.state_dict())
+    for st in sd["state"].values():
+        del st["step"]  # broken; the hook below repairs it
+    o = AdamW(clone_params(p), total_steps=10)
+    o.register_load_state_dict_pre_hook(
+        lambda opt, sd: {**sd, "state": {k: {**v, "step": torch.tensor(3.0)} for k, v in sd["state"].items()}}
+    )
+    seen = []
+    o.register_load_state_dict_post_hook(lambda opt: seen.append(int(opt.step_count)))
+    o.load_state_dict(sd)
+    assert seen == [3]
+
+
+@pytest.mark.parametrize("flow", ["double", "meta"])
+def test_a_compiled_step_meets_parameters_that_moved_since_construction(flow):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch.__future__.set_swap_module_params_on_conversion(flow == "meta")
+    try:
+        m = _model("meta" if flow == "meta" else "cpu")
+        opt = AdamW(m.parameters(), lr=1e-2, total_steps=10)
+        if flow == "meta":
+            m.to_empty(device="cpu")
+            for q in m.parameters():
+                torch.nn.init.normal_(q)
+        else:
+            m.double()
+        step = torch.compile(opt.step, fullgraph=True)
+        for _ in range(3):
+            for q in m.parameters():
+                q.grad = torch.ones_like(q)
+            step()
+        assert int(opt.step_count) == 3 and opt.backend_name == "cpu"
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(False)
+
+
+def test_warmup_with_one_named_schedule_and_one_table():
+    opt = AdamW(make_params(), total_steps=10, warmup=2, wd_schedule=[1.0] * 10)
+    assert opt.schedule.warmup_steps == 2
+    AdamW(make_params(), schedule=[1.0] * 10, wd_schedule="cosine", total_steps=10, warmup=2)
+
+
+def test_schedules_of_every_origin_copy_and_pickle():
+    built = [
+        schedules.get("wsd", 20, cooldown=0.3),
+        schedules.from_values([1.0, 0.5, 0.25], name="cosine"),
+        schedules.Schedule("mine", 3, 0, lambda i: 1.0 / (i + 1.0)),
+    ]
+    for s in built:
+        for again in (copy.deepcopy(s), pickle.loads(pickle.dumps(s))):
+            assert torch.equal(again.table(), s.table())
+
+
+def test_parameters_sharing_memory_are_refused_by_the_fused_kernels(backend):
+    base = torch.zeros(8)
+    p = [torch.nn.Parameter(base[:6]), torch.nn.Parameter(base[4:])]
+    opt = AdamW(p, backend=backend)
+    for q in p:
+        q.grad = torch.ones_like(q)
+    if backend == "torch":  # one after the other, as torch does
+        opt.step()
+        return
+    refused(opt, p, opt.step, ValueError, match="parameter 0 of group 0 and parameter 1 of group 0 share memory")
+
+
+def test_the_cli_writes_with_the_umask_and_through_a_symlink(tmp_path):
+    target = tmp_path / "real.png"
+    target.write_bytes(b"")
+    link = tmp_path / "link.png"
+    link.symlink_to(target)
+    r = subprocess.run(
+        [sys.executable, "-m", "d2z_optim", "plot", "linear-d2z", "--steps", "20", "-o", str(link)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    assert link.is_symlink() and target.stat().st_size > 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask
+
+
+DTENSOR_SCRIPT = """
+import os, torch, torch.distributed as dist
+from torch.distributed.tensor import Replicate, distribute_tensor
+from torch.distributed.device_mesh import init_device_mesh
+from d2z_optim import AdamW
+dist.init_process_group("gloo", init_method="file://" + os.environ["D2Z_INIT_FILE"], rank=0, world_size=1)
+mesh = init_device_mesh("cpu", (1,))
+dt = lambda v: distribute_tensor(v, mesh, [Replicate()])
+for how in ("swap_tensors", "to_empty"):
+    for backend in ("torch", "cpu"):
+        m = torch.nn.Linear(8, 1, bias=False)
+        m.weight = torch.nn.Parameter(dt(torch.ones(1, 8)))
+        opt = AdamW(m.parameters(), lr=0.1, weight_decay=0.0, backend=backend)
+        m.weight.grad = dt(torch.ones(1, 8))
+        opt.step()
+        p = m.weight
+        if how == "swap_tensors":
+            torch.utils.swap_tensors(p, torch.nn.Parameter(dt(torch.full((1, 8), 5.0))))
+        else:
+            m.to_empty(device="cpu")
+            torch.nn.init.constant_(m.weight, 5.0)
+        p.grad = dt(torch.ones(1, 8))
+        before = p.to_local().clone()
+        opt.step()
+        assert not torch.equal(before, p.to_local()), (how, backend)
+dist.destroy_process_group()
+print("OK")
+"""
+
+
+def test_dtensor_parameters_given_a_new_local_tensor_keep_training(tmp_path):
+    """FSDP2's DTensors: swap_tensors and Module._apply give them a new local tensor; the step must
+    update it (the local shards are taken anew each step), as torch's AdamW does."""
+    env = dict(os.environ, D2Z_INIT_FILE=str(tmp_path / "pg"))
+    r = subprocess.run([sys.executable, "-c", DTENSOR_SCRIPT], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr

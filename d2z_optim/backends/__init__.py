@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from functools import cache
 from typing import Any
 
 import torch
@@ -30,6 +29,7 @@ __all__ = [
     "fills_block",
     "flag_nonfinite",
     "in_layout_of",
+    "preload",
     "resolve",
 ]
 
@@ -72,9 +72,28 @@ class Backend:
 TORCH = Backend("torch", torch_backend.step, any_layout=True)
 
 
-@cache
+_LOADED: dict[str, Backend | str] = {}
+
+
 def _load(name: str) -> Backend | str:
-    """The backend, or the reason it cannot be used (checked once per process)."""
+    """The backend, or the reason it cannot be used (checked once per process: a plain dict, so a
+    step under torch.compile reads the answer instead of tracing the extension's checks)."""
+    found = _LOADED.get(name)
+    if found is None:
+        found = _LOADED[name] = _load_now(name)
+    return found
+
+
+def preload(device_types: Iterable[str] = ("cpu",)) -> None:
+    """Answer now which backends can run on these device types (the optimizer asks at construction:
+    its first step may be traced by torch.compile, on a device its parameters move to only then)."""
+    _load("torch")
+    for t in device_types:
+        for n in FUSED_FOR.get(t, ()):
+            _load(n)
+
+
+def _load_now(name: str) -> Backend | str:
     if name == "torch":
         return TORCH
     if name in ("cpu", "cuda"):
@@ -178,6 +197,8 @@ def resolve(name: str, *, fused: bool | None = None) -> Selection:
     """
     if name not in NAMES:
         raise ValueError(f"backend must be one of {list(NAMES)}, got {name!r}")
+    # what a step may meet later: the CPU, and CUDA devices where torch has them
+    preload(("cpu", "cuda") if torch.cuda.is_available() else ("cpu",))
     if name != "auto":
         b = _load(name)
         if isinstance(b, str):
