@@ -309,8 +309,22 @@ class StepCache:
         self.init_state = init_state
         self.independent_wd = False  # this step's options (step() sets them: the optimizer's may change)
         self.skip_nonfinite = False
-        self.lists: CachedLists | None = None
+        self._lists: CachedLists | None = None
         self.hparams: dict[torch.device, HparamsTable] = {}  # the fused kernels' tables, per device
+        # buffers a CUDA graph capture recorded, of step holders since dropped: kept for the
+        # optimizer's life (a graph replays them; the allocator must never hand them out again)
+        self.retained: list[Tensor] = []
+
+    @property
+    def lists(self) -> CachedLists | None:
+        return self._lists
+
+    @lists.setter
+    def lists(self, new: CachedLists | None) -> None:
+        old = self._lists
+        if old is not None and old is not new and old.holder is not None:
+            self.retained += old.holder.captured()
+        self._lists = new
 
     def invalidate(self) -> None:
         self.lists = None
@@ -353,9 +367,12 @@ class StepCache:
 
     def _holder_step(self, lists, groups, schedules, grad_scale, found_inf) -> tuple[bool, Tensor | None]:
         """One step through the holder. False, with nothing written, when it cannot take it (a
-        parameter gained or lost a gradient, a tensor changed, a bad gradient): the caller then
-        steps through the lists, which rebuilds them or says what is wrong."""
+        parameter gained or lost a gradient, a tensor changed, a bad gradient, skip_nonfinite asked
+        of a holder that does not scan): the caller then steps through the lists, which rebuilds
+        them or says what is wrong."""
         if any(p.grad is not None for p in lists.absent):
+            return False, found_inf
+        if self.skip_nonfinite and not lists.holder.scans_nonfinite:
             return False, found_inf
         (work,) = self._works(lists, groups, schedules).values()
         work.grad_scale, work.found_inf = amp_tensors(work.step_count.device, grad_scale, found_inf)
@@ -419,6 +436,8 @@ class StepCache:
         # parameter's layout, or while torch.compile traces (the holder is opaque to it; the op
         # is not).
         make = next(iter(backends.values())).holder if lists.kernel_checks else None
+        if make and self.skip_nonfinite and not make.scans_nonfinite:
+            make = None  # the lists path's exact scan, then the op
         if make and not (lists.relayout or lists.dtensor or torch.compiler.is_compiling()):
             (work,) = self._works(lists, groups, schedules).values()
             lists.holder = make(work)

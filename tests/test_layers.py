@@ -15,13 +15,17 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import d2z_optim.triton_kernels
 import pytest
 
+import d2z_optim
 from d2z_optim.backends.contract import HP_COLS, HpCol, StepStatus
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGE = ROOT / "d2z_optim"
-KERNELS = ROOT / "triton_kernels"
+# the imported packages' files (in make wheel-cuda, the installed wheel's), never a path that
+# may be missing: a glob of a missing folder would pass every test below vacuously
+PACKAGE = Path(d2z_optim.__file__).resolve().parent
+KERNELS = Path(d2z_optim.triton_kernels.__file__).resolve().parent
 CSRC = ROOT / "csrc"
 
 # rank of each package module: imports go from a higher rank to a lower one (or the same file)
@@ -51,8 +55,11 @@ RANKS = {
 
 
 def _modules():
+    assert (PACKAGE / "optimizer.py").is_file() and (KERNELS / "adamw.py").is_file()
     for path in sorted(PACKAGE.rglob("*.py")):
-        rel = path.relative_to(ROOT).with_suffix("")
+        if KERNELS in path.parents:  # the wheel puts them inside the package: once, below
+            continue
+        rel = path.relative_to(PACKAGE.parent).with_suffix("")
         name = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
         yield name, path
     for path in sorted(KERNELS.glob("*.py")):
@@ -183,6 +190,15 @@ def test_hparams_columns_match_csrc():
     assert cpp.pop("kHpCols") == HP_COLS
     assert {_py_name(k): v for k, v in cpp.items()} == {c.name: int(c) for c in HpCol}
     assert max(HpCol) < HP_COLS
+
+
+def test_triton_metadata_columns_match_csrc():
+    pytest.importorskip("triton")
+    from d2z_optim.backends.triton_backend import META_COLS, MetaCol
+
+    cpp = _cpp_enum(CSRC / "torch" / "adamw_step_holder.h", "TritonMetaCol")
+    assert cpp.pop("kMetaCols") == META_COLS
+    assert {k[len("kMeta") :].upper(): v for k, v in cpp.items()} == {c.name: int(c) for c in MetaCol}
 
 
 def test_step_status_matches_csrc():

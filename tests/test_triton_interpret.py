@@ -161,7 +161,8 @@ def _cases():
             w = work([g])
             run_steps(w, 2)
             md = next(reversed(triton_backend._METAS.values()))
-            aligned = md.meta.view(-1, triton_backend.META_COLS)[:, triton_backend.MetaCol.ALIGNED].tolist()
+            meta = md.buf[: md.n_tensors * triton_backend.META_COLS]
+            aligned = meta.view(-1, triton_backend.META_COLS)[:, triton_backend.MetaCol.ALIGNED].tolist()
             assert aligned == [0, 1, 0], aligned
 
     def amp_scale():
@@ -266,6 +267,38 @@ def _cases():
             triton_backend.step(ref)
             compare(w, ref, k=0)  # same kernel both ways: identical
 
+    def holder():
+        # the step holder (C++ keeps the metadata, Python launches): bitwise the op's results, the
+        # metadata rebuilt only when an address changes; a capture's buffers kept (mocked capture)
+        from d2z_optim.backends import contract
+
+        w = work(mixed_groups(torch.float32, 51))
+        ref = copy.deepcopy(w)
+        h = triton_backend.TritonStepHolder(w)
+        for k in range(3):
+            for g in w.groups:
+                for p, gr in zip(g.params, g.grads):
+                    p.grad = gr
+            if k == 2:  # new gradient tensors: new addresses
+                for g in w.groups:
+                    g.grads = [x.clone() for x in g.grads]
+                    for p, gr in zip(g.params, g.grads):
+                        p.grad = gr
+            v = h._holder.version
+            assert h.step(w) is triton_backend.StepStatus.APPLIED
+            assert (h._holder.version == v + 1) == (k in (0, 2)), (k, v, h._holder.version)
+            triton_backend.step(ref)
+            compare(w, ref, k=0)
+        old = triton_backend.capturing
+        triton_backend.capturing = lambda dev: True
+        try:
+            h.step(w)
+            triton_backend.step(ref)
+        finally:
+            triton_backend.capturing = old
+        assert h.captured() and contract.capturing(torch.device("cpu")) is False
+        compare(w, ref, k=0)
+
     def opcheck():
         # the custom op's schema (mutations as declared), fake (the shared checks), autograd, AOT
         w = work(mixed_groups(torch.float32, 41))
@@ -310,7 +343,7 @@ def _cases():
 
     return {f.__name__: f for f in (small_chunks, misaligned, amp_scale, found_inf_noop, grads_read_only,
                                     tensor_lr, one_launch_per_dtype, empty_work, plan_cache, bad_input, compiled,
-                                    opcheck, optimizer)} | {
+                                    holder, opcheck, optimizer)} | {
         f"parity_{str(d).split('.')[1]}_{mode}": (lambda d=d, i=(mode == "independent"): parity(d, i))
         for d in DT
         for mode in ("coupled", "independent")
@@ -353,7 +386,7 @@ def _main_no_interpreter() -> None:
 CASES = (
     [f"parity_{d}_{m}" for d in ("float32", "bfloat16", "float16", "float64") for m in ("coupled", "independent")]
     + ["small_chunks", "misaligned", "amp_scale", "found_inf_noop", "grads_read_only", "tensor_lr"]
-    + ["one_launch_per_dtype", "empty_work", "plan_cache", "bad_input", "compiled", "opcheck", "optimizer"]
+    + ["one_launch_per_dtype", "empty_work", "plan_cache", "bad_input", "compiled", "holder", "opcheck", "optimizer"]
 )
 
 

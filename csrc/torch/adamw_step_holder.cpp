@@ -1,36 +1,61 @@
-// d2z_optim._C.CpuStepHolder: the CPU step of a fixed list of parameters, kept across steps.
+// The step holders (d2z_optim._C): a fixed list of parameters and their states, handed over once,
+// stepped each time with the schedule tensors only; the gradients are read from the parameters
+// (param.grad()) here, in C++.
 //
 // Handing the op six lists of tensors costs more than the update itself for thousands of small
 // tensors (each tensor crosses from Python and is unpacked every step). The step cache builds a
-// holder once its parameters, states and groups are settled (d2z_optim/backends/cpp_backend.py);
-// each step then hands over only the schedule tensors, and the gradients are read here from the
-// parameters (param.grad()). Every check of the op still runs each step, on the tensors as they
-// are now (a `.data =` swap, a resized state), before anything is written.
+// holder once its parameters, states and groups are settled (d2z_optim/backends/cpp_backend.py,
+// triton_backend.py).
+//
+// CpuStepHolder: the CPU kernel. Every check of the op runs each step, on the tensors as they are
+// now (a `.data =` swap, a resized state), before anything is written.
+//
+// DeviceStepHolder: the CUDA kernel (kind "cuda", launched here) or the Triton kernels (kind
+// "triton", launched by Python from the metadata kept here). Each step reads every tensor's
+// address, size, dtype and contiguity (a key); the op's checks run, and the device metadata is
+// rebuilt and uploaded (one asynchronous copy), only when a key changed. Its buffers are its own:
+// nothing a kernel reads is in a process-wide cache. A buffer a CUDA graph capture recorded (the
+// caller says it is capturing) is kept for the holder's life and never written again; a change met
+// while capturing gets new buffers, so the graph's copy of the metadata stays as it was recorded.
+// Modes: "device" (CUDA tensors), "replay" (CPU tensors: the kind "cuda" replays the CUDA grid on
+// the host, the kind "triton" leaves the launches to Python, e.g. under TRITON_INTERPRET=1), "stub"
+// (CPU tensors, nothing launched: the host-overhead benchmark).
 //
 // Parameters are held as their Python objects, as the optimizer's param_groups hold them, and
 // each step reads the tensor each object has now: a reference to the tensor itself would make
 // torch.utils.swap_tensors refuse it (Module.to / load_state_dict with
 // swap_module_params_on_conversion swap a new tensor into the same Python object). The garbage
 // collector sees those references (tp_traverse / tp_clear), so a reference cycle through the
-// optimizer (e.g. a gradient hook on a parameter that calls opt.step()) is collected. A step holds
-// the gradients it reads while it runs (the GIL is released then: another thread may drop one).
+// optimizer is collected. A step holds the gradients it reads while it runs (the GIL is released
+// then: another thread may drop one).
 #include "adamw_step_holder.h"
 
 #include <ATen/Parallel.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/extension.h>
 
+#include <array>
 #include <atomic>
 #include <climits>
+#include <cstring>
 #include <mutex>
 #include <stdexcept>
 #include <string>
 
 #include "adamw_cpu.h"
+#include "adamw_worklist.h"
 
 namespace py = pybind11;
 
 namespace d2z {
+
+namespace {
+const CudaHooks* g_cuda_hooks = nullptr;
+}  // namespace
+
+const CudaHooks* cuda_hooks() { return g_cuda_hooks; }
+void set_cuda_hooks(const CudaHooks* hooks) { g_cuda_hooks = hooks; }
+
 namespace {
 
 constexpr int64_t kGatherGrain = 1024;  // parameters per thread at least
@@ -40,16 +65,32 @@ struct StepRefusedError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-struct CpuStepHolder {
-  std::vector<PyObject*> params;  // the parameters' Python objects (owned references)
+// The first refusal of a parallel loop over parameters (the lowest index wins: deterministic).
+struct FirstRefusal {
+  std::atomic<int64_t> index{INT64_MAX};
+  std::string why;
+  std::mutex mutex;
+  void note(int64_t k, const c10::Error& e) {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (k < index.load()) {
+      index.store(k);
+      why = e.what_without_backtrace();
+    }
+  }
+  void raise_if_any() const {
+    if (index.load() != INT64_MAX) throw StepRefusedError(why);
+  }
+};
+
+// The parameters (their Python objects) and states of a holder, and the header prefetching.
+struct HeldParams {
+  std::vector<PyObject*> params;  // owned references
   std::vector<at::Tensor> exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps;
   std::vector<int64_t> group_index, numel;
-  CpuItems items;             // from the sizes at construction
-  std::vector<CpuTensor> ts;  // this step's pointers
 
-  CpuStepHolder(const py::list& params_, std::vector<at::Tensor> exp_avgs_, std::vector<at::Tensor> exp_avg_sqs_,
-                std::vector<at::Tensor> max_exp_avg_sqs_, std::vector<at::Tensor> steps_,
-                std::vector<int64_t> group_index_)
+  HeldParams(const char* what, const py::list& params_, std::vector<at::Tensor> exp_avgs_,
+             std::vector<at::Tensor> exp_avg_sqs_, std::vector<at::Tensor> max_exp_avg_sqs_,
+             std::vector<at::Tensor> steps_, std::vector<int64_t> group_index_)
       : exp_avgs(std::move(exp_avgs_)),
         exp_avg_sqs(std::move(exp_avg_sqs_)),
         max_exp_avg_sqs(std::move(max_exp_avg_sqs_)),
@@ -60,25 +101,22 @@ struct CpuStepHolder {
                                     {exp_avg_sqs.size(), "exp_avg_sqs"},
                                     {steps.size(), "steps"},
                                     {group_index.size(), "group_index"}}) {
-      TORCH_CHECK(len == n, "d2z.CpuStepHolder: ", name, " has ", len, " entries but params has ", n);
+      TORCH_CHECK(len == n, what, ": ", name, " has ", len, " entries but params has ", n);
     }
-    TORCH_CHECK(max_exp_avg_sqs.empty() || max_exp_avg_sqs.size() == n, "d2z.CpuStepHolder: max_exp_avg_sqs has ",
+    TORCH_CHECK(max_exp_avg_sqs.empty() || max_exp_avg_sqs.size() == n, what, ": max_exp_avg_sqs has ",
                 max_exp_avg_sqs.size(), " entries: it must be empty or as long as params (", n, ")");
     for (size_t k = 0; k < n; ++k) {
       PyObject* obj = params_[k].ptr();
-      TORCH_CHECK(THPVariable_Check(obj), "d2z.CpuStepHolder: params[", k, "] is not a tensor");
+      TORCH_CHECK(THPVariable_Check(obj), what, ": params[", k, "] is not a tensor");
       numel.push_back(THPVariable_Unpack(obj).numel());
     }
-    ts.resize(n);
-    for (size_t k = 0; k < n; ++k) items.add(static_cast<int32_t>(k), numel[k]);
     // every check passed: now own the references
     for (size_t k = 0; k < n; ++k) params.push_back(py::handle(params_[k]).inc_ref().ptr());
   }
 
-  CpuStepHolder(const CpuStepHolder&) = delete;
-  CpuStepHolder& operator=(const CpuStepHolder&) = delete;
-
-  ~CpuStepHolder() { release(); }
+  HeldParams(const HeldParams&) = delete;
+  HeldParams& operator=(const HeldParams&) = delete;
+  virtual ~HeldParams() { release(); }
 
   // Drops the parameters (the GC's tp_clear, or destruction). Needs the GIL.
   void release() {
@@ -88,12 +126,15 @@ struct CpuStepHolder {
     for (PyObject* obj : held) Py_DECREF(obj);
   }
 
+  bool released() const { return params.size() != steps.size(); }
+
   // The tensor parameter k's Python object holds now.
   const at::Tensor& param(size_t k) const { return THPVariable_Unpack(params[k]); }
+  const at::Tensor* vmax(size_t k) const { return max_exp_avg_sqs.empty() ? nullptr : &max_exp_avg_sqs[k]; }
 
-  // Software pipelining of the header reads: the parameter's Python object kDist * 3 ahead, the
-  // tensor headers kDist * 2 ahead, their storage and autograd-meta headers kDist ahead, the
-  // gradient's header kDist / 2 ahead.
+  // Software pipelining of the header reads (cache and TLB misses for thousands of small tensors):
+  // the parameter's Python object kDist * 3 ahead, the tensor headers kDist * 2 ahead, their
+  // storage and autograd-meta headers kDist ahead, the gradient's header kDist / 2 ahead.
   static constexpr int64_t kDist = 8;
   static void prefetch_lines(const void* p, int lines) {
     for (int i = 0; i < lines; ++i) __builtin_prefetch(static_cast<const char*>(p) + 64 * i, 0, 3);
@@ -117,30 +158,50 @@ struct CpuStepHolder {
     if (k + kDist / 2 < end) {
       const c10::AutogradMetaInterface* meta = param(k + kDist / 2).unsafeGetTensorImpl()->autograd_meta();
       if (meta != nullptr && meta->grad().defined()) prefetch_lines(meta->grad().unsafeGetTensorImpl(), 4);
+      if (!max_exp_avg_sqs.empty()) {
+        prefetch_lines(max_exp_avg_sqs[k + kDist / 2].unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl(),
+                       2);
+      }
     }
+    if (k + kDist / 4 < end) {  // the gradient's storage header, once its tensor header is in
+      const c10::AutogradMetaInterface* meta = param(k + kDist / 4).unsafeGetTensorImpl()->autograd_meta();
+      if (meta != nullptr && meta->grad().defined()) {
+        prefetch_lines(meta->grad().unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl(), 2);
+      }
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------- CPU
+struct CpuStepHolder : HeldParams {
+  CpuItems items;             // from the sizes at construction
+  std::vector<CpuTensor> ts;  // this step's pointers
+
+  CpuStepHolder(const py::list& params_, std::vector<at::Tensor> exp_avgs_, std::vector<at::Tensor> exp_avg_sqs_,
+                std::vector<at::Tensor> max_exp_avg_sqs_, std::vector<at::Tensor> steps_,
+                std::vector<int64_t> group_index_)
+      : HeldParams("d2z.CpuStepHolder", params_, std::move(exp_avgs_), std::move(exp_avg_sqs_),
+                   std::move(max_exp_avg_sqs_), std::move(steps_), std::move(group_index_)) {
+    ts.resize(params.size());
+    for (size_t k = 0; k < params.size(); ++k) items.add(static_cast<int32_t>(k), numel[k]);
   }
 
   // One step of every parameter (the op's semantics). Called with the GIL released.
   StepStatus step(const at::Tensor& step_count, const at::Tensor& lr_table, const at::Tensor& wd_table,
                   const at::Tensor& hparams, bool independent_wd, const std::optional<at::Tensor>& grad_scale,
                   const std::optional<at::Tensor>& found_inf, bool skip_nonfinite) {
-    TORCH_CHECK(params.size() == steps.size(), "d2z.CpuStepHolder: used after release()");
+    TORCH_CHECK(!released(), "d2z.CpuStepHolder: used after release()");
     const at::Device dev =
         check_call_tensors(step_count, lr_table, wd_table, hparams, grad_scale, found_inf, c10::DeviceType::CPU);
     const int64_t groups = hparams.size(0);
     const double* hp = hparams.data_ptr<double>();
-    // Reading ~10 headers (tensor, storage, autograd meta) per parameter is bound by cache and
-    // TLB misses for thousands of small tensors: both threads take a share.
     std::atomic<bool> declined{false};
     const int64_t n = static_cast<int64_t>(params.size());
     // This step's gradients, held until the update is done. (Parameters are not copied: the
     // holder's Python objects hold them, and a copy of a tensor whose only reference is its
     // Python object takes the GIL to keep that object alive.)
     std::vector<at::Tensor> grads(n);
-    // the first refusal of the op's checks, by parameter index (the lowest wins: deterministic)
-    std::atomic<int64_t> refused{INT64_MAX};
-    std::string why;
-    std::mutex why_mutex;
+    FirstRefusal refused;
     at::parallel_for(0, n, kGatherGrain, [&](int64_t k0, int64_t k1) {
       for (int64_t k = k0; k < k1; ++k) {
         prefetch_headers(k, k1);
@@ -151,23 +212,18 @@ struct CpuStepHolder {
           return;
         }
         const int64_t gi = group_index[k];
-        const at::Tensor* vmax = max_exp_avg_sqs.empty() ? nullptr : &max_exp_avg_sqs[k];
         try {
-          check_param(k, p, g, exp_avgs[k], exp_avg_sqs[k], vmax, steps[k], gi, groups, dev);
-          check_amsgrad_state(k, p, vmax, gi, hp);
+          check_param(k, p, g, exp_avgs[k], exp_avg_sqs[k], vmax(k), steps[k], gi, groups, dev);
+          check_amsgrad_state(k, p, vmax(k), gi, hp);
         } catch (const c10::Error& e) {
-          std::lock_guard<std::mutex> lock(why_mutex);
-          if (k < refused.load()) {
-            refused.store(k);
-            why = e.what_without_backtrace();
-          }
+          refused.note(k, e);
           return;
         }
-        ts[k] = cpu_tensor(p, g, exp_avgs[k], exp_avg_sqs[k], vmax, steps[k], hp + gi * kHpCols);
+        ts[k] = cpu_tensor(p, g, exp_avgs[k], exp_avg_sqs[k], vmax(k), steps[k], hp + gi * kHpCols);
       }
     });
     if (declined.load()) return StepStatus::kDeclined;
-    if (refused.load() != INT64_MAX) throw StepRefusedError(why);
+    refused.raise_if_any();
     // ---- nothing is written above this line ----
     const CpuStepResult r =
         cpu_step(ts, items, step_count, lr_table, wd_table, independent_wd, grad_scale, found_inf, skip_nonfinite);
@@ -175,28 +231,272 @@ struct CpuStepHolder {
   }
 };
 
+// ------------------------------------------------------------------------------- device
+enum class Kind { kCuda, kTriton };
+enum class Mode { kDevice, kReplay, kStub };
+
+// What a step's metadata depends on, per tensor: an unchanged key means the uploaded metadata and
+// the checks made with it still hold. `flags`: dtypes and contiguity (a tensor that is not
+// contiguous is checked in full every step: its strides are not in the key).
+struct TensorKey {
+  const void *p, *g, *m, *v, *x, *step;
+  int64_t n, ng, nm, nv;
+  uint64_t flags;
+  bool operator==(const TensorKey& o) const {  // field by field, inlined (a memcmp call per tensor cost ~15%)
+    return p == o.p && g == o.g && m == o.m && v == o.v && x == o.x && step == o.step && n == o.n && ng == o.ng &&
+           nm == o.nm && nv == o.nv && flags == o.flags;
+  }
+};
+
+inline uint64_t dtype_bits(const at::Tensor& t) { return static_cast<uint64_t>(t.scalar_type()) & 0xffu; }
+
+struct DeviceStepHolder : HeldParams {
+  Kind kind;
+  Mode mode;
+  std::array<int64_t, 4> chunk{};    // Triton: elements per program, by Dtype (kF32, kBF16, kF16, kF64)
+  std::vector<TensorKey> key;        // of the metadata now uploaded (empty: none yet)
+  std::vector<TensorKey> scratch;    // the keys of the step being taken
+  at::Tensor host, dev;              // that metadata: staging (pinned in device mode) and the kernel's copy
+  std::vector<at::Tensor> captured;  // buffers a capture recorded: kept, never written again
+  bool dev_captured = false;
+  int64_t version = 0;                           // bumped with each new metadata buffer
+  int64_t n_blocks = 0;                          // CUDA: blocks of adamw_kernel
+  bool has_f64 = false;                          // CUDA: the launch takes adamw_kernel_f64
+  std::vector<std::array<int64_t, 4>> launches;  // Triton: (dtype, amsgrad, offset, items) per launch
+  void* dev_stream = nullptr;                    // device mode: the stream `dev` was allocated on
+  std::vector<void*> dev_streams;                // and the others it was used on (recorded)
+
+  DeviceStepHolder(const py::list& params_, std::vector<at::Tensor> exp_avgs_, std::vector<at::Tensor> exp_avg_sqs_,
+                   std::vector<at::Tensor> max_exp_avg_sqs_, std::vector<at::Tensor> steps_,
+                   std::vector<int64_t> group_index_, const std::string& kind_, const std::string& mode_,
+                   std::vector<int64_t> chunk_)
+      : HeldParams("d2z.DeviceStepHolder", params_, std::move(exp_avgs_), std::move(exp_avg_sqs_),
+                   std::move(max_exp_avg_sqs_), std::move(steps_), std::move(group_index_)) {
+    TORCH_CHECK(kind_ == "cuda" || kind_ == "triton", "d2z.DeviceStepHolder: kind must be 'cuda' or 'triton', got ",
+                kind_);
+    TORCH_CHECK(mode_ == "device" || mode_ == "replay" || mode_ == "stub",
+                "d2z.DeviceStepHolder: mode must be 'device', 'replay' or 'stub', got ", mode_);
+    kind = kind_ == "cuda" ? Kind::kCuda : Kind::kTriton;
+    mode = mode_ == "device" ? Mode::kDevice : (mode_ == "replay" ? Mode::kReplay : Mode::kStub);
+    TORCH_CHECK(mode != Mode::kDevice || cuda_hooks() != nullptr,
+                "d2z.DeviceStepHolder: mode 'device' needs a CUDA build of d2z_optim._C");
+    if (kind == Kind::kTriton) {
+      TORCH_CHECK(chunk_.size() == 4, "d2z.DeviceStepHolder: chunk needs 4 sizes (f32, bf16, f16, f64)");
+      for (int i = 0; i < 4; ++i) {
+        TORCH_CHECK(chunk_[i] > 0, "d2z.DeviceStepHolder: chunk sizes must be positive");
+        chunk[i] = chunk_[i];
+      }
+    }
+  }
+
+  c10::DeviceType device_type() const { return mode == Mode::kDevice ? c10::DeviceType::CUDA : c10::DeviceType::CPU; }
+
+  TensorKey key_of(size_t k, const at::Tensor& p, const at::Tensor& g) const {
+    const at::Tensor &m = exp_avgs[k], &v = exp_avg_sqs[k], &st = steps[k];
+    const at::Tensor* x = vmax(k);
+    const bool has_x = x != nullptr && x->numel() > 0;
+    uint64_t flags = dtype_bits(p) | dtype_bits(g) << 8 | dtype_bits(m) << 16 | dtype_bits(v) << 24;
+    flags |= static_cast<uint64_t>(p.is_contiguous() && g.is_contiguous() && m.is_contiguous() && v.is_contiguous() &&
+                                   (!has_x || x->is_contiguous()))
+             << 32;
+    flags |= static_cast<uint64_t>(has_x) << 33;
+    return TensorKey{p.data_ptr(),  g.const_data_ptr(), m.data_ptr(), v.data_ptr(), has_x ? x->data_ptr() : nullptr,
+                     st.data_ptr(), p.numel(),          g.numel(),    m.numel(),    v.numel(),
+                     flags};
+  }
+
+  // The metadata of the tensors as they are now, into a new staging buffer.
+  at::Tensor build(const std::vector<at::Tensor>& grads) {
+    const size_t n = params.size();
+    if (kind == Kind::kCuda) {
+      WorkList list;
+      list.tensors.resize(n);
+      for (size_t k = 0; k < n; ++k)
+        list.tensors[k] =
+            tensor_meta(param(k), grads[k], exp_avgs[k], exp_avg_sqs[k], vmax(k), steps[k], group_index[k]);
+      build_work_list(list);
+      check_work_list(list);
+      at::Tensor staging = new_host(static_cast<int64_t>(std::max<size_t>(list.bytes(), 16)));
+      list.pack(staging.data_ptr());
+      n_blocks = static_cast<int64_t>(list.blocks.size());
+      has_f64 = list.has_f64;
+      return staging;
+    }
+    // Triton: [meta rows, kMetaCols int64 each][per dtype: (tensor row, chunk start) items]
+    std::vector<int64_t> flat;
+    flat.reserve(n * kMetaCols);
+    std::array<std::vector<int64_t>, 4> items;
+    std::array<bool, 4> ams{};
+    for (size_t k = 0; k < n; ++k) {
+      const TensorMeta t =
+          tensor_meta(param(k), grads[k], exp_avgs[k], exp_avg_sqs[k], vmax(k), steps[k], group_index[k]);
+      const bool aligned = aligned16(t.p) && aligned16(t.g) && aligned16(t.m) && aligned16(t.v) &&
+                           (t.vmax == nullptr || aligned16(t.vmax));
+      int64_t row[kMetaCols];
+      row[kMetaP] = reinterpret_cast<int64_t>(t.p);
+      row[kMetaG] = reinterpret_cast<int64_t>(t.g);
+      row[kMetaM] = reinterpret_cast<int64_t>(t.m);
+      row[kMetaV] = reinterpret_cast<int64_t>(t.v);
+      row[kMetaX] = reinterpret_cast<int64_t>(t.vmax);
+      row[kMetaStep] = reinterpret_cast<int64_t>(t.step);
+      row[kMetaNumel] = t.n;
+      row[kMetaGroup] = t.group;
+      row[kMetaAligned] = aligned ? 1 : 0;
+      flat.insert(flat.end(), row, row + kMetaCols);
+      const int d = t.dtype;
+      ams[d] = ams[d] || t.vmax != nullptr;
+      for (int64_t s = 0; s < t.n; s += chunk[d]) {
+        items[d].push_back(static_cast<int64_t>(k));
+        items[d].push_back(s);
+      }
+    }
+    launches.clear();
+    for (int d : {kF32, kBF16, kF16, kF64}) {  // the launch order of the Python launcher
+      if (items[d].empty()) continue;
+      launches.push_back(
+          {d, ams[d] ? 1 : 0, static_cast<int64_t>(flat.size()), static_cast<int64_t>(items[d].size() / 2)});
+      flat.insert(flat.end(), items[d].begin(), items[d].end());
+    }
+    if (flat.empty()) flat.push_back(0);
+    at::Tensor staging = new_host(static_cast<int64_t>(flat.size() * sizeof(int64_t)));
+    std::memcpy(staging.data_ptr(), flat.data(), flat.size() * sizeof(int64_t));
+    return staging;
+  }
+
+  at::Tensor new_host(int64_t bytes) const {
+    return at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(mode == Mode::kDevice));
+  }
+
+  // The new metadata into a new kernel-side buffer (never an old one: a kernel in flight or a graph
+  // may read it), uploaded with one asynchronous copy on the current stream in device mode.
+  void upload(at::Tensor staging, int device, void* stream) {
+    if (mode == Mode::kDevice) {
+      at::Tensor fresh = at::empty(staging.sizes(), at::TensorOptions().dtype(at::kByte).device(at::kCUDA, device));
+      fresh.copy_(staging, /*non_blocking=*/true);
+      dev = std::move(fresh);
+      dev_stream = stream;
+      dev_streams.clear();
+    } else {
+      dev = staging;  // CPU tensors: the kernels (replay, the interpreter) read the host copy
+    }
+    host = std::move(staging);
+    dev_captured = false;
+    ++version;
+  }
+
+  // In device mode: a buffer used on another stream than its own is recorded there (the caching
+  // allocator then waits for that stream before reusing it).
+  void record_use(void* stream) {
+    if (mode != Mode::kDevice || stream == dev_stream) return;
+    for (void* s : dev_streams) {
+      if (s == stream) return;
+    }
+    cuda_hooks()->record_stream(dev, stream);
+    dev_streams.push_back(stream);
+  }
+
+  StepStatus step(const at::Tensor& step_count, const at::Tensor& lr_table, const at::Tensor& wd_table,
+                  const at::Tensor& hparams, bool independent_wd, const std::optional<at::Tensor>& grad_scale,
+                  const std::optional<at::Tensor>& found_inf, bool capturing) {
+    TORCH_CHECK(!released(), "d2z.DeviceStepHolder: used after release()");
+    const at::Device dev_ =
+        check_call_tensors(step_count, lr_table, wd_table, hparams, grad_scale, found_inf, device_type());
+    const int64_t n = static_cast<int64_t>(params.size());
+    std::vector<at::Tensor> grads(n);
+    std::vector<TensorKey>& now = scratch;  // reused: a fresh vector was an allocation per step
+    now.resize(n);
+    std::atomic<bool> declined{false}, changed{key.size() != static_cast<size_t>(n)};
+    at::parallel_for(0, n, kGatherGrain, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) {
+        prefetch_headers(k, k1);
+        const at::Tensor& p = param(k);
+        const at::Tensor& g = grads[k] = p.grad();
+        if (!g.defined() || p.numel() != numel[k]) {
+          declined.store(true);
+          return;
+        }
+        if (!is_dense(p) || !is_dense(g) || !is_dense(exp_avgs[k]) || !is_dense(exp_avg_sqs[k])) {
+          now[k] = TensorKey{};  // a sparse gradient (no data pointer): the checks below refuse it
+          changed.store(true, std::memory_order_relaxed);
+          continue;
+        }
+        now[k] = key_of(k, p, g);
+        // a key unchanged and all contiguous: the checks made when it was uploaded still hold
+        if (changed.load(std::memory_order_relaxed) || !(now[k] == key[k]) || !((now[k].flags >> 32) & 1u)) {
+          changed.store(true, std::memory_order_relaxed);
+        }
+      }
+    });
+    if (declined.load()) return StepStatus::kDeclined;
+    void* stream = mode == Mode::kDevice ? cuda_hooks()->current_stream(dev_.index()) : nullptr;
+    if (changed.load()) {
+      const int64_t groups = hparams.size(0);
+      FirstRefusal refused;
+      at::parallel_for(0, n, kGatherGrain, [&](int64_t k0, int64_t k1) {
+        for (int64_t k = k0; k < k1; ++k) {
+          try {
+            check_param(k, param(k), grads[k], exp_avgs[k], exp_avg_sqs[k], vmax(k), steps[k], group_index[k], groups,
+                        dev_);
+          } catch (const c10::Error& e) {
+            refused.note(k, e);
+          }
+        }
+      });
+      refused.raise_if_any();
+      // ---- nothing is written above this line ----
+      if (!(now == key) || !dev.defined()) {  // a buffer a graph recorded stays in `captured`, as it is
+        upload(build(grads), dev_.index(), stream);
+        key.swap(now);
+      }
+    }
+    record_use(stream);
+    if (capturing && !dev_captured) {  // the graph reads `dev` at every replay: never rewrite it
+      captured.push_back(dev);
+      captured.push_back(host);  // the copy that filled it, if it was recorded too
+      dev_captured = true;
+    }
+    if (kind == Kind::kCuda && mode != Mode::kStub) {
+      const LaunchArgs L = launch_args(dev.data_ptr(), static_cast<size_t>(n), hparams, lr_table, wd_table, step_count,
+                                       grad_scale, found_inf, independent_wd);
+      if (mode == Mode::kDevice) {
+        const int err = cuda_hooks()->launch(L, n_blocks, has_f64, stream);
+        TORCH_CHECK(err == 0, "d2z::adamw_step_: kernel launch failed: ", cuda_hooks()->error_string(err));
+      } else {
+        replay_grid(L, n_blocks, has_f64);
+      }
+    }
+    return StepStatus::kApplied;
+  }
+};
+
 bool constructed(PyObject* self) {
   return reinterpret_cast<py::detail::instance*>(self)->get_value_and_holder().holder_constructed();
+}
+
+// A pybind11 class whose owned Python references the garbage collector sees.
+template <typename T>
+py::class_<T> gc_class(py::module_& m, const char* name) {
+  return py::class_<T>(m, name, py::custom_type_setup([](PyHeapTypeObject* heap_type) {
+                         auto* type = &heap_type->ht_type;
+                         type->tp_flags |= Py_TPFLAGS_HAVE_GC;
+                         type->tp_traverse = [](PyObject* self, visitproc visit, void* arg) -> int {
+                           Py_VISIT(Py_TYPE(self));
+                           if (!constructed(self)) return 0;
+                           for (PyObject* obj : py::cast<T&>(py::handle(self)).params) Py_VISIT(obj);
+                           return 0;
+                         };
+                         type->tp_clear = [](PyObject* self) -> int {
+                           if (constructed(self)) py::cast<T&>(py::handle(self)).release();
+                           return 0;
+                         };
+                       }));
 }
 
 }  // namespace
 
 void bind_step_holders(py::module_& m) {
   py::register_exception<StepRefusedError>(m, "StepRefused", PyExc_RuntimeError);
-  py::class_<CpuStepHolder>(m, "CpuStepHolder", py::custom_type_setup([](PyHeapTypeObject* heap_type) {
-                              auto* type = &heap_type->ht_type;
-                              type->tp_flags |= Py_TPFLAGS_HAVE_GC;
-                              type->tp_traverse = [](PyObject* self, visitproc visit, void* arg) -> int {
-                                Py_VISIT(Py_TYPE(self));
-                                if (!constructed(self)) return 0;
-                                for (PyObject* obj : py::cast<CpuStepHolder&>(py::handle(self)).params) Py_VISIT(obj);
-                                return 0;
-                              };
-                              type->tp_clear = [](PyObject* self) -> int {
-                                if (constructed(self)) py::cast<CpuStepHolder&>(py::handle(self)).release();
-                                return 0;
-                              };
-                            }))
+  gc_class<CpuStepHolder>(m, "CpuStepHolder")
       .def(py::init<const py::list&, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
                     std::vector<at::Tensor>, std::vector<int64_t>>(),
            py::arg("params"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"), py::arg("max_exp_avg_sqs"), py::arg("steps"),
@@ -210,6 +510,31 @@ void bind_step_holders(py::module_& m) {
                                                   found_inf, skip_nonfinite));
           },
           py::call_guard<py::gil_scoped_release>());
+  gc_class<DeviceStepHolder>(m, "DeviceStepHolder")
+      .def(py::init<const py::list&, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                    std::vector<at::Tensor>, std::vector<int64_t>, const std::string&, const std::string&,
+                    std::vector<int64_t>>(),
+           py::arg("params"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"), py::arg("max_exp_avg_sqs"), py::arg("steps"),
+           py::arg("group_index"), py::arg("kind"), py::arg("mode"), py::arg("chunk") = std::vector<int64_t>{})
+      .def(
+          "step",
+          [](DeviceStepHolder& self, const at::Tensor& step_count, const at::Tensor& lr_table,
+             const at::Tensor& wd_table, const at::Tensor& hparams, bool independent_wd,
+             const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf, bool capturing) {
+            return static_cast<int64_t>(
+                self.step(step_count, lr_table, wd_table, hparams, independent_wd, grad_scale, found_inf, capturing));
+          },
+          py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("version", [](const DeviceStepHolder& self) { return self.version; })
+      .def_property_readonly("metadata", [](const DeviceStepHolder& self) { return self.dev; })
+      .def_property_readonly("launches",
+                             [](const DeviceStepHolder& self) {
+                               std::vector<std::tuple<int64_t, bool, int64_t, int64_t>> out;
+                               for (const auto& l : self.launches) out.emplace_back(l[0], l[1] != 0, l[2], l[3]);
+                               return out;
+                             })
+      .def_property_readonly("captured", [](const DeviceStepHolder& self) { return self.captured; })
+      .def_property_readonly("n_tensors", [](const DeviceStepHolder& self) { return self.params.size(); });
 }
 
 }  // namespace d2z

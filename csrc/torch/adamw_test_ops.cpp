@@ -23,20 +23,8 @@ void adamw_step_grid_replay(at::TensorList params, at::TensorList grads, at::Ten
   const WorkList list = make_work_list(a);
   std::vector<unsigned char> meta(list.bytes() + 16);
   list.pack(meta.data());
-  const LaunchArgs L = make_launch_args(a, meta.data(), list.tensors.size());
-  const int64_t n_blocks = static_cast<int64_t>(list.blocks.size());
-  // Blocks of one grid may run in any order on a GPU; each writes a disjoint chunk, so the
-  // sequential order here gives the same result.
-  // the kernel the launcher picks: with or without the float64 path
-  for (int64_t b = 0; b < n_blocks; ++b) {
-    for (int t = 0; t < kBlockThreads; ++t) {
-      list.has_f64 ? adamw_thread<true>(b, t, kBlockThreads, L) : adamw_thread<false>(b, t, kBlockThreads, L);
-    }
-  }
-  const int64_t cb = counter_blocks(L.n_tensors);
-  for (int64_t b = 0; b < cb; ++b) {
-    for (int t = 0; t < kBlockThreads; ++t) counter_thread(b, t, kBlockThreads, L);
-  }
+  replay_grid(make_launch_args(a, meta.data(), list.tensors.size()), static_cast<int64_t>(list.blocks.size()),
+              list.has_f64);
 }
 
 template <int D>

@@ -49,8 +49,8 @@ class Backend:
     any_layout: bool = False  # False: parameters must fill one block of memory (the fused kernels)
     device_note: str = ""  # added to the "runs on ..." refusal
     # a step kept across steps for a fixed set of tensors, where the backend has one:
-    # DeviceWork -> a step holder (``step(work, skip_nonfinite) -> StepStatus``), like
-    # cpp_backend.CpuStepHolder
+    # DeviceWork -> a step holder (``step(work, skip_nonfinite) -> StepStatus``, ``captured()``,
+    # ``scans_nonfinite``), like cpp_backend.CpuStepHolder
     holder: Callable[[DeviceWork], Any] | None = None
 
     def unsupported(self, device: torch.device, dtypes: Iterable[torch.dtype], dense: bool = True) -> str | None:
@@ -103,7 +103,7 @@ def _load_now(name: str) -> Backend | str:
         key = name.upper()
         if not cpp_backend.has_kernel(key):
             return f"d2z_optim._C was built without a {key} kernel (a CPU-only build; see README: building for CUDA)"
-        holder = cpp_backend.CpuStepHolder if name == "cpu" else None
+        holder = cpp_backend.CpuStepHolder if name == "cpu" else cpp_backend.CudaStepHolder
         return Backend(name, cpp_backend.step, name, cpp_backend.DTYPES, holder=holder)
     if name == "triton":  # imported here, on first use: a CPU install never needs Triton
         try:
@@ -113,7 +113,10 @@ def _load_now(name: str) -> Backend | str:
         # under TRITON_INTERPRET=1 (tests) the kernel runs on CPU tensors
         device = None if triton_backend.interpreting() else "cuda"
         note = " (TRITON_INTERPRET=1 runs Triton on CPU tensors, for tests only)"
-        return Backend("triton", triton_backend.step, device, triton_backend.DTYPES, device_note=note)
+        return Backend(
+            "triton", triton_backend.step, device, triton_backend.DTYPES, device_note=note,
+            holder=triton_backend.TritonStepHolder,
+        )  # fmt: skip
     raise AssertionError(name)
 
 

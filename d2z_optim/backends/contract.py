@@ -27,6 +27,7 @@ __all__ = [
     "HpCol",
     "HparamsTable",
     "StepStatus",
+    "capturing",
     "fills_block",
     "flatten",
     "hparams_tensor",
@@ -50,6 +51,12 @@ class HpCol(enum.IntEnum):
 HP_COLS = 8  # the table's width (``kHpCols``): the columns above and spare ones, zero
 # plain ints for the step's own code (torch.compile cannot trace a list indexed by an IntEnum)
 _LR, _BETA1, _BETA2, _EPS, _WD, _AMSGRAD, _MAXIMIZE = (int(c) for c in HpCol)
+
+
+def capturing(device: torch.device) -> bool:
+    """The current stream of ``device`` is capturing a CUDA graph (buffers a capture records must
+    live, unchanged, as long as the graph can replay). Tests replace it to take that path here."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 class StepStatus(enum.IntEnum):
@@ -175,20 +182,35 @@ def hparams_tensor(work: DeviceWork) -> Tensor:
 
 class HparamsTable:
     """The hyperparameter table of one device's groups, kept by its owner (the step cache) and
-    rebuilt only when a value changes: one upload from pinned memory then, never a sync."""
+    rebuilt only when a value changes: one upload from pinned memory then, never a sync. A table a
+    CUDA graph capture used is kept (``retained``) when a change replaces it, for as long as its
+    owner lives; a table used on another stream than its own is recorded there."""
 
     def __init__(self) -> None:
         self._rows: tuple | None = None
         self._uploaded: Tensor | None = None
+        self._captured = False
+        self._streams: list = []
+        self.retained: list[Tensor] = []
 
     def get(self, work: DeviceWork) -> Tensor:
         groups = [g for g in work.groups if g.params]
         if not groups:
             return hparams_tensor(work)
+        dev = work.step_count.device
         rows = tuple(g.row() for g in groups)
-        if rows != self._rows or self._uploaded is None or self._uploaded.device != work.step_count.device:
-            self._uploaded = _upload(list(rows), work.step_count.device)
-            self._rows = rows
+        if rows != self._rows or self._uploaded is None or self._uploaded.device != dev:
+            if self._captured:
+                self.retained.append(self._uploaded)
+            self._uploaded = _upload(list(rows), dev)
+            self._rows, self._captured = rows, False
+            self._streams = [torch.cuda.current_stream(dev)] if dev.type == "cuda" else []
+        if dev.type == "cuda":
+            stream = torch.cuda.current_stream(dev)
+            if stream not in self._streams:
+                self._uploaded.record_stream(stream)
+                self._streams.append(stream)
+        self._captured = self._captured or capturing(dev)
         return _fill_tensor_lrs(self._uploaded, groups)
 
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 
 from .checks import DTYPES, check_step_args
-from .contract import DeviceWork, StepStatus, flatten, hparams_tensor
+from .contract import DeviceWork, StepStatus, capturing, flatten, hparams_tensor
 
-__all__ = ["DTYPES", "CpuStepHolder", "has_kernel", "has_scan", "load_extension", "step"]
+__all__ = ["DTYPES", "CpuStepHolder", "CudaStepHolder", "has_kernel", "has_scan", "load_extension", "step"]
 
 OPS = ("d2z::adamw_step_", "d2z::adamw_step_grid_replay_")  # one schema
 SCAN = "d2z::any_nonfinite_"
@@ -64,6 +64,8 @@ def step(work: DeviceWork) -> None:
 class CpuStepHolder:
     """The CPU step of a fixed set of tensors, kept in C++ across steps (``d2z_optim._C.CpuStepHolder``).
 
+    (``scans_nonfinite``: with skip_nonfinite it scans the gradients' bits itself.)
+
     Handing the op its six lists costs more than the update itself for thousands of small
     tensors: every tensor crosses from Python and is unpacked each step (10,000 x 1,024 fp32: an
     ~18 ms call, of which the update is ~4.5 ms). A holder takes the lists once; each step it is
@@ -72,12 +74,17 @@ class CpuStepHolder:
     every gradient for a NaN or an Inf: exact, and one read of the gradients).
     """
 
+    scans_nonfinite = True
+
     def __init__(self, work: DeviceWork) -> None:
         from .. import _C
 
         f = flatten(work)
         self._holder = _C.CpuStepHolder(f.params, f.exp_avgs, f.exp_avg_sqs, f.max_exp_avg_sqs, f.steps, f.group_index)
         self._refused = _C.StepRefused
+
+    def captured(self) -> list[torch.Tensor]:
+        return []
 
     def step(self, work: DeviceWork, skip_nonfinite: bool = False) -> StepStatus:
         """Apply the step of ``work`` (its tensors must be the holder's, their gradients those the
@@ -97,6 +104,51 @@ class CpuStepHolder:
                 work.found_inf,
                 skip_nonfinite,
             )
+        except self._refused:
+            return StepStatus.DECLINED
+        return StepStatus(status)
+
+
+def device_mode(work: DeviceWork) -> str:
+    """How a device step holder runs ``work``: on CUDA tensors for real; on CPU tensors (tests), its
+    kernels replayed or interpreted on the host."""
+    return "device" if work.step_count.device.type == "cuda" else "replay"
+
+
+class CudaStepHolder:
+    """The CUDA step of a fixed set of tensors (``d2z_optim._C.DeviceStepHolder``, kind "cuda").
+
+    A steady step is one call into C++: it reads every tensor's address, size and dtype from the
+    parameters and their gradients, runs the op's checks and rebuilds and uploads the device
+    metadata (one asynchronous copy from pinned memory) only when one changed, and launches the
+    kernel from the metadata it owns (no process-wide cache, so a CUDA graph that captured it
+    replays safely). ``mode``: "device" (CUDA tensors), "replay" (CPU tensors: the CUDA grid
+    replayed on the host), "stub" (CPU tensors, nothing launched: host-overhead benchmarks).
+    """
+
+    scans_nonfinite = False  # skip_nonfinite steps go through the op and the scan op instead
+
+    def __init__(self, work: DeviceWork, mode: str | None = None) -> None:
+        from .. import _C
+
+        f = flatten(work)
+        args = (f.params, f.exp_avgs, f.exp_avg_sqs, f.max_exp_avg_sqs, f.steps, f.group_index)
+        self._holder = _C.DeviceStepHolder(*args, kind="cuda", mode=mode or device_mode(work))
+        self._refused = _C.StepRefused
+
+    def captured(self) -> list[torch.Tensor]:
+        """The buffers a CUDA graph capture recorded (they must outlive the holder if it goes first)."""
+        return list(self._holder.captured)
+
+    def step(self, work: DeviceWork, skip_nonfinite: bool = False) -> StepStatus:
+        assert not skip_nonfinite, "CudaStepHolder does not scan gradients (scans_nonfinite is False)"
+        hp = work.hparams if work.hparams is not None else hparams_tensor(work)
+        dev = work.step_count.device
+        try:
+            status = self._holder.step(
+                work.step_count, work.lr_table, work.wd_table, hp, work.independent_wd, work.grad_scale,
+                work.found_inf, capturing(dev),
+            )  # fmt: skip
         except self._refused:
             return StepStatus.DECLINED
         return StepStatus(status)

@@ -29,9 +29,19 @@ from torch import Tensor
 
 from ..triton_kernels import adamw as kernels
 from .checks import DTYPES, StepArgumentError, check_device_work, check_step_args
-from .contract import HP_COLS, DeviceWork, HpCol, flatten
+from .contract import HP_COLS, DeviceWork, HpCol, StepStatus, capturing, flatten, hparams_tensor
 
-__all__ = ["COLUMN_ARGS", "COUNTER_COLUMN_ARGS", "DTYPES", "OP", "MetaCol", "interpreting", "step"]
+__all__ = [
+    "COLUMN_ARGS",
+    "COUNTER_COLUMN_ARGS",
+    "DTYPES",
+    "OP",
+    "MetaCol",
+    "TritonStepHolder",
+    "interpreting",
+    "launch",
+    "step",
+]
 
 OP = "d2z::adamw_step_triton"
 
@@ -102,14 +112,23 @@ def _check(*args) -> torch.device:
 class TritonMeta:
     """The uploaded metadata of one set of tensors: which launches, and where their lists are."""
 
-    __slots__ = ("buf", "host", "launches", "meta", "n_tensors")
+    __slots__ = ("buf", "host", "launches", "n_tensors")
 
-    def __init__(self, buf: Tensor, host: Tensor, meta: Tensor, n_tensors: int, launches: list) -> None:
-        self.buf, self.host, self.meta, self.n_tensors, self.launches = buf, host, meta, n_tensors, launches
+    def __init__(self, buf: Tensor, host: Tensor, n_tensors: int, launches: list) -> None:
+        self.buf, self.host, self.n_tensors, self.launches = buf, host, n_tensors, launches
 
 
+# The op's metadata, cached by the tensors' addresses and sizes (the optimizer's steady state goes
+# through TritonStepHolder, whose buffers are its own). An entry a CUDA graph capture used is never
+# evicted (the graph reads it at every replay): it moves to _CAPTURED and stays for the process.
 _METAS: dict[tuple, TritonMeta] = {}
+_CAPTURED: dict[tuple, TritonMeta] = {}
 _MAX_METAS = 16
+_DTYPE_CODES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # csrc's Dtype order
+
+
+def _tl_dtype(dtype: torch.dtype):
+    return _TL_DTYPES[dtype]
 
 
 _TL_DTYPES = {
@@ -118,10 +137,6 @@ _TL_DTYPES = {
     torch.float16: tl.float16,
     torch.float64: tl.float64,
 }
-
-
-def _tl_dtype(dtype: torch.dtype):
-    return _TL_DTYPES[dtype]
 
 
 def _metadata(dev, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, group_index) -> TritonMeta:
@@ -144,33 +159,83 @@ def _metadata(dev, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
         )
     sizes = {d: (kernels.BLOCK[d], kernels.CHUNK_BLOCKS * kernels.BLOCK[d]) for d in DTYPES}  # tests change them
     key = (dev, tuple(sizes.values()), tuple(rows))
-    found = _METAS.get(key)
-    if found is not None:
-        return found
-    meta, work = [], {}
-    for i, (pa, ga, ma, va, xa, sa, n, gi, dtype) in enumerate(rows):
-        aligned = all(a % 16 == 0 for a in (pa, ga, ma, va, xa))
-        meta.append((pa, ga, ma, va, xa, sa, n, gi, int(aligned)))
-        items, ams = work.setdefault(dtype, ([], [False]))
-        ams[0] = ams[0] or xa != 0
-        for s in range(0, n, sizes[dtype][1]):
-            items.append((i, s))
-    flat = [v for r in meta for v in r]
-    launches = []
-    for dtype in DTYPES:
-        if dtype in work and work[dtype][0]:
-            items, ams = work[dtype]
-            launches.append((dtype, ams[0], len(flat), len(items)))
-            flat += [v for it in items for v in it]
-    host = torch.tensor(flat or [0], dtype=torch.int64)
-    if dev.type == "cuda":
-        host = host.pin_memory()
-    buf = host.to(dev, non_blocking=True)  # ordered before the kernels on the current stream
-    found = TritonMeta(buf, host, buf[: len(meta) * META_COLS], len(meta), launches)
-    if len(_METAS) >= _MAX_METAS:  # addresses changed many times (e.g. new models): drop stale ones
-        _METAS.clear()
-    _METAS[key] = found
+    found = _CAPTURED.get(key) or _METAS.get(key)
+    if found is None:
+        meta, work = [], {}
+        for i, (pa, ga, ma, va, xa, sa, n, gi, dtype) in enumerate(rows):
+            aligned = all(a % 16 == 0 for a in (pa, ga, ma, va, xa))
+            meta.append((pa, ga, ma, va, xa, sa, n, gi, int(aligned)))
+            items, ams = work.setdefault(dtype, ([], [False]))
+            ams[0] = ams[0] or xa != 0
+            for s in range(0, n, sizes[dtype][1]):
+                items.append((i, s))
+        flat = [v for r in meta for v in r]
+        launches = []
+        for dtype in DTYPES:
+            if dtype in work and work[dtype][0]:
+                items, ams = work[dtype]
+                launches.append((dtype, ams[0], len(flat), len(items)))
+                flat += [v for it in items for v in it]
+        host = torch.tensor(flat or [0], dtype=torch.int64)
+        if dev.type == "cuda":
+            host = host.pin_memory()
+        buf = host.to(dev, non_blocking=True)  # ordered before the kernels on the current stream
+        found = TritonMeta(buf, host, len(meta), launches)
+        if len(_METAS) >= _MAX_METAS:  # addresses changed many times (e.g. new models): drop stale ones
+            _METAS.clear()
+        _METAS[key] = found
+    if capturing(dev) and key not in _CAPTURED:
+        _CAPTURED[key] = _METAS.pop(key, found)
     return found
+
+
+def launch(
+    buf: Tensor, n_tensors: int, launches: list, hparams: Tensor, lr_table: Tensor, wd_table: Tensor,
+    step_count: Tensor, grad_scale: Tensor | None, found_inf: Tensor | None, independent_wd: bool,
+) -> None:  # fmt: skip
+    """One ``adamw_kernel`` per (dtype, amsgrad, offset, items) of ``launches`` over the int64
+    metadata ``buf`` (its first ``n_tensors`` rows: the tensors), then the counter kernel."""
+    dev = step_count.device
+    meta = buf[: n_tensors * META_COLS]
+    dummy = step_count  # stands for absent optional pointers (never read)
+    gs = grad_scale if grad_scale is not None else dummy
+    fi = found_inf if found_inf is not None else dummy
+    with _on_device(dev):
+        for dtype, ams, offset, n_items in launches:
+            kernels.adamw_kernel[(n_items,)](
+                meta,
+                buf[offset:],
+                hparams,
+                lr_table,
+                wd_table,
+                lr_table.numel(),
+                step_count,
+                gs,
+                fi,
+                **COLUMN_ARGS,
+                DTYPE=_tl_dtype(dtype),
+                COMPUTE=tl.float64 if dtype == torch.float64 else tl.float32,
+                INDEPENDENT_WD=bool(independent_wd),
+                HAS_GRAD_SCALE=grad_scale is not None,
+                HAS_FOUND_INF=found_inf is not None,
+                AMSGRAD=ams,
+                BLOCK=kernels.BLOCK[dtype],
+                CHUNK=kernels.CHUNK_BLOCKS * kernels.BLOCK[dtype],
+                SUB=_sub_block(kernels.BLOCK[dtype]),
+                num_warps=kernels.NUM_WARPS,
+                enable_fp_fusion=kernels.FP_FUSION,
+            )
+        kernels.counter_kernel[(max(1, triton.cdiv(n_tensors, kernels.COUNTER_BLOCK)),)](
+            meta,
+            n_tensors,
+            step_count,
+            fi,
+            **COUNTER_COLUMN_ARGS,
+            HAS_FOUND_INF=found_inf is not None,
+            BLOCK=kernels.COUNTER_BLOCK,
+            num_warps=4,
+            enable_fp_fusion=kernels.FP_FUSION,
+        )
 
 
 # ------------------------------------------------------------------------ the op
@@ -197,45 +262,8 @@ def adamw_step_triton(
     args = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)
     dev = _check(*args, step_count, lr_table, wd_table, hparams, group_index, grad_scale, found_inf)
     md = _metadata(dev, *args, group_index)
-    dummy = step_count  # stands for absent optional pointers (never read)
-    gs = grad_scale if grad_scale is not None else dummy
-    fi = found_inf if found_inf is not None else dummy
-    with _on_device(dev):
-        for dtype, ams, offset, n_items in md.launches:
-            kernels.adamw_kernel[(n_items,)](
-                md.meta,
-                md.buf[offset:],
-                hparams,
-                lr_table,
-                wd_table,
-                lr_table.numel(),
-                step_count,
-                gs,
-                fi,
-                **COLUMN_ARGS,
-                DTYPE=_tl_dtype(dtype),
-                COMPUTE=tl.float64 if dtype == torch.float64 else tl.float32,
-                INDEPENDENT_WD=bool(independent_wd),
-                HAS_GRAD_SCALE=grad_scale is not None,
-                HAS_FOUND_INF=found_inf is not None,
-                AMSGRAD=ams,
-                BLOCK=kernels.BLOCK[dtype],
-                CHUNK=kernels.CHUNK_BLOCKS * kernels.BLOCK[dtype],
-                SUB=_sub_block(kernels.BLOCK[dtype]),
-                num_warps=kernels.NUM_WARPS,
-                enable_fp_fusion=kernels.FP_FUSION,
-            )
-        kernels.counter_kernel[(max(1, triton.cdiv(md.n_tensors, kernels.COUNTER_BLOCK)),)](
-            md.meta,
-            md.n_tensors,
-            step_count,
-            fi,
-            **COUNTER_COLUMN_ARGS,
-            HAS_FOUND_INF=found_inf is not None,
-            BLOCK=kernels.COUNTER_BLOCK,
-            num_warps=4,
-            enable_fp_fusion=kernels.FP_FUSION,
-        )
+    launch(md.buf, md.n_tensors, md.launches, hparams, lr_table, wd_table, step_count, grad_scale, found_inf,
+           independent_wd)  # fmt: skip
 
 
 @adamw_step_triton.register_fake
@@ -247,6 +275,58 @@ def _(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, step_count, lr_table, wd_table, hparams,
         group_index, grad_scale, found_inf,
     )  # fmt: skip
+
+
+# ---------------------------------------------------------------- the step holder
+class TritonStepHolder:
+    """The Triton step of a fixed set of tensors: ``d2z_optim._C.DeviceStepHolder`` (kind "triton")
+    keeps the metadata of the kernels (columns :class:`MetaCol`, work items per dtype) in a buffer of
+    its own and rebuilds and uploads it only when a tensor's address, size or dtype changed (read in
+    C++ each step, with the op's checks then); Python launches the kernels from it. ``mode``:
+    "device" (CUDA tensors), "replay" (CPU tensors under TRITON_INTERPRET=1), "stub" (CPU tensors:
+    the C++ half only, for host-overhead benchmarks, with :func:`launch` replaced)."""
+
+    scans_nonfinite = False  # skip_nonfinite steps go through the op and the scan op instead
+
+    def __init__(self, work: DeviceWork, mode: str | None = None) -> None:
+        from .. import _C
+
+        f = flatten(work)
+        chunk = [kernels.CHUNK_BLOCKS * kernels.BLOCK[d] for d in _DTYPE_CODES]
+        if mode is None:
+            mode = "device" if work.step_count.device.type == "cuda" else "replay"
+        args = (f.params, f.exp_avgs, f.exp_avg_sqs, f.max_exp_avg_sqs, f.steps, f.group_index)
+        self._holder = _C.DeviceStepHolder(*args, kind="triton", mode=mode, chunk=chunk)
+        self._refused = _C.StepRefused
+        self._n = len(f.params)
+        self._version = -1
+        self._buf: Tensor | None = None
+        self._launches: list = []
+
+    def captured(self) -> list[Tensor]:
+        """The buffers a CUDA graph capture recorded (they must outlive the holder if it goes first)."""
+        return list(self._holder.captured)
+
+    def step(self, work: DeviceWork, skip_nonfinite: bool = False) -> StepStatus:
+        assert not skip_nonfinite, "TritonStepHolder does not scan gradients (scans_nonfinite is False)"
+        hp = work.hparams if work.hparams is not None else hparams_tensor(work)
+        dev = work.step_count.device
+        try:
+            status = self._holder.step(
+                work.step_count, work.lr_table, work.wd_table, hp, work.independent_wd, work.grad_scale,
+                work.found_inf, capturing(dev),
+            )  # fmt: skip
+        except self._refused:
+            return StepStatus.DECLINED
+        if status != StepStatus.APPLIED:
+            return StepStatus(status)
+        if self._holder.version != self._version:  # new metadata: read its layout once
+            self._buf = self._holder.metadata.view(torch.int64)
+            self._launches = [(_DTYPE_CODES[d], ams, off, n) for d, ams, off, n in self._holder.launches]
+            self._version = self._holder.version
+        launch(self._buf, self._n, self._launches, hp, work.lr_table, work.wd_table, work.step_count,
+               work.grad_scale, work.found_inf, work.independent_wd)  # fmt: skip
+        return StepStatus.APPLIED
 
 
 class _on_device:
