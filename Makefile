@@ -6,6 +6,12 @@
 #   make wheel-cuda  the CUDA wheel for sm_80/sm_90 against torch==2.14.1+cu130 (no GPU needed):
 #                    build, install in a cached venv, check the device code and the CUDA kernels
 #                    are registered, run the CPU suite against that install (wheel left in dist/)
+#   make gpu-check   on a GPU machine (CUDA torch, Triton, nvcc preinstalled; no venv, no network):
+#                    build for the present GPU, the cuda-marked tests, GPU and host benchmarks,
+#                    compute-sanitizer; results in benchmarks/results/<gpu>/ (ARGS=--quick)
+#   make compat      the Triton-facing suite (interpreter, AOT PTX) with the versions of the GPU
+#                    machine: triton==3.6.0 and COMPAT_TORCH (torch==2.11.0 where installable),
+#                    in a cached venv
 #                (make bench ARGS=--full: bigger workloads, bf16, 1000 numerics steps)
 #
 # A fresh clone gets a .venv with torch==2.13.0 (a CPU build that installs from a
@@ -25,7 +31,14 @@ CUDA_TORCH ?= torch==2.14.1
 CUDA_ARCHS ?= 8.0;9.0+PTX
 CUDA_STAGE := build/wheel-cuda
 
-.PHONY: test bench lint setup clean reproduce wheel-cuda
+# make compat: the GPU machine's Triton (and torch, where a CPU build of it can be installed)
+COMPAT_VENV   ?= $(HOME)/.cache/d2z_optim/venv-compat
+COMPAT_PY     := $(COMPAT_VENV)/bin/python
+COMPAT_TORCH  ?= torch==2.11.0
+COMPAT_TRITON ?= triton==3.6.0
+GPU_PY        ?= python3
+
+.PHONY: test bench lint setup clean reproduce wheel-cuda gpu-check compat
 
 setup: $(STAMP)
 
@@ -47,6 +60,7 @@ test: lint
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_throughput.py $(ARGS)
+	$(PY) benchmarks/bench_host_overhead.py
 	$(PY) benchmarks/bench_numerics.py $(if $(findstring --full,$(ARGS)),--steps 1000,)
 
 reproduce: $(STAMP)
@@ -69,6 +83,21 @@ wheel-cuda:
 	@# the CPU suite against that install: a copy of the tests and what they read, no package source
 	cp -r tests benchmarks csrc tools pyproject.toml $(CUDA_STAGE)/
 	cd $(CUDA_STAGE) && $(CUDA_PY) -m pytest -q -p no:cacheprovider tests --ignore=tests/test_packaging.py
+
+gpu-check:
+	$(GPU_PY) tools/gpu_check.py $(ARGS)
+
+compat:
+	@test -x $(COMPAT_PY) || python3 -m venv $(COMPAT_VENV)
+	@$(COMPAT_PY) -c "import torch" 2>/dev/null || $(COMPAT_PY) -m pip install -q $(COMPAT_TORCH)
+	@# numpy 2.3: Triton 3.6's interpreter converts 1-element arrays to ints, an error from numpy 2.4
+	$(COMPAT_PY) -m pip install -q pytest==9.0.3 expecttest==0.3.0 hypothesis==6.155.2 numpy==2.3.5 'setuptools>=70' wheel ninja $(COMPAT_TRITON)
+	$(COMPAT_PY) -c "import torch, triton; print('compat: torch', torch.__version__, '| triton', triton.__version__)"
+	rm -rf build/compat && mkdir -p build/compat/src
+	git ls-files -z | xargs -0 cp --parents -t build/compat/src
+	cd build/compat/src && MAX_JOBS=$${MAX_JOBS:-2} $(COMPAT_PY) -m pip install -q --no-build-isolation --no-deps .
+	cp -r tests csrc pyproject.toml build/compat/
+	cd build/compat && $(COMPAT_PY) -m pytest -q -p no:cacheprovider tests/test_triton_interpret.py tests/test_triton_aot.py tests/test_layers.py tests/test_arch_gate.py
 
 clean:
 	rm -rf build dist *.egg-info $(VENV)

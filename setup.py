@@ -1,6 +1,6 @@
 """Build d2z_optim.
 
-The pure-Python package always builds. ``triton_kernels/`` ships inside the wheel
+A build needs torch importable (D2Z_NO_EXTENSION=1 opts out: pure Python). ``triton_kernels/`` ships inside the wheel
 as ``d2z_optim.triton_kernels``: a top-level ``triton_kernels`` module already
 exists in the Triton project.
 
@@ -12,10 +12,16 @@ the CUDA kernel when torch is a CUDA build and a CUDA toolkit (nvcc) is found.
     pip wheel --no-build-isolation .          # a wheel, against the installed torch
 
 Environment:
+    D2Z_NO_EXTENSION=1    a pure-Python install, no kernel (only the "torch" backend); without it a build
+                          that cannot import torch (pip's build isolation) fails, saying what works
+    D2Z_DEBUG=1           keep debug info (release builds are built with -g0 and stripped)
     D2Z_FORCE_CPU=1       build the CPU-only extension even with CUDA available
     D2Z_FORCE_CUDA=1      build the CUDA extension or fail (no silent CPU-only fallback)
-    D2Z_CUDA_ARCH_LIST    CUDA architectures, default "8.0;9.0+PTX" (sets TORCH_CUDA_ARCH_LIST): cubins
-                          for A100 and H100, and sm_90 PTX that newer GPUs compile when loading
+    D2Z_CUDA_ARCH_LIST    CUDA architectures, in TORCH_CUDA_ARCH_LIST's syntax; else a TORCH_CUDA_ARCH_LIST
+                          you set; else "8.0;9.0+PTX": cubins for A100 and H100, and sm_90 PTX that newer
+                          GPUs compile when loading. The device code built is recorded in the extension
+                          (d2z_optim._C.cuda_code()): "auto" never picks the cuda kernel for a GPU it
+                          holds no code for, and backend="cuda" there says what to rebuild with.
     MAX_JOBS              parallel compile jobs (honoured by torch's BuildExtension/ninja)
 A compile error fails the build: the extension is never skipped silently.
 """
@@ -74,6 +80,34 @@ def _check_cuda_versions(torch_cuda: str, nvcc: str, cuda_home: str) -> None:
         )
 
 
+# nvcc: -fmad=false, so a * b + c is never contracted into an fma behind the source's back (the
+# fmas are explicit, d2z::fma in adamw_math.h; the CPU replay, compiled with -ffp-contract=off, then
+# rounds exactly as the GPU); tests/test_csrc_nvcc.py compiles with these flags and checks the PTX
+NVCC_FLAGS = ["-O3", "-lineinfo", "-fmad=false"]
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+
+
+def cuda_arch_list() -> str:
+    """The architectures to build: D2Z_CUDA_ARCH_LIST, else the user's TORCH_CUDA_ARCH_LIST, else ours."""
+    for name in ("D2Z_CUDA_ARCH_LIST", "TORCH_CUDA_ARCH_LIST"):
+        value = os.environ.get(name, "").strip()
+        if value:
+            return value
+    return DEFAULT_CUDA_ARCHS
+
+
+def cuda_code(gencode_flags: list[str]) -> list[str]:
+    """The device code nvcc is asked for, from its -gencode flags: ["sm_80", "sm_90", "compute_90"]."""
+    code = []
+    for flag in gencode_flags:
+        m = re.search(r",code=\[?([\w,]+)\]?", flag)
+        if m:
+            code += [c for c in m.group(1).split(",") if c not in code]
+    if not code:
+        raise RuntimeError(f"no device code in the CUDA flags {gencode_flags} (TORCH_CUDA_ARCH_LIST?)")
+    return code
+
+
 def _nvidia_include_dirs() -> list[str]:
     """Headers of the nvidia-* pip packages a CUDA torch wheel depends on (cusparse.h etc.)."""
     dirs = []
@@ -105,18 +139,29 @@ def _extensions():
     # No -std: torch's cpp_extension picks the standard its headers need (C++17 or C++20).
     # -fno-math-errno: sqrt without errno, so the loop vectorises (results unchanged).
     # -ffp-contract=off: a*b+c is never silently fused; fmas are explicit (adamw_math.h).
-    cxx = ["-O3", "-fno-math-errno", "-ffp-contract=off"]
+    # -g0 and -s (unless D2Z_DEBUG=1): no debug info in release builds (with it the .so was 12 MB).
+    cxx = ["-O3", "-fno-math-errno", "-ffp-contract=off"] + ([] if _flag("D2Z_DEBUG") else ["-g0"])
+    link = [] if _flag("D2Z_DEBUG") else ["-s"]
     if "OpenMP" in torch.__config__.parallel_info():
         cxx.append("-fopenmp")  # at::parallel_for is inline: it needs the compiler's OpenMP
-    common = {"sources": CPU_SOURCES, "include_dirs": [os.path.abspath(CSRC)], "depends": HEADERS}
+    common = {
+        "sources": CPU_SOURCES,
+        "include_dirs": [os.path.abspath(CSRC)],
+        "depends": HEADERS,
+        "extra_link_args": link,
+    }
     if not want_cuda:
         return [cpp_extension.CppExtension("d2z_optim._C", extra_compile_args={"cxx": cxx}, **common)]
 
     _check_cuda_versions(torch.version.cuda, _nvcc_release(cuda_home), cuda_home)
     os.environ["CUDA_HOME"] = cuda_home
     cpp_extension.CUDA_HOME = cuda_home
-    os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ.get("D2Z_CUDA_ARCH_LIST", "8.0;9.0+PTX")
-    nvcc = ["-O3", "-lineinfo"]
+    os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_arch_list()
+    # the code torch's build passes to nvcc for that list (names such as "Hopper" resolved), recorded
+    # in the extension for the arch gate (d2z_optim/backends/cpp_backend.py: arch_refusal)
+    code = cuda_code(cpp_extension._get_cuda_arch_flags())
+    cxx.append("-DD2Z_CUDA_CODE=" + ",".join(code))
+    nvcc = list(NVCC_FLAGS)
     common["sources"] = CPU_SOURCES + CUDA_SOURCES
     # Fallback headers (e.g. cusparse.h) from the nvidia pip packages, searched after the
     # toolkit's own (-idirafter): their partial copies of cuda_runtime_api.h must not shadow it.
@@ -126,16 +171,37 @@ def _extensions():
     return [cpp_extension.CUDAExtension("d2z_optim._C", extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **common)]
 
 
+# setup.py commands that build the package (a wheel, an editable install): they need torch
+BUILD_COMMANDS = {"build", "build_ext", "bdist_wheel", "editable_wheel", "develop", "install"}
+
+NO_TORCH = """d2z_optim: torch is not importable in this build environment, so the C++ kernel cannot
+be built (it compiles against the torch it will run with). pip's build isolation builds in a fresh
+environment without your torch. Install torch first, then build without isolation:
+
+    pip install torch
+    pip install --no-build-isolation <this folder or git URL>
+
+or, for a pure-Python install that runs only the (slower) "torch" backend, say so:
+
+    D2Z_NO_EXTENSION=1 pip install <this folder or git URL>
+"""
+
+
 def _setup_kwargs():
+    if _flag("D2Z_NO_EXTENSION"):  # an explicit pure-Python install
+        return {}
     try:
         from torch.utils.cpp_extension import BuildExtension
-    except ImportError:  # no torch at all (e.g. metadata-only calls): the error comes at build time
-        return {}
+    except ImportError:
+        if BUILD_COMMANDS & set(sys.argv[1:]):  # never a silent wheel without the kernel
+            raise SystemExit(NO_TORCH) from None
+        return {}  # metadata only (egg_info, dist_info, sdist): nothing to compile
     return {"ext_modules": _extensions(), "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
 
 
-setup(
-    packages=["d2z_optim", "d2z_optim.backends", "d2z_optim.triton_kernels"],
-    package_dir={"d2z_optim.triton_kernels": "triton_kernels"},
-    **_setup_kwargs(),
-)
+if __name__ == "__main__":  # pip and setuptools run it so; tests import NVCC_FLAGS and the helpers
+    setup(
+        packages=["d2z_optim", "d2z_optim.backends", "d2z_optim.triton_kernels"],
+        package_dir={"d2z_optim.triton_kernels": "triton_kernels"},
+        **_setup_kwargs(),
+    )

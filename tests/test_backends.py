@@ -33,8 +33,10 @@ def test_triton_backend_is_available_where_triton_is_installed():
     assert d2z_optim.available_backends()["triton"] is None
 
 
-def test_auto_prefers_triton_then_the_cuda_kernel_on_cuda_devices():
-    """Selection logic only (no GPU needed): what "auto" returns for CUDA parameters."""
+def test_auto_prefers_triton_then_the_cuda_kernel_on_cuda_devices(monkeypatch):
+    """Selection logic only (no GPU needed): what "auto" returns for CUDA parameters of an H100
+    (the arch gate reads the capability: tests/test_arch_gate.py)."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     avail = d2z_optim.available_backends()
     expect = next((n for n in ("triton", "cuda") if avail[n] is None), "torch")
     chosen = backends.resolve("auto").for_device(torch.device("cuda", 0), {torch.float32})

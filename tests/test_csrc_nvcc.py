@@ -3,6 +3,7 @@ and 128-bit global loads and stores on the fp32 path. Needs nvcc only (no GPU, n
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import shutil
 import subprocess
@@ -29,8 +30,19 @@ __global__ void __launch_bounds__(kBlockThreads, 4) fp32_only(const TensorMeta t
 """
 
 
+def _setup_nvcc_flags() -> list[str]:
+    """setup.py's own nvcc flags (imported, not copied: a flag dropped there fails here)."""
+    spec = importlib.util.spec_from_file_location("d2z_setup", CSRC.parent.parent / "setup.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # not __main__: setup() is not called
+    return list(mod.NVCC_FLAGS)
+
+
+NVCC_FLAGS = _setup_nvcc_flags()
+
+
 def _nvcc(args, cwd):
-    cmd = [NVCC, "-std=c++17", "-O3", f"-I{CSRC}", *args]
+    cmd = [NVCC, "-std=c++17", *NVCC_FLAGS, f"-I{CSRC}", *args]
     r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stdout}\n{r.stderr}"
     return r.stdout + r.stderr
@@ -104,3 +116,16 @@ def test_whole_kernel_ptx_has_128_bit_global_accesses(tmp_path, arch):
     ptx = (tmp_path / "k.ptx").read_text()
     assert len(re.findall(r"\bld\.global\.v4\.", ptx)) >= 4  # p, g, m, v at least
     assert len(re.findall(r"\bst\.global\.v4\.", ptx)) >= 3  # p, m, v
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_no_float_mul_add_sub_left_to_contraction(tmp_path, arch):
+    """-fmad=false: every f32/f64 mul, add and sub in the PTX carries .rn, so neither nvcc nor ptxas
+    (nor a newer GPU's driver JIT of the embedded PTX) may fuse them; the fmas are the source's own.
+    With nvcc's default (-fmad=true) this PTX held ~1,200 plain ones and 3 more fmas."""
+    assert "-fmad=false" in NVCC_FLAGS
+    _nvcc(["-ptx", str(CSRC / "adamw_cuda.cu"), "-o", "k.ptx", f"-arch=compute_{arch}"], tmp_path)
+    ptx = (tmp_path / "k.ptx").read_text()
+    plain = re.findall(r"^\s*(?:@%p\d+\s+)?((?:mul|add|sub)(?:\.(?:ftz|sat))*\.f(?:32|64))\b", ptx, re.M)
+    assert not plain, f"{len(plain)} float mul/add/sub without .rn, e.g. {plain[:5]}"
+    assert len(re.findall(r"^\s*(?:mul|add|sub)\.rn", ptx, re.M)) > 100  # the pattern sees the kernel's math

@@ -82,6 +82,13 @@ def main() -> int:
                 has = torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
                 print(f"{op}: {key} kernel {'registered' if has else 'MISSING'}")
                 ok &= has or (key == "CUDA" and "replay" in op)  # the grid replay is a CPU-only test op
+        # the arch gate's record of the device code must be what the fatbin holds
+        recorded = set(cpp_backend.cuda_code())
+        held = {f"sm_{a}" for a in archs["cubin"]} | {f"compute_{a}" for a in archs["ptx"]}
+        print(f"_C.cuda_code(): {sorted(recorded)}")
+        if recorded != held:
+            print(f"FAIL: the extension records {sorted(recorded)} but its fatbin holds {sorted(held)}")
+            ok = False
         print(f"d2z_optim {d2z_optim.__version__} from {d2z_optim.__file__}; torch {torch.__version__}")
         print(f"backends: {d2z_optim.available_backends()}")
     print("OK" if ok else "FAILED")

@@ -28,7 +28,19 @@ void bind_step_holders(pybind11::module_& m);
 
 // `import d2z_optim._C` loads this library, which registers the ops above (reached through
 // torch.ops.d2z), and gives the step holders and their StepRefused exception.
+// The device code nvcc was asked for (setup.py passes -DD2Z_CUDA_CODE=sm_80,sm_90,compute_90 to a
+// CUDA build): the arch gate compares it with a GPU's compute capability before choosing the kernel.
+#define D2Z_STRINGIFY(...) #__VA_ARGS__
+#define D2Z_STRING(...) D2Z_STRINGIFY(__VA_ARGS__)
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "d2z:: ops (torch.ops.d2z) and the step holders";
   d2z::bind_step_holders(m);
+#ifdef D2Z_CUDA_CODE
+  m.def(
+      "cuda_code", [] { return std::string(D2Z_STRING(D2Z_CUDA_CODE)); },
+      "The CUDA device code this build holds, comma-separated (sm_XY: cubins, compute_XY: PTX)");
+#else
+  m.def("cuda_code", [] { return std::string(); }, "Empty: a build without the CUDA kernel");
+#endif
 }

@@ -9,6 +9,7 @@ used says why and what can.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -52,11 +53,17 @@ class Backend:
     # DeviceWork -> a step holder (``step(work, skip_nonfinite) -> StepStatus``, ``captured()``,
     # ``scans_nonfinite``), like cpp_backend.CpuStepHolder
     holder: Callable[[DeviceWork], Any] | None = None
+    # a GPU the kernel has no code for, or that the compiler does not support: the reason, else None
+    gpu_refusal: Callable[[torch.device], str | None] | None = None
 
     def unsupported(self, device: torch.device, dtypes: Iterable[torch.dtype], dense: bool = True) -> str | None:
         if self.device_type is not None and device.type != self.device_type:
             where = "CUDA devices" if self.device_type == "cuda" else f"{self.device_type.upper()} tensors"
             return f"backend {self.name!r} runs on {where}, but a parameter is on {device}{self.device_note}"
+        if self.gpu_refusal is not None and device.type == "cuda":
+            why = self.gpu_refusal(device)
+            if why:
+                return f"backend {self.name!r} cannot run on {device}: {why}"
         bad = sorted({str(d) for d in dtypes if self.dtypes is not None and d not in self.dtypes})
         if bad:
             allowed = ", ".join(str(d) for d in self.dtypes)
@@ -103,8 +110,12 @@ def _load_now(name: str) -> Backend | str:
         key = name.upper()
         if not cpp_backend.has_kernel(key):
             return f"d2z_optim._C was built without a {key} kernel (a CPU-only build; see README: building for CUDA)"
-        holder = cpp_backend.CpuStepHolder if name == "cpu" else cpp_backend.CudaStepHolder
-        return Backend(name, cpp_backend.step, name, cpp_backend.DTYPES, holder=holder)
+        if name == "cpu":
+            return Backend(name, cpp_backend.step, name, cpp_backend.DTYPES, holder=cpp_backend.CpuStepHolder)
+        return Backend(
+            name, cpp_backend.step, name, cpp_backend.DTYPES, holder=cpp_backend.CudaStepHolder,
+            gpu_refusal=cpp_backend.arch_refusal,
+        )  # fmt: skip
     if name == "triton":  # imported here, on first use: a CPU install never needs Triton
         try:
             from . import triton_backend
@@ -115,9 +126,23 @@ def _load_now(name: str) -> Backend | str:
         note = " (TRITON_INTERPRET=1 runs Triton on CPU tensors, for tests only)"
         return Backend(
             "triton", triton_backend.step, device, triton_backend.DTYPES, device_note=note,
-            holder=triton_backend.TritonStepHolder,
+            holder=triton_backend.TritonStepHolder, gpu_refusal=_triton_gpu_refusal,
         )  # fmt: skip
     raise AssertionError(name)
+
+
+TRITON_MIN_CAPABILITY = (8, 0)  # what Triton supports on NVIDIA GPUs (its README: compute capability 8.0+)
+
+
+def _triton_gpu_refusal(device: torch.device) -> str | None:
+    try:
+        cap = tuple(torch.cuda.get_device_capability(device))
+    except (AssertionError, RuntimeError) as e:  # no such device, or a torch without CUDA
+        return f"cannot read the compute capability of {device} ({e})"
+    if cap >= TRITON_MIN_CAPABILITY:
+        return None
+    need = ".".join(map(str, TRITON_MIN_CAPABILITY))
+    return f"Triton supports compute capability {need} and later, and {device} has {cap[0]}.{cap[1]}"
 
 
 def flag_nonfinite(grads: list[torch.Tensor], found: torch.Tensor) -> torch.Tensor:
@@ -180,6 +205,8 @@ class Selection:
                 b = _load(n)
                 if isinstance(b, Backend) and b.unsupported(device, dtypes, dense) is None:
                     return b
+            if self.fused is None:
+                _warn_missing(device)
         if self.fused:
             reasons = "; ".join(
                 f"{n}: {b if isinstance(b, str) else b.unsupported(device, dtypes, dense)}"
@@ -190,6 +217,26 @@ class Selection:
                 f"fused=True needs a fused kernel backend for {device} parameters, but none fits ({reasons})"
             )
         return TORCH
+
+
+_WARNED_MISSING: set[str] = set()
+
+
+def _warn_missing(device: torch.device) -> None:
+    """Once per device type: "auto" falls back to the torch backend because no fused kernel of this
+    device type is installed (not because of the parameters' dtypes or layout)."""
+    missing = [(n, _load(n)) for n in FUSED_FOR.get(device.type, ())]
+    if device.type in _WARNED_MISSING or not missing or not all(isinstance(b, str) for _, b in missing):
+        return
+    _WARNED_MISSING.add(device.type)
+    reasons = "; ".join(f"{n}: {why}" for n, why in missing)
+    warnings.warn(
+        f"d2z_optim: no fused kernel is installed for {device.type} parameters ({reasons}); backend='auto' "
+        "runs the slower 'torch' backend. Reinstall with `pip install --no-build-isolation d2z_optim` "
+        "(README: Install), or pass backend='torch' to choose it explicitly.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
 
 
 def resolve(name: str, *, fused: bool | None = None) -> Selection:

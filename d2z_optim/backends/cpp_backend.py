@@ -13,7 +13,18 @@ import torch
 from .checks import DTYPES, check_step_args
 from .contract import DeviceWork, StepStatus, capturing, flatten, hparams_tensor
 
-__all__ = ["DTYPES", "CpuStepHolder", "CudaStepHolder", "has_kernel", "has_scan", "load_extension", "step"]
+__all__ = [
+    "DTYPES",
+    "CpuStepHolder",
+    "CudaStepHolder",
+    "arch_refusal",
+    "cuda_code",
+    "has_kernel",
+    "has_scan",
+    "load_extension",
+    "runs_on",
+    "step",
+]
 
 OPS = ("d2z::adamw_step_", "d2z::adamw_step_grid_replay_")  # one schema
 SCAN = "d2z::any_nonfinite_"
@@ -50,6 +61,51 @@ def has_scan(device: torch.device) -> bool:
 
 def has_kernel(dispatch_key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("d2z::adamw_step_", dispatch_key)
+
+
+def cuda_code() -> tuple[str, ...]:
+    """The CUDA device code of this build, as nvcc was asked for it: ("sm_80", "compute_90", "sm_90")
+    (cubins sm_XY, PTX compute_XY); empty without the CUDA kernel."""
+    from .. import _C
+
+    return tuple(c for c in _C.cuda_code().split(",") if c)
+
+
+def runs_on(capability: tuple[int, int], code: tuple[str, ...]) -> bool:
+    """Whether a GPU of ``capability`` can run a kernel built as ``code``: a cubin sm_XY runs on
+    X.Y and later minors of major X (sm_XYa / sm_XYf: on X.Y only / major X from Y on); PTX
+    compute_XY is compiled by the driver for X.Y and every later capability (compute_XYa: X.Y only)."""
+    for c in code:
+        kind, _, num = c.partition("_")
+        suffix = num[-1] if num[-1] in "af" else ""
+        digits = num[: len(num) - len(suffix)]
+        if kind not in ("sm", "compute") or not digits.isdigit() or len(digits) < 2:
+            raise ValueError(f"unknown CUDA device code {c!r} in {code}")
+        built = (int(digits[:-1]), int(digits[-1]))
+        if suffix == "a":
+            ok = capability == built
+        elif kind == "sm":
+            ok = capability[0] == built[0] and capability[1] >= built[1]
+        else:
+            ok = capability >= built
+        if ok:
+            return True
+    return False
+
+
+def arch_refusal(device: torch.device) -> str | None:
+    """Why the CUDA kernel of this build cannot run on ``device`` (None: it can)."""
+    try:
+        cap = tuple(torch.cuda.get_device_capability(device))
+    except (AssertionError, RuntimeError) as e:  # no such device, or a torch without CUDA
+        return f"cannot read the compute capability of {device} ({e})"
+    code = cuda_code()
+    if runs_on(cap, code):
+        return None
+    return (
+        f"d2z_optim._C holds CUDA code for {', '.join(code) or 'no GPU'}, but {device} has compute capability "
+        f"{cap[0]}.{cap[1]}: rebuild for it with D2Z_CUDA_ARCH_LIST='{cap[0]}.{cap[1]}' (README: building for CUDA)"
+    )
 
 
 def step(work: DeviceWork) -> None:
