@@ -166,7 +166,7 @@ def rows_for(n: int, device: torch.device, reps: int) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--reps", type=int, default=60)
+    ap.add_argument("--reps", type=int, default=40)
     ap.add_argument("--counts", type=int, nargs="*", default=list(COUNTS))
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()

@@ -177,6 +177,16 @@ class ScheduleTables:
         idx = ds.step_count.clamp(max=self.total_steps - 1).view(1)
         return ds.lr_table.index_select(0, idx).squeeze(0).to(torch.float64)
 
+    def multiplier_at(self, index: Tensor) -> Tensor:
+        """The LR multiplier at ``index`` (a device int64 0-d, clamped into the table), float64."""
+        ds = self.primary
+        idx = index.clamp(min=0, max=self.total_steps - 1).view(1)
+        return ds.lr_table.index_select(0, idx).squeeze(0).to(torch.float64)
+
+    def host_multiplier_at(self, index: int) -> float:
+        """The LR multiplier at ``index`` (clamped into the table) from the host copy: no device read."""
+        return float(self.lr_host[min(max(index, 0), self.total_steps - 1)])
+
     def set_position(self, position: Tensor, skipped: Tensor | None = None) -> None:
         """Every device's counter at ``position`` (a host int64 0-d tensor): a checkpoint's."""
         for ds in self.devices.values():
@@ -204,3 +214,31 @@ class ScheduleTables:
                 "the schedule's last multiplier is reused from now on",
                 stacklevel=5,
             )
+
+
+class OutsideLrWatch:
+    """Warns once when a group's ``lr`` changes between two steps while a d2z schedule is active:
+    something outside the optimizer (a torch LR scheduler, HF Trainer's default scheduler, a loop
+    writing ``param_group["lr"] = get_lr(it)``) schedules it too, and the LR applied is the product
+    of both schedules. Host floats only (a tensor ``lr`` is not read: that would sync)."""
+
+    def __init__(self) -> None:
+        self.seen: list[float | None] = []
+        self.warned = False
+
+    def check(self, groups: list[dict], schedule) -> None:
+        now = [None if isinstance(g["lr"], Tensor) else float(g["lr"]) for g in groups]
+        if schedule is not None and not self.warned and len(now) == len(self.seen):
+            for i, (a, b) in enumerate(zip(self.seen, now)):
+                if a is not None and b is not None and a != b:
+                    self.warned = True
+                    warnings.warn(
+                        f"d2z_optim.AdamW: param_groups[{i}]['lr'] changed from {a:g} to {b:g} between steps "
+                        f"while the optimizer's own schedule ({schedule.name}) is active: something else "
+                        "schedules the LR too (a torch LR scheduler, HF Trainer's default scheduler, a loop "
+                        "setting param_group['lr']), and the LR applied is the product of both. Drop the "
+                        "outside scheduler (README: Usage), or pass schedule=None to let it drive the LR.",
+                        stacklevel=4,
+                    )
+                    break
+        self.seen = now

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from . import arguments, backends, checkpoint, dual, tracked
-from .device_schedule import ScheduleTables, as_schedule, check_warmup
+from .device_schedule import OutsideLrWatch, ScheduleTables, as_schedule, check_warmup
 from .schedules import Schedule
 from .step_cache import StepCache, choose_backends
 
@@ -125,6 +125,7 @@ class AdamW(torch.optim.Optimizer):
         self._cache = self._new_cache()
         self._lock = threading.Lock()
         self._changes = tracked.Counter()  # changes to the state and the groups' lists (step cache)
+        self._outside_lr = OutsideLrWatch()  # a group's lr rewritten between steps: double scheduling
         defaults["betas"] = arguments.scalar_betas(betas)
         super().__init__(params, dict(defaults, decoupled_weight_decay=True))
         self.state = tracked.OptimizerState(self._changes)
@@ -229,6 +230,22 @@ class AdamW(torch.optim.Optimizer):
         m = self._tables.next_multiplier()
         return [m * (g["lr"].reshape(()) if isinstance(g["lr"], Tensor) else g["lr"]) for g in self.param_groups]
 
+    def last_lr(self) -> list[Tensor]:
+        """Each group's LR as applied by the last step that ran (skipped ones do not count), as
+        float64 device tensors: no host sync, for logging. Before the first step: the first step's.
+        ``param_groups[i]["lr"]`` is the peak the schedule multiplies, not the current LR."""
+        m = self._tables.multiplier_at(self._tables.primary.step_count - 1)
+        return [m * (g["lr"].reshape(()) if isinstance(g["lr"], Tensor) else g["lr"]) for g in self.param_groups]
+
+    def last_lr_host(self) -> list[float]:
+        """:meth:`last_lr` computed on the host from the host's count of ``step()`` calls and the
+        host copy of the table: no device read at all. Exact while no step was skipped (AMP
+        overflow, skip_nonfinite): the host cannot see a skip without a sync, so after k skips it
+        is k steps ahead; :meth:`last_lr` is exact always. A group's LR given as a tensor on a
+        device is read from it (one sync): use :meth:`last_lr` there."""
+        m = self._tables.host_multiplier_at(self._tables.host_steps - 1)
+        return [m * (float(g["lr"]) if isinstance(g["lr"], Tensor) else g["lr"]) for g in self.param_groups]
+
     def dual_summary(self, *, rho: float = 1.0, step: int | None = None) -> list[dual.DualSummary]:
         """Each group's dual-coefficient summary over the whole schedule (see :mod:`d2z_optim.dual`).
 
@@ -274,6 +291,8 @@ class AdamW(torch.optim.Optimizer):
             skip_nonfinite=self._skip_nonfinite,
         )
         self._tables.count_step(used)
+        if not torch.compiler.is_compiling():
+            self._outside_lr.check(self.param_groups, self.schedule)
 
     # ------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:

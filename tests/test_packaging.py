@@ -37,3 +37,48 @@ def test_installed_package_imports_the_mapped_subpackage():
     import d2z_optim.triton_kernels as tk
 
     assert tk.__name__ == "d2z_optim.triton_kernels"
+
+
+def _setup_py(args, tmp_path, env=None):
+    """setup.py run as pip runs it (``__main__``) in a python where torch cannot be imported."""
+    code = (
+        "import runpy, sys; sys.modules['torch'] = None; "
+        f"sys.argv = ['setup.py', *{list(args)!r}]; runpy.run_path('setup.py', run_name='__main__')"
+    )
+    import os
+
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env={**os.environ, **(env or {})}
+    )
+
+
+def test_a_build_without_torch_fails_saying_what_works(tmp_path):
+    """pip's build isolation hides torch: the build fails loudly instead of a wheel without the kernel."""
+    r = _setup_py(["bdist_wheel", "-d", str(tmp_path)], tmp_path)
+    assert r.returncode != 0
+    assert "pip install --no-build-isolation" in r.stderr and "D2Z_NO_EXTENSION=1" in r.stderr, r.stderr
+    assert not list(tmp_path.glob("*.whl"))
+
+
+def test_metadata_needs_no_torch(tmp_path):
+    r = _setup_py(["egg_info", "--egg-base", str(tmp_path)], tmp_path)
+    assert r.returncode == 0, r.stderr
+
+
+def test_an_explicit_pure_python_install(tmp_path):
+    r = _setup_py(
+        ["build", "--build-base", str(tmp_path / "b"), "bdist_wheel", "-b", str(tmp_path / "bd"), "-d", str(tmp_path)],
+        tmp_path,
+        env={"D2Z_NO_EXTENSION": "1"},
+    )
+    assert r.returncode == 0, r.stderr
+    (wheel,) = tmp_path.glob("d2z_optim-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "d2z_optim/optimizer.py" in names and not any(n.endswith(".so") for n in names), names
+
+
+def test_release_build_has_no_debug_info():
+    from d2z_optim import _C
+
+    blob = Path(_C.__file__).read_bytes()
+    assert b".debug_info" not in blob, f"{_C.__file__} carries debug info ({len(blob) / 1e6:.1f} MB)"
