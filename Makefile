@@ -81,7 +81,7 @@ wheel-cuda:
 	@# from outside the clone, so `import d2z_optim` is the installed wheel
 	cd $(CUDA_STAGE) && $(CUDA_PY) $(CURDIR)/tools/check_cuda_wheel.py $(CURDIR)/dist/d2z_optim-*.whl --arch 80 --arch 90 --ptx 90
 	@# the CPU suite against that install: a copy of the tests and what they read, no package source
-	cp -r tests benchmarks csrc tools pyproject.toml $(CUDA_STAGE)/
+	cp -r tests benchmarks csrc tools pyproject.toml setup.py $(CUDA_STAGE)/
 	cd $(CUDA_STAGE) && $(CUDA_PY) -m pytest -q -p no:cacheprovider tests --ignore=tests/test_packaging.py
 
 gpu-check:
@@ -96,7 +96,7 @@ compat:
 	rm -rf build/compat && mkdir -p build/compat/src
 	git ls-files -z | xargs -0 cp --parents -t build/compat/src
 	cd build/compat/src && MAX_JOBS=$${MAX_JOBS:-2} $(COMPAT_PY) -m pip install -q --no-build-isolation --no-deps .
-	cp -r tests csrc pyproject.toml build/compat/
+	cp -r tests csrc pyproject.toml setup.py build/compat/
 	cd build/compat && $(COMPAT_PY) -m pytest -q -p no:cacheprovider tests/test_triton_interpret.py tests/test_triton_aot.py tests/test_layers.py tests/test_arch_gate.py
 
 clean:
