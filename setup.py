@@ -122,9 +122,27 @@ def _nvidia_include_dirs() -> list[str]:
     return dirs
 
 
+BUILD_INFO = os.path.join("d2z_optim", "build_info.py")  # generated, not tracked (.gitignore)
+
+
+def _write_build_info(torch_version: str, cuda: str | None) -> None:
+    """Record the torch the extension is compiled against: at import, another torch's major.minor
+    is reported as such (d2z_optim/backends/cpp_backend.py), not as an obscure loader error."""
+    text = (
+        '"""Written by setup.py when d2z_optim._C was built: the torch it was compiled against."""\n\n'
+        f"TORCH_VERSION = {torch_version!r}\nTORCH_CUDA = {cuda!r}\n"
+    )
+    old = open(BUILD_INFO).read() if os.path.exists(BUILD_INFO) else None
+    if old != text:
+        with open(BUILD_INFO, "w") as f:
+            f.write(text)
+
+
 def _extensions():
     import torch
     from torch.utils import cpp_extension
+
+    _write_build_info(torch.__version__, torch.version.cuda)
 
     force_cpu, force_cuda = _flag("D2Z_FORCE_CPU"), _flag("D2Z_FORCE_CUDA")
     if force_cpu and force_cuda:

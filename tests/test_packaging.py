@@ -31,6 +31,7 @@ def test_wheel_builds_and_maps_triton_kernels_into_the_package(tmp_path):
     assert not any(n.startswith("triton_kernels/") for n in names)
     assert {"d2z_optim/__init__.py", "d2z_optim/optimizer.py", "d2z_optim/schedules.py"} <= names
     assert "d2z_optim/backends/torch_backend.py" in names
+    assert "d2z_optim/build_info.py" in names  # the torch the kernel was compiled against
 
 
 def test_installed_package_imports_the_mapped_subpackage():
@@ -82,3 +83,22 @@ def test_release_build_has_no_debug_info():
 
     blob = Path(_C.__file__).read_bytes()
     assert b".debug_info" not in blob, f"{_C.__file__} carries debug info ({len(blob) / 1e6:.1f} MB)"
+
+
+def test_the_build_records_the_torch_it_was_compiled_against():
+    import torch
+
+    from d2z_optim.backends import cpp_backend
+
+    assert cpp_backend.built_with_torch() == torch.__version__
+    assert cpp_backend.load_extension() is None
+
+
+def test_another_torch_is_named_not_a_loader_error():
+    from d2z_optim.backends.cpp_backend import torch_mismatch
+
+    why = torch_mismatch("2.13.0+cpu", "2.14.1+cu130")
+    assert "built against torch 2.13.0+cpu but torch 2.14.1+cu130 is running" in why
+    assert "pip install --no-build-isolation --force-reinstall" in why
+    assert torch_mismatch("2.13.0+cpu", "2.13.1") is None  # a patch release keeps the ABI
+    assert torch_mismatch(None, "2.13.0") is None  # no record (a build before the record existed)

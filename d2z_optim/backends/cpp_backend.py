@@ -18,12 +18,14 @@ __all__ = [
     "CpuStepHolder",
     "CudaStepHolder",
     "arch_refusal",
+    "built_with_torch",
     "cuda_code",
     "has_kernel",
     "has_scan",
     "load_extension",
     "runs_on",
     "step",
+    "torch_mismatch",
 ]
 
 OPS = ("d2z::adamw_step_", "d2z::adamw_step_grid_replay_")  # one schema
@@ -37,10 +39,15 @@ def load_extension() -> str | None:
     global _LOADED
     if _LOADED:
         return None
+    running = torch.__version__
     try:
         from .. import _C  # noqa: F401
     except ImportError as e:
-        return f"the C++ extension d2z_optim._C is not built or failed to import ({e})"
+        other = torch_mismatch(built_with_torch(), running)
+        return f"{other} ({e})" if other else f"the C++ extension d2z_optim._C is not built or failed to import ({e})"
+    other = torch_mismatch(built_with_torch(), running)
+    if other:  # it imported, but another torch's ABI may crash later: refuse it
+        return other
     for op in OPS:
         _register_fake(op)
     torch.library.register_fake(SCAN)(lambda tensors, found: None)
@@ -50,6 +57,30 @@ def load_extension() -> str | None:
 
 
 _SCAN_DEVICES: set[str] = set()
+
+
+def built_with_torch() -> str | None:
+    """The torch version d2z_optim._C was compiled against (setup.py's record), if known."""
+    try:
+        from .. import build_info
+    except ImportError:
+        return None
+    return build_info.TORCH_VERSION
+
+
+def torch_mismatch(built: str | None, running: str) -> str | None:
+    """Why an extension built against torch ``built`` cannot serve torch ``running`` (another
+    major.minor: another C++ ABI), else None. Patch releases and local tags (+cpu) may differ."""
+
+    def release(v: str) -> tuple[str, ...]:
+        return tuple(v.split("+")[0].split(".")[:2])
+
+    if built is None or release(built) == release(running):
+        return None
+    return (
+        f"d2z_optim._C was built against torch {built} but torch {running} is running: rebuild it against "
+        "this torch with `pip install --no-build-isolation --force-reinstall --no-deps <d2z_optim source>`"
+    )
 
 
 def has_scan(device: torch.device) -> bool:
