@@ -110,18 +110,18 @@ def test_a_capture_keeps_its_buffers_and_a_later_change_never_overwrites_them(mo
     case = _grouped(Case([300, 9], groups=("plain",)))
     h = _holder(case)
     h.step(_work(case))
-    monkeypatch.setattr(cpp_backend, "capturing", lambda dev: True)
+    monkeypatch.setattr(contract, "capturing", lambda dev: True)
     h.step(_work(case))  # "captured": the graph reads this metadata at every replay
     recorded = h._holder.metadata
     frozen = recorded.clone()
-    monkeypatch.setattr(cpp_backend, "capturing", lambda dev: False)
+    monkeypatch.setattr(contract, "capturing", lambda dev: False)
     case.grads[0] = case.grads[0].clone()  # an eager step with new gradients
     h.step(_work(case))
     assert h._holder.metadata.data_ptr() != recorded.data_ptr()  # a new buffer, not the recorded one
     assert torch.equal(recorded, frozen)
     assert any(t.data_ptr() == recorded.data_ptr() for t in h.captured())
     # a change met while capturing gets new buffers too, kept with the first
-    monkeypatch.setattr(cpp_backend, "capturing", lambda dev: True)
+    monkeypatch.setattr(contract, "capturing", lambda dev: True)
     case.grads[1] = case.grads[1].clone()
     h.step(_work(case))
     kept = {t.data_ptr() for t in h.captured()}

@@ -289,13 +289,13 @@ def _cases():
             assert (h._holder.version == v + 1) == (k in (0, 2)), (k, v, h._holder.version)
             triton_backend.step(ref)
             compare(w, ref, k=0)
-        old = triton_backend.capturing
-        triton_backend.capturing = lambda dev: True
+        old = contract.capturing
+        contract.capturing = lambda dev: True
         try:
             h.step(w)
             triton_backend.step(ref)
         finally:
-            triton_backend.capturing = old
+            contract.capturing = old
         assert h.captured() and contract.capturing(torch.device("cpu")) is False
         compare(w, ref, k=0)
 

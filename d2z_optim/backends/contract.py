@@ -59,6 +59,20 @@ def capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
+def step_device_holder(holder, refused: type[Exception], work: DeviceWork) -> tuple[StepStatus, torch.Tensor]:
+    """One step of a C++ ``DeviceStepHolder`` (kind cuda or triton) on ``work``: its status (a
+    ``refused`` exception, the op's checks refusing a tensor, is DECLINED) and the hparams table used."""
+    hp = work.hparams if work.hparams is not None else hparams_tensor(work)
+    try:
+        status = holder.step(
+            work.step_count, work.lr_table, work.wd_table, hp, work.independent_wd, work.grad_scale,
+            work.found_inf, capturing(work.step_count.device),
+        )  # fmt: skip
+    except refused:
+        return StepStatus.DECLINED, hp
+    return StepStatus(status), hp
+
+
 class StepStatus(enum.IntEnum):
     """What a step holder's ``step()`` answers (``csrc/torch/adamw_step_holder.h``)."""
 

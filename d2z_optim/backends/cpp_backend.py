@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .checks import DTYPES, check_step_args
-from .contract import DeviceWork, StepStatus, capturing, flatten, hparams_tensor
+from .contract import DeviceWork, StepStatus, flatten, hparams_tensor, step_device_holder
 
 __all__ = [
     "DTYPES",
@@ -229,16 +229,7 @@ class CudaStepHolder:
 
     def step(self, work: DeviceWork, skip_nonfinite: bool = False) -> StepStatus:
         assert not skip_nonfinite, "CudaStepHolder does not scan gradients (scans_nonfinite is False)"
-        hp = work.hparams if work.hparams is not None else hparams_tensor(work)
-        dev = work.step_count.device
-        try:
-            status = self._holder.step(
-                work.step_count, work.lr_table, work.wd_table, hp, work.independent_wd, work.grad_scale,
-                work.found_inf, capturing(dev),
-            )  # fmt: skip
-        except self._refused:
-            return StepStatus.DECLINED
-        return StepStatus(status)
+        return step_device_holder(self._holder, self._refused, work)[0]
 
 
 def _register_fake(op: str) -> None:

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ..triton_kernels import adamw as kernels
 from .checks import DTYPES, StepArgumentError, check_device_work, check_step_args
-from .contract import HP_COLS, DeviceWork, HpCol, StepStatus, capturing, flatten, hparams_tensor
+from .contract import HP_COLS, DeviceWork, HpCol, StepStatus, capturing, flatten, step_device_holder
 
 __all__ = [
     "COLUMN_ARGS",
@@ -309,17 +309,9 @@ class TritonStepHolder:
 
     def step(self, work: DeviceWork, skip_nonfinite: bool = False) -> StepStatus:
         assert not skip_nonfinite, "TritonStepHolder does not scan gradients (scans_nonfinite is False)"
-        hp = work.hparams if work.hparams is not None else hparams_tensor(work)
-        dev = work.step_count.device
-        try:
-            status = self._holder.step(
-                work.step_count, work.lr_table, work.wd_table, hp, work.independent_wd, work.grad_scale,
-                work.found_inf, capturing(dev),
-            )  # fmt: skip
-        except self._refused:
-            return StepStatus.DECLINED
+        status, hp = step_device_holder(self._holder, self._refused, work)
         if status != StepStatus.APPLIED:
-            return StepStatus(status)
+            return status
         if self._holder.version != self._version:  # new metadata: read its layout once
             self._buf = self._holder.metadata.view(torch.int64)
             self._launches = [(_DTYPE_CODES[d], ams, off, n) for d, ams, off, n in self._holder.launches]
