@@ -23,6 +23,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 ARGS   ?=
 STAMP  := $(VENV)/.d2z-installed
+FRAMEWORKS := $(VENV)/.d2z-frameworks
 
 # make wheel-cuda: a venv outside the clone, kept between runs (torch's CUDA build is 5.5 GB)
 CUDA_VENV  ?= $(HOME)/.cache/d2z_optim/venv-cu130
@@ -55,8 +56,15 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check .
 	$(VENV)/bin/clang-format --dry-run --Werror csrc/*/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.cuh
 
-test: lint
-	$(PY) -m pytest -q tests
+# the training frameworks the integrations are tested against, pinned; never a new torch
+$(FRAMEWORKS): requirements-frameworks.txt $(STAMP)
+	$(PY) -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/torch-pin.txt
+	$(PY) -m pip install -q -r requirements-frameworks.txt -c $(VENV)/torch-pin.txt
+	@touch $@
+
+# D2Z_REQUIRE_FRAMEWORKS: a framework that failed to install fails its tests, never skips them
+test: lint $(FRAMEWORKS)
+	D2Z_REQUIRE_FRAMEWORKS=1 $(PY) -m pytest -q tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_throughput.py $(ARGS)

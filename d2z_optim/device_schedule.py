@@ -13,9 +13,12 @@ Before any device is met the position lives on the CPU.
 
 from __future__ import annotations
 
+import array
+import atexit
 import warnings
+import weakref
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -24,7 +27,7 @@ from . import schedules
 from .arguments import as_index
 from .schedules import Schedule
 
-__all__ = ["DeviceSchedule", "ScheduleTables", "as_schedule", "check_warmup"]
+__all__ = ["DeviceSchedule", "RunEndWatch", "ScheduleTables", "as_schedule", "check_warmup"]
 
 _CPU = torch.device("cpu")
 
@@ -134,10 +137,12 @@ class ScheduleTables:
         ones = torch.ones(self.total_steps, dtype=torch.float32)
         self.lr_host = self.lr_sched.table() if self.lr_sched is not None else ones
         self.wd_host = self.wd_sched.table() if self.wd_sched is not None else ones
+        # the LR table as host floats: read per step by last_lr_host (a tensor read would dispatch)
+        self.lr_floats = array.array("f", self.lr_host.numpy().tobytes())
 
     def __getstate__(self) -> dict[str, Any]:
         # pickle / deepcopy: the schedules' descriptions and the counters, not the tables (rebuilt)
-        return {k: v for k, v in self.__dict__.items() if k not in ("lr_host", "wd_host")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("lr_host", "wd_host", "lr_floats")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -185,7 +190,7 @@ class ScheduleTables:
 
     def host_multiplier_at(self, index: int) -> float:
         """The LR multiplier at ``index`` (clamped into the table) from the host copy: no device read."""
-        return float(self.lr_host[min(max(index, 0), self.total_steps - 1)])
+        return self.lr_floats[min(max(index, 0), self.total_steps - 1)]
 
     def set_position(self, position: Tensor, skipped: Tensor | None = None) -> None:
         """Every device's counter at ``position`` (a host int64 0-d tensor): a checkpoint's."""
@@ -198,6 +203,20 @@ class ScheduleTables:
         self.host_steps = int(position)
         if self.host_steps > self.total_steps and not self.unbounded:
             self.host_steps = self.total_steps + 1  # already past the end: warned by the run that saved
+
+    def unfinished(self) -> str | None:
+        """Why the run, if it ended now, ended before its table's last step (None: it did not, it
+        never stepped, or the schedule is an unbounded constant). Host values only."""
+        n, total = self.host_steps, self.total_steps
+        if self.unbounded or n == 0 or n >= total:
+            return None
+        return (
+            f"d2z_optim.AdamW: the run ended after {n:,} of its schedule's total_steps={total:,} steps: the last "
+            f"LR applied was {self.host_multiplier_at(n - 1):.3g} x the peak, where the table ends at "
+            f"{self.host_multiplier_at(total - 1):.3g}. total_steps counts optimizer steps (step() calls: not "
+            "micro-batches, and per process under DDP/accelerate). If this run continues from a checkpoint, "
+            "nothing is wrong."
+        )
 
     def count_step(self, found_inf: Tensor | None) -> None:
         """After a step: a skipped one (``found_inf`` nonzero) is counted on the device; the host
@@ -242,3 +261,51 @@ class OutsideLrWatch:
                     )
                     break
         self.seen = now
+
+
+class RunEndWatch:
+    """A run that ends before its table's last step says so once, with both figures: when an
+    integration calls :meth:`report` at the end of training, or else at interpreter exit, one
+    warning for every optimizer that stepped (alive then, or collected before)."""
+
+    _pending: ClassVar[list[weakref.finalize]] = []
+    _first: ClassVar[list[str]] = []  # the first short run's message, and one entry per further one
+    _done = False
+
+    def __init__(self, owner: object, tables: ScheduleTables) -> None:
+        self.tables = tables
+        self.reported = False
+        fin = weakref.finalize(owner, RunEndWatch._note, self)
+        fin.atexit = False  # run by _at_exit, before its one warning
+        pending = RunEndWatch._pending
+        if len(pending) > 64 and len(pending) & (len(pending) - 1) == 0:  # prune now and then
+            pending[:] = [f for f in pending if f.alive]
+        pending.append(fin)
+
+    @staticmethod
+    def _note(watch: RunEndWatch) -> None:
+        msg = None if watch.reported else watch.tables.unfinished()
+        if msg is not None:
+            RunEndWatch._first.append(msg)
+
+    def report(self) -> bool:
+        """Warn now if the run ended short (once per optimizer; the exit check then skips it);
+        True when it did."""
+        msg = self.tables.unfinished()
+        if msg is not None and not self.reported:
+            warnings.warn(msg, stacklevel=4)
+        self.reported = True
+        return msg is not None
+
+    @staticmethod
+    def _at_exit() -> None:
+        for fin in RunEndWatch._pending:
+            fin()  # the ones still alive: note them
+        first = RunEndWatch._first
+        if first and not RunEndWatch._done:
+            RunEndWatch._done = True
+            more = f" ({len(first) - 1} more optimizers of this process ended short too.)" if len(first) > 1 else ""
+            warnings.warn(first[0] + more, stacklevel=1)
+
+
+atexit.register(RunEndWatch._at_exit)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from . import arguments, backends, checkpoint, dual, tracked
-from .device_schedule import OutsideLrWatch, ScheduleTables, as_schedule, check_warmup
+from .device_schedule import OutsideLrWatch, RunEndWatch, ScheduleTables, as_schedule, check_warmup
 from .schedules import Schedule
 from .step_cache import StepCache, choose_backends
 
@@ -246,6 +246,15 @@ class AdamW(torch.optim.Optimizer):
         m = self._tables.host_multiplier_at(self._tables.host_steps - 1)
         return [m * (float(g["lr"]) if isinstance(g["lr"], Tensor) else g["lr"]) for g in self.param_groups]
 
+    def check_run_end(self) -> bool:
+        """Say the run is over: warns (once per process) when it ended before its schedule's last
+        step, with both figures, and returns whether it did. Host values only. The integrations
+        call it when training ends; otherwise it runs by itself at interpreter exit."""
+        watch = self.__dict__.get("_run_end")
+        if watch is None:
+            watch = self._run_end = RunEndWatch(self, self._tables)
+        return watch.report()
+
     def dual_summary(self, *, rho: float = 1.0, step: int | None = None) -> list[dual.DualSummary]:
         """Each group's dual-coefficient summary over the whole schedule (see :mod:`d2z_optim.dual`).
 
@@ -293,6 +302,8 @@ class AdamW(torch.optim.Optimizer):
         self._tables.count_step(used)
         if not torch.compiler.is_compiling():
             self._outside_lr.check(self.param_groups, self.schedule)
+            if self.__dict__.get("_run_end") is None:
+                self._run_end = RunEndWatch(self, self._tables)
 
     # ------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -327,7 +338,7 @@ class AdamW(torch.optim.Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         # torch keeps defaults, state and param_groups; ours also needs its schedule, device
         # tables and backends. Hooks are dropped as torch drops them; the cache and lock are new.
-        skip = ("_cache", "_lock")
+        skip = ("_cache", "_lock", "_run_end")
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_") and k not in skip}
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 
 import pytest
 import torch
@@ -84,3 +85,38 @@ def roundtrip(state_dict):
 @pytest.fixture(params=BACKENDS)
 def backend(request):
     return request.param
+
+
+def framework(name: str):
+    """Import a training framework for the integration tests. make test installs them
+    (requirements-frameworks.txt) and sets D2Z_REQUIRE_FRAMEWORKS=1: there a missing one fails;
+    elsewhere (the CUDA wheel's suite, a bare checkout) its tests are skipped, saying so."""
+    if os.environ.get("D2Z_REQUIRE_FRAMEWORKS") == "1":
+        import importlib
+
+        return importlib.import_module(name)
+    return pytest.importorskip(name, reason=f"{name} is not installed (pip install -r requirements-frameworks.txt)")
+
+
+@pytest.hookimpl(trylast=True)  # after -k/-m deselection: start only what will run
+def pytest_collection_modifyitems(session, config, items):
+    """Start the Triton interpreter's children (the suite's longest tests, one core each) as soon
+    as they are known to be selected, so they run beside the rest of the suite."""
+    children = {
+        "test_interpreter": "interpreter",
+        "test_the_optimizer_suite_on_the_triton_backend_under_the_interpreter": "suite",
+    }
+    chosen = set()
+    for item in items:
+        module = getattr(item, "module", None)
+        if module is not None and module.__name__.endswith(".test_triton_interpret") and module.HAVE_TRITON:
+            if getattr(item, "originalname", None) in children:
+                chosen.add((module, children[item.originalname]))
+    for module, name in sorted(chosen, key=lambda c: c[1]):
+        module.start(name)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    module = sys.modules.get(__package__ + ".test_triton_interpret") if __package__ else None
+    if module is not None:
+        module.stop_all()

@@ -30,6 +30,11 @@ CSRC = ROOT / "csrc"
 
 # rank of each package module: imports go from a higher rank to a lower one (or the same file)
 RANKS = {
+    "d2z_optim.integrations": 6.5,  # the frameworks' side: above the face, imported by nothing in it
+    "d2z_optim.integrations.hf": 6,
+    "d2z_optim.integrations.lightning": 6,
+    "d2z_optim.integrations.accelerate": 6,
+    "d2z_optim.integrations.common": 5.5,
     "d2z_optim": 5,
     "d2z_optim.optimizer": 4,
     "d2z_optim.cli": 4,

@@ -80,3 +80,50 @@ def test_a_loop_setting_lr_warns_and_schedule_none_does_not():
         for _ in range(3):
             _step(plain, plain.param_groups[0]["params"])
             sched.step()
+
+
+RUN = """
+import torch, d2z_optim
+def train(n):  # function scope: the optimizer is collected before exit, and still counted
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = d2z_optim.AdamW([p], total_steps=10, backend="torch")
+    for _ in range(n):
+        p.grad = torch.ones(4)
+        opt.step()
+    return opt
+train({first})
+keep = train({second})  # alive at exit
+"""
+
+
+# (3, 4): both short, one collected before exit and one alive at it: one warning counting both
+@pytest.mark.parametrize("first,second,said", [(3, 4, "3 of"), (10, 10, None)])
+def test_a_run_that_ends_short_of_its_table_says_so_at_exit(first, second, said):
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", RUN.format(first=first, second=second)], capture_output=True, text=True, check=True
+    )
+    lines = [ln for ln in out.stderr.splitlines() if "ended after" in ln]
+    if said is None:
+        assert not lines, out.stderr
+    else:
+        assert len(lines) == 1, out.stderr  # once, with both figures
+        assert f"ended after {said} its schedule's total_steps=10 steps" in lines[0]
+        assert ("1 more optimizers" in lines[0]) == (first < 10 and second < 10)
+
+
+def test_check_run_end_warns_once_per_optimizer():
+    params = make_params()
+    opt = AdamW(params, total_steps=4)
+    _step(opt, params)
+    with pytest.warns(UserWarning, match=r"ended after 1 of its schedule's total_steps=4 steps: the last LR"):
+        assert opt.check_run_end()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert opt.check_run_end()  # said already
+        assert not AdamW(params).check_run_end()  # no schedule: nothing to end
+        done = AdamW(params, total_steps=1, warmup=0, schedule="constant")
+        _step(done, params)
+        assert not done.check_run_end()

@@ -27,6 +27,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import traceback
 
 import pytest
@@ -397,18 +398,62 @@ def _env(**extra):
     return env
 
 
+# The two interpreter children take most of the suite's time on one core each: they start when the
+# suite is collected (conftest.py's pytest_collection_modifyitems calls start()), so they run on
+# the cores the rest of the suite leaves idle, and the tests below wait for their results.
+_CHILDREN: dict[str, tuple[subprocess.Popen, str, str]] = {}
+
+
+def _child_command(name: str) -> tuple[list[str], dict, int]:
+    if name == "interpreter":
+        out = os.path.join(tempfile.mkdtemp(prefix="d2z_interpret_"), "report.json")
+        return [sys.executable, __file__, "--interpret", out], _env(TRITON_INTERPRET="1"), 900
+    tests = [os.path.join(ROOT, "tests", f) for f in SUITE]
+    select = f"triton and not ({NOT_UNDER_THE_INTERPRETER})"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", select, *tests]
+    return cmd, _env(TRITON_INTERPRET="1", D2Z_TEST_BACKENDS="triton"), 1500
+
+
+def start(name: str) -> None:
+    """Start child ``name`` ("interpreter" or "suite") unless it runs already."""
+    if name in _CHILDREN:
+        return
+    cmd, env, _ = _child_command(name)
+    folder = tempfile.mkdtemp(prefix=f"d2z_{name}_")
+    out, err = os.path.join(folder, "stdout"), os.path.join(folder, "stderr")
+    with open(out, "w") as o, open(err, "w") as e:
+        proc = subprocess.Popen(cmd, env=env, stdout=o, stderr=e, text=True, cwd=ROOT)
+    _CHILDREN[name] = (proc, out, err)
+
+
+def finish(name: str) -> tuple[int, str, str, list[str]]:
+    """Wait for child ``name`` (started now if it was not): its return code, output and command."""
+    start(name)
+    proc, out, err = _CHILDREN[name]
+    try:
+        proc.wait(timeout=_child_command(name)[2])
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    with open(out) as o, open(err) as e:
+        return proc.returncode, o.read(), e.read(), proc.args
+
+
+def stop_all() -> None:
+    """Kill the children still running (the session ended before their tests, e.g. -x or ^C)."""
+    for proc, _, _ in _CHILDREN.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    out = tmp_path_factory.mktemp("triton_interpret") / "report.json"
-    proc = subprocess.run(
-        [sys.executable, __file__, "--interpret", str(out)],
-        env=_env(TRITON_INTERPRET="1"),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0 and out.exists(), f"child failed:\n{proc.stdout}\n{proc.stderr}"
-    return json.loads(out.read_text())
+def report():
+    code, out, err, cmd = finish("interpreter")
+    path = cmd[-1]
+    assert code == 0 and os.path.exists(path), f"child failed:\n{out}\n{err}"
+    with open(path) as f:
+        return json.load(f)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -441,14 +486,5 @@ NOT_UNDER_THE_INTERPRETER = "lerp_bit_for_bit and dtype1 or low_precision_is_no_
 
 
 def test_the_optimizer_suite_on_the_triton_backend_under_the_interpreter():
-    tests = [os.path.join(ROOT, "tests", f) for f in SUITE]
-    select = f"triton and not ({NOT_UNDER_THE_INTERPRETER})"
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", select, *tests],
-        env=_env(TRITON_INTERPRET="1", D2Z_TEST_BACKENDS="triton"),
-        capture_output=True,
-        text=True,
-        timeout=1200,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0 and " passed" in proc.stdout, proc.stdout[-6000:] + proc.stderr[-3000:]
+    code, out, err, _ = finish("suite")
+    assert code == 0 and " passed" in out, out[-6000:] + err[-3000:]
