@@ -19,6 +19,7 @@ import argparse
 import csv
 import datetime as dt
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -26,6 +27,9 @@ import torch
 import d2z_optim
 from d2z_optim import AdamW, schedules
 from d2z_optim.reference import Fp64AdamW
+
+# a benchmark times a few steps of a long schedule: not a run that ended short of it
+warnings.filterwarnings("ignore", message=r"d2z_optim\.AdamW: the run ended")
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = [(256, 64), (64,), (1000,), (33, 17), (4097,)]
