@@ -86,6 +86,26 @@ def test_the_holder_uploads_only_when_an_address_changes():
     assert h._holder.version == v + 2
 
 
+@pytest.mark.parametrize("state", ["exp_avgs", "exp_avg_sqs", "max_sqs", "steps"])
+def test_a_state_swapped_in_place_is_seen_by_the_next_step(state):
+    """A steady step reads the states' headers only (their seals, not their data pointers): a
+    `.data =` swap of a state is still seen, new metadata built, and the swapped-in tensor stepped,
+    bit for bit as the op steps it; swapped again (a new storage at the freed one's address, at
+    times), still seen: the holder keeps the storages it sealed alive."""
+    case = _grouped(Case([100, 7, 9], dtypes=(torch.float32,), groups=("amsgrad",)))
+    h = _holder(case)
+    h.step(_work(case))
+    ref = case.clone()
+    for swap in range(3):
+        v = h._holder.version
+        for c in (case, ref):
+            t = getattr(c, state)[1]
+            t.data = t.detach().clone() + (0.0 if state == "steps" else 1e-3 * (swap + 1))
+        assert h.step(_work(case)) is StepStatus.APPLIED and h._holder.version == v + 1
+        ref.run("replay")
+        assert_same_state(case, ref, exact=True)
+
+
 def test_the_holder_declines_and_refuses_without_writing():
     case = _grouped(Case([100, 7, 9], dtypes=(torch.float32,), groups=("plain", "amsgrad")))
     h = _holder(case)

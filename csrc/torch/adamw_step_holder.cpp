@@ -134,31 +134,51 @@ struct HeldParams {
 
   // Software pipelining of the header reads (cache and TLB misses for thousands of small tensors):
   // the parameter's Python object kDist * 3 ahead, the tensor headers kDist * 2 ahead, their
-  // storage and autograd-meta headers kDist ahead, the gradient's header kDist / 2 ahead.
+  // storage and autograd-meta headers kDist ahead, the gradient's header kDist / 2 ahead. The
+  // states' storage headers only when the step reads their data pointers (`state_storages`: the
+  // CPU step, a device step that checks everything; a steady device step reads their seals).
   static constexpr int64_t kDist = 8;
   static void prefetch_lines(const void* p, int lines) {
     for (int i = 0; i < lines; ++i) __builtin_prefetch(static_cast<const char*>(p) + 64 * i, 0, 3);
   }
-  void prefetch_headers(int64_t k, int64_t end) const {
+  // A tensor header's lines that a step reads: the storage and autograd-meta pointers at its
+  // start, the offset, size, dtype, flags and dispatch keys at its end (c10::TensorImpl's
+  // layout; the sizes between are not read). Any layout is correct: only the speed depends on it.
+  static void prefetch_impl(const c10::TensorImpl* t) {
+    const char* c = reinterpret_cast<const char*>(t);
+    __builtin_prefetch(c + 16, 0, 3);
+    __builtin_prefetch(c + sizeof(c10::TensorImpl) - 32, 0, 3);
+    __builtin_prefetch(c + sizeof(c10::TensorImpl) - 1, 0, 3);
+  }
+  // A storage header's data pointer and flags (its first 64 bytes), an autograd meta's gradient.
+  static void prefetch_head(const void* t) {
+    const char* c = static_cast<const char*>(t);
+    __builtin_prefetch(c, 0, 3);
+    __builtin_prefetch(c + 63, 0, 3);
+  }
+  void prefetch_headers(int64_t k, int64_t end, bool state_storages = true) const {
     if (k + 3 * kDist < end) prefetch_lines(params[k + 3 * kDist], 1);  // the Python object
     if (k + 2 * kDist < end) {
       const int64_t j = k + 2 * kDist;
-      prefetch_lines(param(j).unsafeGetTensorImpl(), 4);
-      for (const auto* list : {&exp_avgs, &exp_avg_sqs, &steps}) prefetch_lines((*list)[j].unsafeGetTensorImpl(), 4);
+      prefetch_impl(param(j).unsafeGetTensorImpl());
+      for (const auto* list : {&exp_avgs, &exp_avg_sqs, &steps}) prefetch_impl((*list)[j].unsafeGetTensorImpl());
+      if (!max_exp_avg_sqs.empty()) prefetch_impl(max_exp_avg_sqs[j].unsafeGetTensorImpl());
     }
     if (k + kDist < end) {
       const int64_t j = k + kDist;
       const c10::TensorImpl* p = param(j).unsafeGetTensorImpl();
-      prefetch_lines(p->unsafe_storage().unsafeGetStorageImpl(), 2);
-      prefetch_lines(p->autograd_meta(), 2);
-      for (const auto* list : {&exp_avgs, &exp_avg_sqs, &steps}) {
-        prefetch_lines((*list)[j].unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl(), 2);
+      prefetch_head(p->unsafe_storage().unsafeGetStorageImpl());
+      prefetch_head(p->autograd_meta());
+      if (state_storages) {
+        for (const auto* list : {&exp_avgs, &exp_avg_sqs, &steps}) {
+          prefetch_lines((*list)[j].unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl(), 2);
+        }
       }
     }
     if (k + kDist / 2 < end) {
       const c10::AutogradMetaInterface* meta = param(k + kDist / 2).unsafeGetTensorImpl()->autograd_meta();
-      if (meta != nullptr && meta->grad().defined()) prefetch_lines(meta->grad().unsafeGetTensorImpl(), 4);
-      if (!max_exp_avg_sqs.empty()) {
+      if (meta != nullptr && meta->grad().defined()) prefetch_impl(meta->grad().unsafeGetTensorImpl());
+      if (state_storages && !max_exp_avg_sqs.empty()) {
         prefetch_lines(max_exp_avg_sqs[k + kDist / 2].unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl(),
                        2);
       }
@@ -166,7 +186,7 @@ struct HeldParams {
     if (k + kDist / 4 < end) {  // the gradient's storage header, once its tensor header is in
       const c10::AutogradMetaInterface* meta = param(k + kDist / 4).unsafeGetTensorImpl()->autograd_meta();
       if (meta != nullptr && meta->grad().defined()) {
-        prefetch_lines(meta->grad().unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl(), 2);
+        prefetch_head(meta->grad().unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl());
       }
     }
   }
@@ -236,26 +256,61 @@ enum class Kind { kCuda, kTriton };
 enum class Mode { kDevice, kReplay, kStub };
 
 // What a step's metadata depends on, per tensor: an unchanged key means the uploaded metadata and
-// the checks made with it still hold. `flags`: dtypes and contiguity (a tensor that is not
-// contiguous is checked in full every step: its strides are not in the key).
+// the checks made with it still hold. `flags`: dtypes, contiguity and amsgrad (a tensor that is
+// not contiguous is checked in full every step: its strides are not in the key).
+//
+// A steady step reads the parameter and its gradient as above (a `.data =` swap, a storage
+// resized by FSDP, a new gradient tensor each step) and each state's seal: its storage object,
+// offset, size, dtype and contiguity, from the tensor's header alone, not the storage's data
+// pointer (a cache miss per state: most of a 10,000-tensor step). The holder keeps the sealed
+// storages alive, so a swapped one (`.data =`, `set_`, a load) can never come back at the same
+// address unseen; a change of either makes this step read and check every tensor in full. Not
+// seen: a state's storage reallocated in place (`untyped_storage().resize_()`), which nothing but
+// FSDP's parameter buffers does.
 struct TensorKey {
   const void *p, *g, *m, *v, *x, *step;
   int64_t n, ng, nm, nv;
   uint64_t flags;
+  static constexpr uint64_t kAllContiguous = uint64_t{1} << 32, kHasX = uint64_t{1} << 33;
+  static constexpr uint64_t kLiveContiguous = uint64_t{1} << 34, kLive = 0xffffu | kLiveContiguous;
   bool operator==(const TensorKey& o) const {  // field by field, inlined (a memcmp call per tensor cost ~15%)
     return p == o.p && g == o.g && m == o.m && v == o.v && x == o.x && step == o.step && n == o.n && ng == o.ng &&
            nm == o.nm && nv == o.nv && flags == o.flags;
+  }
+  // `live` (a live_key) matches this full key, and all was contiguous (else the checks run every step)
+  bool steady(const TensorKey& live) const {
+    return p == live.p && g == live.g && n == live.n && ng == live.ng && (flags & kLive) == (live.flags & kLive) &&
+           (flags & kAllContiguous) != 0;
   }
 };
 
 inline uint64_t dtype_bits(const at::Tensor& t) { return static_cast<uint64_t>(t.scalar_type()) & 0xffu; }
 
+// A state tensor as a steady step checks it (see TensorKey); storage null: no such state.
+struct StateSeal {
+  const c10::StorageImpl* storage = nullptr;
+  int64_t offset = 0, numel = 0;
+  uint64_t bits = 0;  // dtype, contiguity
+  static StateSeal of(const at::Tensor* t) {
+    if (t == nullptr || !t->defined()) return {};
+    const c10::TensorImpl* impl = t->unsafeGetTensorImpl();
+    return {impl->unsafe_storage().unsafeGetStorageImpl(), impl->storage_offset(), impl->numel(),
+            dtype_bits(*t) | static_cast<uint64_t>(impl->is_contiguous()) << 8};
+  }
+  bool operator==(const StateSeal& o) const {
+    return storage == o.storage && offset == o.offset && numel == o.numel && bits == o.bits;
+  }
+};
+constexpr int kStates = 4;  // exp_avg, exp_avg_sq, max_exp_avg_sq, step
+
 struct DeviceStepHolder : HeldParams {
   Kind kind;
   Mode mode;
-  std::array<int64_t, 4> chunk{};    // Triton: elements per program, by Dtype (kF32, kBF16, kF16, kF64)
-  std::vector<TensorKey> key;        // of the metadata now uploaded (empty: none yet)
-  std::vector<TensorKey> scratch;    // the keys of the step being taken
+  std::array<int64_t, 4> chunk{};  // Triton: elements per program, by Dtype (kF32, kBF16, kF16, kF64)
+  std::vector<TensorKey> key;      // of the metadata now uploaded (empty: none yet)
+  std::vector<std::array<StateSeal, kStates>> seals;  // each parameter's states as last checked
+  std::vector<c10::Storage> sealed;                   // their storages, held: no address reused unseen
+  std::vector<TensorKey> scratch;                     // the keys of the step being taken
   at::Tensor host, dev;              // that metadata: staging (pinned in device mode) and the kernel's copy
   std::vector<at::Tensor> captured;  // buffers a capture recorded: kept, never written again
   bool dev_captured = false;
@@ -291,18 +346,57 @@ struct DeviceStepHolder : HeldParams {
 
   c10::DeviceType device_type() const { return mode == Mode::kDevice ? c10::DeviceType::CUDA : c10::DeviceType::CPU; }
 
+  // The live part of a key: the parameter and its gradient only.
+  static TensorKey live_key(const at::Tensor& p, const at::Tensor& g) {
+    TensorKey key{};
+    key.p = p.data_ptr();
+    key.g = g.const_data_ptr();
+    key.n = p.numel();
+    key.ng = g.numel();
+    key.flags = dtype_bits(p) | dtype_bits(g) << 8;
+    if (p.is_contiguous() && g.is_contiguous()) key.flags |= TensorKey::kLiveContiguous;
+    return key;
+  }
+
+  std::array<StateSeal, kStates> seal_of(size_t k) const {
+    return {StateSeal::of(&exp_avgs[k]), StateSeal::of(&exp_avg_sqs[k]), StateSeal::of(vmax(k)),
+            StateSeal::of(&steps[k])};
+  }
+
+  // Seal every parameter's states as they are now (after a step that checked them all).
+  void reseal() {
+    const size_t n = params.size();
+    seals.resize(n);
+    std::vector<c10::Storage> held;
+    held.reserve(n * kStates);
+    for (size_t k = 0; k < n; ++k) {
+      seals[k] = seal_of(k);
+      for (const at::Tensor* t :
+           std::array<const at::Tensor*, kStates>{&exp_avgs[k], &exp_avg_sqs[k], vmax(k), &steps[k]}) {
+        if (t != nullptr && t->defined()) held.push_back(t->storage());
+      }
+    }
+    sealed.swap(held);
+  }
+
   TensorKey key_of(size_t k, const at::Tensor& p, const at::Tensor& g) const {
     const at::Tensor &m = exp_avgs[k], &v = exp_avg_sqs[k], &st = steps[k];
     const at::Tensor* x = vmax(k);
     const bool has_x = x != nullptr && x->numel() > 0;
-    uint64_t flags = dtype_bits(p) | dtype_bits(g) << 8 | dtype_bits(m) << 16 | dtype_bits(v) << 24;
-    flags |= static_cast<uint64_t>(p.is_contiguous() && g.is_contiguous() && m.is_contiguous() && v.is_contiguous() &&
-                                   (!has_x || x->is_contiguous()))
-             << 32;
-    flags |= static_cast<uint64_t>(has_x) << 33;
-    return TensorKey{p.data_ptr(),  g.const_data_ptr(), m.data_ptr(), v.data_ptr(), has_x ? x->data_ptr() : nullptr,
-                     st.data_ptr(), p.numel(),          g.numel(),    m.numel(),    v.numel(),
-                     flags};
+    TensorKey key = live_key(p, g);
+    key.m = m.data_ptr();
+    key.v = v.data_ptr();
+    key.x = has_x ? x->data_ptr() : nullptr;
+    key.step = st.data_ptr();
+    key.nm = m.numel();
+    key.nv = v.numel();
+    key.flags |= dtype_bits(m) << 16 | dtype_bits(v) << 24;
+    if ((key.flags & TensorKey::kLiveContiguous) && m.is_contiguous() && v.is_contiguous() &&
+        (!has_x || x->is_contiguous())) {
+      key.flags |= TensorKey::kAllContiguous;
+    }
+    if (has_x) key.flags |= TensorKey::kHasX;
+    return key;
   }
 
   // The metadata of the tensors as they are now, into a new staging buffer.
@@ -403,40 +497,36 @@ struct DeviceStepHolder : HeldParams {
         check_call_tensors(step_count, lr_table, wd_table, hparams, grad_scale, found_inf, device_type());
     const int64_t n = static_cast<int64_t>(params.size());
     std::vector<at::Tensor> grads(n);
-    std::vector<TensorKey>& now = scratch;  // reused: a fresh vector was an allocation per step
-    now.resize(n);
     std::atomic<bool> declined{false}, changed{key.size() != static_cast<size_t>(n)};
     at::parallel_for(0, n, kGatherGrain, [&](int64_t k0, int64_t k1) {
       for (int64_t k = k0; k < k1; ++k) {
-        prefetch_headers(k, k1);
+        prefetch_headers(k, k1, /*state_storages=*/false);
         const at::Tensor& p = param(k);
         const at::Tensor& g = grads[k] = p.grad();
         if (!g.defined() || p.numel() != numel[k]) {
           declined.store(true);
           return;
         }
-        if (!is_dense(p) || !is_dense(g) || !is_dense(exp_avgs[k]) || !is_dense(exp_avg_sqs[k])) {
-          now[k] = TensorKey{};  // a sparse gradient (no data pointer): the checks below refuse it
-          changed.store(true, std::memory_order_relaxed);
-          continue;
-        }
-        now[k] = key_of(k, p, g);
-        // a key unchanged and all contiguous: the checks made when it was uploaded still hold
-        if (changed.load(std::memory_order_relaxed) || !(now[k] == key[k]) || !((now[k].flags >> 32) & 1u)) {
-          changed.store(true, std::memory_order_relaxed);
+        if (changed.load(std::memory_order_relaxed)) continue;  // every tensor is read below
+        if (!is_dense(p) || !is_dense(g) || !key[k].steady(live_key(p, g)) || !(seal_of(k) == seals[k])) {
+          changed.store(true, std::memory_order_relaxed);  // a sparse gradient: the checks refuse it
         }
       }
     });
     if (declined.load()) return StepStatus::kDeclined;
     void* stream = mode == Mode::kDevice ? cuda_hooks()->current_stream(dev_.index()) : nullptr;
-    if (changed.load()) {
+    if (changed.load()) {  // read and check every tensor, states included, as they are now
       const int64_t groups = hparams.size(0);
+      std::vector<TensorKey>& now = scratch;  // reused: a fresh vector was an allocation per step
+      now.resize(n);
       FirstRefusal refused;
       at::parallel_for(0, n, kGatherGrain, [&](int64_t k0, int64_t k1) {
         for (int64_t k = k0; k < k1; ++k) {
+          prefetch_headers(k, k1);
           try {
             check_param(k, param(k), grads[k], exp_avgs[k], exp_avg_sqs[k], vmax(k), steps[k], group_index[k], groups,
                         dev_);
+            now[k] = key_of(k, param(k), grads[k]);
           } catch (const c10::Error& e) {
             refused.note(k, e);
           }
@@ -448,6 +538,7 @@ struct DeviceStepHolder : HeldParams {
         upload(build(grads), dev_.index(), stream);
         key.swap(now);
       }
+      reseal();
     }
     record_use(stream);
     if (capturing && !dev_captured) {  // the graph reads `dev` at every replay: never rewrite it
