@@ -55,6 +55,10 @@ BASELINE = "torch fused + LambdaLR"
 SCHEDULE_ROW = "d2z auto, constant schedule"
 SKIP_ROW = "d2z auto + skip_nonfinite"
 STREAM_ROW = "memory roofline: add_ of the same bytes"
+# rows more than SLOW_FACTOR x slower than the baseline (its warm-up step) are timed in the first
+# SLOW_ROUNDS rounds only, unless --full: torch's foreach and for-loop paths and the d2z torch
+# backend are most of a round's time, and their ratios to torch fused are far from 1
+SLOW_FACTOR, SLOW_ROUNDS = 4.0, 5
 PAIR_SECONDS, PAIR_ROUNDS = 6.0, (30, 400)  # paired-cost rounds: ~6 s per workload, 30 to 400
 HOST_READS = {"_local_scalar_dense", "item", "is_nonzero", "equal"}
 
@@ -315,7 +319,10 @@ def paired(num: list[float], den: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(num, den))
 
 
-def bench_workload(wname, shapes, dtype, device, comps, reps, warmup, extra, pairs, costs, pair_rounds):
+def bench_workload(wname, shapes, dtype, device, comps, reps, warmup, extra, pairs, costs, pair_rounds, slow_rounds=0):
+    """One workload's rows. ``slow_rounds``: rows over SLOW_FACTOR x the baseline's warm-up time
+    are timed in that many rounds only (0: every row in every round); their paired ratio is over
+    the rounds they ran in."""
     gen = torch.Generator().manual_seed(0)
     init = [torch.randn(s, generator=gen).to(device, dtype) for s in shapes]
     grads = [(torch.randn(s, generator=gen) * 1e-2).to(device, dtype) for s in shapes]
@@ -350,16 +357,21 @@ def bench_workload(wname, shapes, dtype, device, comps, reps, warmup, extra, pai
     # run): an in-place add moving the step's bytes (3 accesses of 4 B per element)
     src = torch.empty(max(1, numel * bytes_per_param(dtype) // 12), device=device).uniform_()
     steps[STREAM_ROW] = (functools.partial(torch.Tensor.add_, torch.zeros_like(src), src), [])
+    warm: dict[str, float] = {}
     for _ in range(warmup):
-        for step, _ in steps.values():
-            step()
+        for c, (step, _) in steps.items():
+            warm[c] = timed(step, device)
     sync(device)
     syncs = {c: host_syncs(s, device) for c, (s, _) in steps.items()}
     launches = {c: kernel_launches(s, device) for c, (s, _) in steps.items()}
     times: dict[str, list[float]] = {c: [] for c in steps}
-    order = list(steps)
+    base_warm = warm.get(BASELINE)
+    slow = set()
+    if slow_rounds and base_warm is not None:
+        slow = {c for c, t in warm.items() if t > SLOW_FACTOR * base_warm}
     shuffle = random.Random(0).shuffle
-    for _ in range(reps):  # interleaved: one step of each competitor per round, in a new order
+    for k in range(reps):  # interleaved: one step of each competitor per round, in a new order
+        order = [c for c in steps if k < slow_rounds or c not in slow]  # slow rows: the first rounds
         shuffle(order)  # (a fixed order measured the step after a slow one as slower)
         for c in order:
             times[c].append(timed(steps[c][0], device))
@@ -384,6 +396,7 @@ def bench_workload(wname, shapes, dtype, device, comps, reps, warmup, extra, pai
                 speedup_vs_torch_fused=paired(base, ts) if base else float("nan"),
                 host_syncs=syncs[c],
                 launches=launches[c],
+                rounds=len(ts),
             )
         )
     # paired costs, from more rounds of just the rows they compare (a few percent is below the
@@ -439,7 +452,10 @@ def main() -> None:
     rows: list[dict] = []
     for n, (wname, dtype) in enumerate(todo):
         progress(n, len(todo), f"{wname} {dtype}")
-        rows += bench_workload(wname, loads[wname], dtype, device, comps, reps, 2, skipped, pairs, costs, pair_rounds)
+        rows += bench_workload(
+            wname, loads[wname], dtype, device, comps, reps, 2, skipped, pairs, costs, pair_rounds,
+            slow_rounds=0 if args.full else SLOW_ROUNDS,
+        )  # fmt: skip
     progress(len(todo), len(todo), "done")
     print(file=sys.stderr)
 
@@ -448,8 +464,9 @@ def main() -> None:
     lines = [head, "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         launches = "-" if r["launches"] is None else r["launches"]
+        name = r["competitor"] if r["rounds"] == reps else f"{r['competitor']} ({r['rounds']} rounds)"
         lines.append(
-            f"| {r['workload']} | {r['dtype']} | {r['competitor']} | {r['median_ms']:.2f} "
+            f"| {r['workload']} | {r['dtype']} | {name} | {r['median_ms']:.2f} "
             f"({r['p20_ms']:.2f}-{r['p80_ms']:.2f}) | {r['gb_s']:.1f} | {r['frac_of_stream']:.0%} "
             f"| {r['speedup_vs_torch_fused']:.2f}x | {r['host_syncs']} | {launches} |"
         )
@@ -490,7 +507,9 @@ def main() -> None:
         "'of roofline': the roofline row's median time over the row's (the roofline: an in-place add_ "
         "moving the step's bytes, timed in the same rounds). Peak stream bandwidth at the start (best of "
         f"{max(reps, 10)}): copy_ {copy_gbs:.1f} GB/s, in-place add_ {add_gbs:.1f} GB/s (bytes as counted). "
-        "'vs torch fused': median over rounds of the ratio of the two steps' times in the same round.\n"
+        "'vs torch fused': median over rounds of the ratio of the two steps' times in the same round. "
+        f"Rows marked '(N rounds)': over {SLOW_FACTOR:g}x slower than torch fused at warm-up, timed in the "
+        "first N rounds only (all with --full).\n"
         f"Command: `{cmd}`\n\n"
     )
     (folder / f"{tag}.md").write_text(header + table + "\n")

@@ -74,3 +74,21 @@ def test_gpu_check_script_parses_its_arguments():
         [sys.executable, str(ROOT / "tools" / "gpu_check.py"), "--help"], capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 0 and "--quick" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_slow_rows_are_timed_in_the_first_rounds_only():
+    import time
+
+    cpu = torch.device("cpu")
+    comps = {
+        bench_throughput.BASELINE: lambda p: lambda: None,
+        "slow": lambda p: lambda: time.sleep(2e-3),
+        "fast": lambda p: lambda: None,
+    }
+    bench = bench_throughput.bench_workload
+    rows = bench("tiny", [(4,)], torch.float32, cpu, comps, 6, 1, {}, {}, [], {}, slow_rounds=2)
+    by = {r["competitor"]: r for r in rows}
+    assert by["slow"]["rounds"] == 2 and by["fast"]["rounds"] == 6 and by[bench_throughput.BASELINE]["rounds"] == 6
+    assert by["slow"]["speedup_vs_torch_fused"] < 1  # paired over the two rounds it ran in
+    rows = bench("tiny", [(4,)], torch.float32, cpu, comps, 3, 1, {}, {}, [], {})
+    assert all(r["rounds"] == 3 for r in rows)  # slow_rounds=0 (--full): every row, every round
