@@ -219,7 +219,7 @@ def _setup_kwargs():
 
 if __name__ == "__main__":  # pip and setuptools run it so; tests import NVCC_FLAGS and the helpers
     setup(
-        packages=["d2z_optim", "d2z_optim.backends", "d2z_optim.triton_kernels"],
+        packages=["d2z_optim", "d2z_optim.backends", "d2z_optim.integrations", "d2z_optim.triton_kernels"],
         package_dir={"d2z_optim.triton_kernels": "triton_kernels"},
         **_setup_kwargs(),
     )

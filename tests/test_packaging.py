@@ -32,6 +32,10 @@ def test_wheel_builds_and_maps_triton_kernels_into_the_package(tmp_path):
     assert {"d2z_optim/__init__.py", "d2z_optim/optimizer.py", "d2z_optim/schedules.py"} <= names
     assert "d2z_optim/backends/torch_backend.py" in names
     assert "d2z_optim/build_info.py" in names  # the torch the kernel was compiled against
+    # every module of the source tree ships (a subpackage missing from setup.py's list would not)
+    source = {f"d2z_optim/{f.relative_to(ROOT / 'd2z_optim').as_posix()}" for f in (ROOT / "d2z_optim").rglob("*.py")}
+    source |= {f"d2z_optim/triton_kernels/{f.name}" for f in (ROOT / "triton_kernels").glob("*.py")}
+    assert source - {"d2z_optim/build_info.py"} <= names, sorted(source - names)
 
 
 def test_installed_package_imports_the_mapped_subpackage():
