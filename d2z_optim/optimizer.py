@@ -20,6 +20,7 @@ from torch import Tensor
 
 from . import arguments, backends, checkpoint, dual, tracked
 from .device_schedule import OutsideLrWatch, RunEndWatch, ScheduleTables, as_schedule, check_warmup
+from .grad_clip import SPIKE_DEFAULTS, GradClip, check_settings
 from .schedules import Schedule
 from .step_cache import StepCache, choose_backends
 
@@ -65,6 +66,15 @@ class AdamW(torch.optim.Optimizer):
         skip_nonfinite: check every gradient on the device and make a step whose
             gradients hold a NaN or an Inf a no-op (parameters, states and the
             schedule position unchanged; counted in ``skipped_steps``). No host sync.
+        max_grad_norm: clip the gradients by their global norm inside the step:
+            ``coef = min(1, max_grad_norm / (norm + 1e-6))`` (``clip_grad_norm_``'s formula) scales
+            the gradients the update reads (``.grad`` is not written), with the norm of the true
+            (AMP-unscaled) gradients computed on the device; a non-finite norm makes the step a
+            no-op as ``skip_nonfinite`` does (which it replaces). ``grad_norm`` holds the norm.
+        norm_type: ``2.0`` or ``inf``.
+        spike_skip: make a step whose gradient norm exceeds the mean + ``spike_sigma`` standard
+            deviations of the last ``spike_window`` applied steps' norms a no-op (once the window
+            is full; counted in ``skipped_steps``; the window is saved in ``state_dict``).
 
     Example:
         >>> opt = AdamW(model.parameters(), lr=3e-3, weight_decay=0.1, total_steps=10_000)
@@ -97,6 +107,11 @@ class AdamW(torch.optim.Optimizer):
         weight_decay_mode: str = "coupled",
         backend: str = "auto",
         skip_nonfinite: bool = False,
+        max_grad_norm: float | None = None,
+        norm_type: float = 2.0,
+        spike_skip: bool = False,
+        spike_window: int = SPIKE_DEFAULTS["spike_window"],
+        spike_sigma: float = SPIKE_DEFAULTS["spike_sigma"],
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -114,6 +129,7 @@ class AdamW(torch.optim.Optimizer):
         defaults = arguments.as_python_flags(defaults)  # numpy bools -> bool (they are compared by identity)
         self.weight_decay_mode = weight_decay_mode  # checked by the property's setter
         self.skip_nonfinite = skip_nonfinite
+        self._clip = GradClip(check_settings(max_grad_norm, norm_type, spike_skip, spike_window, spike_sigma))
         self._selection = backends.resolve(backend, fused=defaults["fused"])
         if schedule is None and total_steps is not None:
             schedule = "linear-d2z"
@@ -156,6 +172,52 @@ class AdamW(torch.optim.Optimizer):
         if not arguments.is_bool(value):
             raise TypeError(f"skip_nonfinite must be a bool, got {value!r}")
         self._skip_nonfinite = bool(value)
+
+    def _set_clip(self, **changes: Any) -> None:
+        s = self._clip.settings
+        now = dict(
+            max_grad_norm=s.max_grad_norm,
+            norm_type=s.norm_type,
+            spike_skip=s.spike_skip,
+            spike_window=s.spike_window,
+            spike_sigma=s.spike_sigma,
+        )
+        self._clip.configure(check_settings(**{**now, **changes}))
+
+    @property
+    def max_grad_norm(self) -> float | None:
+        """The global-norm clipping threshold (None: no clipping); may be changed between steps."""
+        return self._clip.settings.max_grad_norm
+
+    @max_grad_norm.setter
+    def max_grad_norm(self, value: float | None) -> None:
+        self._set_clip(max_grad_norm=value)
+
+    @property
+    def norm_type(self) -> float:
+        """The norm of ``max_grad_norm`` and ``grad_norm``: 2.0 or inf; may be changed between steps."""
+        return self._clip.settings.norm_type
+
+    @norm_type.setter
+    def norm_type(self, value: float) -> None:
+        self._set_clip(norm_type=value)
+
+    @property
+    def spike_skip(self) -> bool:
+        """Whether a step whose gradient norm spikes is skipped; may be changed between steps."""
+        return self._clip.settings.spike_skip
+
+    @spike_skip.setter
+    def spike_skip(self, value: bool) -> None:
+        self._set_clip(spike_skip=value)
+
+    @property
+    def grad_norm(self) -> Tensor | None:
+        """The global gradient norm of the last step, before clipping (float32 0-d on the first
+        parameter's device: read it for logging, no sync until you do); non-finite when the
+        gradients were. NaN before the first step; None unless ``max_grad_norm`` or ``spike_skip``
+        is set. Skipped steps count: it is the norm that made them skip."""
+        return self._clip.grad_norm if self._clip.settings.active else None
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (see :meth:`torch.optim.Optimizer.add_param_group`). Every check runs before
@@ -298,6 +360,7 @@ class AdamW(torch.optim.Optimizer):
             found_inf,
             independent_wd=self._weight_decay_mode == "independent",
             skip_nonfinite=self._skip_nonfinite,
+            clip=self._clip if self._clip.settings.active else None,
         )
         self._tables.count_step(used)
         if not torch.compiler.is_compiling():
@@ -311,6 +374,8 @@ class AdamW(torch.optim.Optimizer):
         sd = super().state_dict()
         sd["state"] = {k: dict(v) if isinstance(v, dict) else v for k, v in sd["state"].items()}  # plain dicts
         sd[checkpoint.SAVE_KEY] = checkpoint.entry(self._tables, self.weight_decay_mode)
+        if self._clip.settings.active:
+            sd[checkpoint.SAVE_KEY]["clip"] = self._clip.state()
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -323,6 +388,7 @@ class AdamW(torch.optim.Optimizer):
             state_dict = hook(self, state_dict) or state_dict
         saved = state_dict.pop(checkpoint.SAVE_KEY, None)
         checkpoint.check_loadable(self.param_groups, state_dict, saved)
+        GradClip.check_state((saved or {}).get("clip"))
         pre, post = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
         self._optimizer_load_state_dict_pre_hooks = self._optimizer_load_state_dict_post_hooks = OrderedDict()
         try:
@@ -332,6 +398,7 @@ class AdamW(torch.optim.Optimizer):
         checkpoint.convert_loaded(self.param_groups, self.state, scheduled=self.schedule is not None, ours=saved)
         position, skipped = checkpoint.position_after_load(saved, self.state, self._tables, self.weight_decay_mode)
         self._tables.set_position(position, skipped)
+        self._clip.load((saved or {}).get("clip"))  # a torch state_dict, or one saved without clipping: an empty window
         for hook in post.values():  # as torch runs them: last, on the loaded optimizer
             hook(self)
 
@@ -358,6 +425,8 @@ class AdamW(torch.optim.Optimizer):
         else:  # unpickled (or an older pickle): a new cache and lock
             self._cache = self._new_cache()
             self._lock = threading.Lock()
+        if "_clip" not in self.__dict__:  # pickled before clipping existed
+            self._clip = GradClip(check_settings(None, 2.0, False, **SPIKE_DEFAULTS))
         for old, new in (("weight_decay_mode", "_weight_decay_mode"), ("skip_nonfinite", "_skip_nonfinite")):
             if old in self.__dict__:  # pickled before these were properties
                 self.__dict__[new] = self.__dict__.pop(old)

@@ -31,6 +31,7 @@ from torch.optim import optimizer as _torch_optimizer
 from .backends import TORCH, Backend, Selection, fills_block, flag_nonfinite
 from .backends.contract import DeviceWork, GroupWork, HparamsTable, StepStatus, in_layout_of, same_layout
 from .device_schedule import ScheduleTables
+from .grad_clip import GradClip
 from .tracked import OptimizerState, ParamList
 
 __all__ = ["STATE_KEYS", "StepCache", "check_grads", "local"]
@@ -148,6 +149,23 @@ class CachedLists:
             and all(type(g.params) is ParamList and g.params._changes is state._changes for g in self.groups)
         )
         self.changes = state.changes if self.counted else -1
+
+    def shard_group(self) -> list | None:
+        """The process groups over which DTensor gradients are sharded (one per sharded mesh
+        dimension: their norms are all-reduced over each in turn), None without DTensors. Every
+        DTensor parameter must be laid out alike (FSDP2's one mesh and placements)."""
+        if not self.dtensor:
+            return None
+        layouts = {(id(p.device_mesh), tuple(p.placements)) for p in self.params if type(p).__name__ == "DTensor"}
+        if len(layouts) != 1 or len(self.params) != sum(type(p).__name__ == "DTensor" for p in self.params):
+            raise ValueError(
+                "max_grad_norm / spike_skip with DTensor parameters needs every parameter to be a DTensor on one "
+                "mesh with the same placements (FSDP2's fully_shard); clip with torch.nn.utils.clip_grad_norm_ "
+                "for other layouts"
+            )
+        p = next(p for p in self.params)
+        dims = [i for i, pl in enumerate(p.placements) if pl.is_shard()]
+        return [p.device_mesh.get_group(i) for i in dims] or None
 
     def slot_grads(self, grads: list[list[Tensor | None]], slot: _Slot) -> list[Tensor]:
         """The gradients of one slot, as the kernels take them (DTensor: local shards)."""
@@ -309,6 +327,7 @@ class StepCache:
         self.init_state = init_state
         self.independent_wd = False  # this step's options (step() sets them: the optimizer's may change)
         self.skip_nonfinite = False
+        self.clip: GradClip | None = None
         self._lists: CachedLists | None = None
         self.hparams: dict[torch.device, HparamsTable] = {}  # the fused kernels' tables, per device
         # buffers a CUDA graph capture recorded, of step holders since dropped: kept for the
@@ -346,9 +365,13 @@ class StepCache:
         *,
         independent_wd: bool,
         skip_nonfinite: bool,
+        clip: GradClip | None = None,
     ) -> Tensor | None:
-        """One step; returns the found_inf it used (GradScaler's, or skip_nonfinite's verdict)."""
-        self.independent_wd, self.skip_nonfinite = independent_wd, skip_nonfinite
+        """One step; returns the found_inf it used (GradScaler's, skip_nonfinite's verdict, or
+        ``clip``'s: a non-finite or spiking gradient norm). ``clip``: the optimizer's clipping
+        state when it clips or skips spikes (its norm check replaces skip_nonfinite's scan)."""
+        self.independent_wd, self.clip = independent_wd, clip
+        self.skip_nonfinite = skip_nonfinite and clip is None
         lists = self.lists
         if not torch.compiler.is_compiling() and lists is not None and lists.holder is not None:
             if lists.matches(groups, state):
@@ -375,10 +398,20 @@ class StepCache:
         if self.skip_nonfinite and not lists.holder.scans_nonfinite:
             return False, found_inf
         (work,) = self._works(lists, groups, schedules).values()
-        work.grad_scale, work.found_inf = amp_tensors(work.step_count.device, grad_scale, found_inf)
+        dev = work.step_count.device
+        if self.clip is not None and getattr(lists.holder, "clips", False):  # norm, decisions, update: one call
+            work.grad_scale, work.found_inf = amp_tensors(dev, grad_scale, found_inf)
+            status = lists.holder.step_clipped(work, self.clip.kernel_args(dev))
+            return status is StepStatus.APPLIED, self.clip.found_out
+        if self.clip is not None:  # a holder steps one device, without DTensor shards
+            grads = {dev: [p.grad for p in lists.params]}
+            found_inf, per = self.clip.prepare(grads, lists.backends, dev, grad_scale, found_inf)
+            work.grad_scale, work.found_inf = per[dev][0], found_inf
+        else:
+            work.grad_scale, work.found_inf = amp_tensors(dev, grad_scale, found_inf)
         status = lists.holder.step(work, self.skip_nonfinite)
         if status is StepStatus.SKIPPED_NONFINITE:
-            return True, torch.ones((), device=work.step_count.device)
+            return True, torch.ones((), device=dev)
         return status is StepStatus.APPLIED, found_inf
 
     def _lists_step(self, groups, state, selection, schedules, grad_scale, found_inf, retried=False) -> Tensor | None:
@@ -395,9 +428,12 @@ class StepCache:
             # lists were built: build them anew (which checks the states made before)
             lists = self.lists = self._build(groups, state, grads, selection, schedules)
             checked = True
+        kept = self.clip.snapshot() if self.clip is not None and lists.kernel_checks else None
         try:
             return self._apply(lists, groups, grads, schedules, grad_scale, found_inf)
         except RuntimeError:
+            if kept is not None:  # the op refused after the clip ran: its window and norm as they were
+                self.clip.restore(kept)
             # One device with a fused kernel: the op checked the gradients itself and wrote nothing.
             # Say what torch would say about a bad gradient; parameters moved to another device or
             # dtype since the lists were built get new lists; a gradient laid out unlike its
@@ -445,6 +481,16 @@ class StepCache:
 
     def _apply(self, lists, groups, grads, schedules, grad_scale, found_inf) -> Tensor | None:
         works = self._works(lists, groups, schedules, grads)
+        if self.clip is not None:
+            grad_lists = {dev: [gr for g in w.groups for gr in g.grads] for dev, w in works.items()}
+            found_inf, per = self.clip.prepare(
+                grad_lists, lists.backends, schedules.primary_device, grad_scale, found_inf, lists.shard_group()
+            )
+            for dev, work in works.items():
+                work.grad_scale, work.clip_coef = per[dev]
+                work.found_inf = found_inf.to(dev, non_blocking=True)
+                lists.backends[dev].step(work)
+            return found_inf
         if self.skip_nonfinite:
             grad_lists = [[gr for g in w.groups for gr in g.grads] for w in works.values()]
             found_inf = nonfinite_flag(grad_lists, schedules.primary_device, found_inf)

@@ -41,6 +41,7 @@ RANKS = {
     "d2z_optim.__main__": 5,
     "d2z_optim.step_cache": 3,
     "d2z_optim.checkpoint": 3,
+    "d2z_optim.grad_clip": 2.5,
     "d2z_optim.device_schedule": 2,
     "d2z_optim.arguments": 1.5,
     "d2z_optim.tracked": 1.5,

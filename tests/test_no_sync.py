@@ -58,6 +58,8 @@ OPTIONS = [
     dict(weight_decay_mode="independent", wd_schedule="linear-d2z"),
     dict(foreach=False),
     dict(lr=torch.tensor(1e-2), capturable=True),
+    dict(max_grad_norm=1.0),
+    dict(max_grad_norm=0.5, norm_type=float("inf"), spike_skip=True, spike_window=2, skip_nonfinite=True),
 ]
 
 

@@ -151,7 +151,124 @@ bool nonfinite_bits(const void* data, int64_t b, int64_t e) {
   return acc != 0;
 }
 
+// The sum of squares of x[b, e): blocks of 256 elements summed in 16 float lanes (independent
+// accumulators: the loop vectorises without reassociation; 16 terms per lane and block, so the
+// float rounding stays near one ulp), each block's lanes added into a double, in a fixed order.
+template <int D>
+__attribute__((always_inline)) inline double sumsq_loop(const void* data, int64_t b, int64_t e) {
+  using S = Storage<D>;
+  const typename S::type* __restrict__ x = static_cast<const typename S::type*>(data);
+  if constexpr (D == kF64) {
+    double acc[4] = {0, 0, 0, 0};
+    int64_t i = b;
+    for (; i + 4 <= e; i += 4) {
+      for (int j = 0; j < 4; ++j) acc[j] += x[i + j] * x[i + j];
+    }
+    for (; i < e; ++i) acc[0] += x[i] * x[i];
+    return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+  } else {
+    constexpr int kLanes = 16, kBlock = 256;
+    double total = 0.0;
+    int64_t i = b;
+    for (; i + kBlock <= e; i += kBlock) {
+      float acc[kLanes] = {};
+      for (int k = 0; k < kBlock; k += kLanes) {
+        for (int j = 0; j < kLanes; ++j) {
+          const float v = S::load(x[i + k + j]);
+          acc[j] += v * v;
+        }
+      }
+      double block = 0.0;
+      for (int j = 0; j < kLanes; ++j) block += static_cast<double>(acc[j]);
+      total += block;
+    }
+    double tail = 0.0;
+    for (; i < e; ++i) {
+      const double v = static_cast<double>(S::load(x[i]));
+      tail += v * v;
+    }
+    return total + tail;
+  }
+}
+
+// The largest magnitude of x[b, e) from its bits: with the sign masked off, the bits of a
+// non-negative float order as integers do, and a NaN's bits exceed +Inf's, so an integer max is
+// exact and lets a NaN win. Returned as the value those bits are.
+template <typename Bits, Bits kMask>
+__attribute__((always_inline)) inline Bits maxabs_bits(const void* data, int64_t b, int64_t e) {
+  const Bits* __restrict__ x = static_cast<const Bits*>(data);
+  Bits acc = 0;
+  for (int64_t i = b; i < e; ++i) {
+    const Bits a = static_cast<Bits>(x[i] & kMask);
+    acc = a > acc ? a : acc;
+  }
+  return acc;
+}
+
+template <int D>
+__attribute__((always_inline)) inline double maxabs_loop(const void* data, int64_t b, int64_t e) {
+  if constexpr (D == kF64) {
+    const int64_t bits = maxabs_bits<int64_t, 0x7fffffffffffffff>(data, b, e);
+    double v;
+    std::memcpy(&v, &bits, 8);
+    return v;
+  } else if constexpr (D == kF32) {
+    const int32_t bits = maxabs_bits<int32_t, 0x7fffffff>(data, b, e);
+    float v;
+    std::memcpy(&v, &bits, 4);
+    return v;
+  } else {
+    const int16_t bits = maxabs_bits<int16_t, 0x7fff>(data, b, e);
+    return static_cast<double>(Storage<D>::load(static_cast<uint16_t>(bits)));
+  }
+}
+
+template <int D>
+__attribute__((always_inline)) inline double norm_loop(int kind, const void* data, int64_t b, int64_t e) {
+  return kind == 0 ? sumsq_loop<D>(data, b, e) : maxabs_loop<D>(data, b, e);
+}
+
+__attribute__((always_inline)) inline double norm_item(const CpuTensor& ct, int kind, int64_t b, int64_t e) {
+  switch (ct.dtype) {
+    case kF32:
+      return norm_loop<kF32>(kind, ct.g, b, e);
+    case kF64:
+      return norm_loop<kF64>(kind, ct.g, b, e);
+    case kBF16:
+      return norm_loop<kBF16>(kind, ct.g, b, e);
+    default:
+      return norm_loop<kF16>(kind, ct.g, b, e);
+  }
+}
+
+using NormFn = double (*)(const CpuTensor&, int, int64_t, int64_t);
+
+double norm_baseline(const CpuTensor& ct, int kind, int64_t b, int64_t e) { return norm_item(ct, kind, b, e); }
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx2,fma,f16c,bmi,bmi2"))) double norm_avx2(const CpuTensor& ct, int kind, int64_t b,
+                                                                   int64_t e) {
+  return norm_item(ct, kind, b, e);
+}
+#endif
+
+NormFn norm_fn(int isa) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (isa >= 1) return norm_avx2;  // memory-bound: AVX-512 would add nothing
+#endif
+  return norm_baseline;
+}
+
 }  // namespace
+
+void cpu_norm_items(const std::vector<CpuTensor>& ts, const CpuItems& work, int kind, size_t i0, size_t i1,
+                    double* partials) {
+  const NormFn fn = norm_fn(active_isa());
+  for (size_t i = i0; i < i1; ++i) {
+    const Item& it = work.items[i];
+    partials[i - i0] = fn(ts[it.tensor], kind, it.begin, it.end);
+  }
+}
 
 void CpuItems::add(int32_t tensor, int64_t n) {
   for (int64_t b = 0; b < n; b += kCpuChunk) {

@@ -59,6 +59,12 @@ void cpu_update_items(const std::vector<CpuTensor>& ts, const CpuItems& items, c
 // True when a gradient element of items [i0, i1) is a NaN or an Inf (exact: its bits).
 bool cpu_nonfinite_items(const std::vector<CpuTensor>& ts, const CpuItems& items, size_t i0, size_t i1);
 
+// The gradients' norm over items [i0, i1), one partial per item into partials[i - i0]: the sum of
+// squares (kind 0) or the largest magnitude (kind 1; a NaN wins), accumulated in double. Summing
+// the partials in item order gives a result that does not depend on how items were shared.
+void cpu_norm_items(const std::vector<CpuTensor>& ts, const CpuItems& items, int kind, size_t i0, size_t i1,
+                    double* partials);
+
 // The instruction set the item loops use: force 0 (baseline), 1 (AVX2+FMA), 2 (AVX-512), capped at
 // what the CPU has; -1 keeps the current choice. Returns the active one's name.
 std::string cpu_isa(int64_t force);

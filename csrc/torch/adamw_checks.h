@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "kernels/adamw_math.h"
+#include "kernels/clip_math.h"
 
 namespace d2z {
 
@@ -184,6 +185,38 @@ inline void check_amsgrad_states(const StepArgs& a, const double* hp) {
     const at::Tensor* vmax = a.max_exp_avg_sqs.empty() ? nullptr : &a.max_exp_avg_sqs[k];
     check_amsgrad_state(static_cast<int64_t>(k), a.params[k], vmax, a.group_index[k], hp);
   }
+}
+
+// The clipping tensors of a step (d2z::clip_grad_norm_, the step holders' clipped steps): all on
+// `dev`; ring a contiguous 1-D float32 window of >= 2 norms, recorded int64 0-d, the rest float32
+// 0-d. Returns the ClipTensors view of them (AMP's grad_scale / found_inf: nullptr when absent).
+inline ClipTensors check_clip_tensors(const at::Device& dev, const std::optional<at::Tensor>& grad_scale,
+                                      const std::optional<at::Tensor>& found_inf, const at::Tensor& ring,
+                                      const at::Tensor& recorded, const at::Tensor& grad_norm,
+                                      const at::Tensor& grad_scale_out, const at::Tensor& found_out) {
+  if (grad_scale.has_value()) check_scalar(*grad_scale, dev, at::kFloat, "grad_scale");
+  if (found_inf.has_value()) check_scalar(*found_inf, dev, at::kFloat, "found_inf");
+  TORCH_CHECK(ring.device() == dev && ring.scalar_type() == at::kFloat && ring.dim() == 1 && ring.numel() >= 2 &&
+                  ring.is_contiguous(),
+              "d2z::clip_grad_norm_: ring must be a contiguous 1-D float32 tensor of >= 2 norms on ", dev);
+  check_scalar(recorded, dev, at::kLong, "recorded");
+  check_scalar(grad_norm, dev, at::kFloat, "grad_norm");
+  check_scalar(grad_scale_out, dev, at::kFloat, "grad_scale_out");
+  check_scalar(found_out, dev, at::kFloat, "found_out");
+  return {grad_scale.has_value() ? grad_scale->data_ptr<float>() : nullptr,
+          found_inf.has_value() ? found_inf->data_ptr<float>() : nullptr,
+          ring.data_ptr<float>(),
+          recorded.data_ptr<int64_t>(),
+          grad_norm.data_ptr<float>(),
+          grad_scale_out.data_ptr<float>(),
+          found_out.data_ptr<float>()};
+}
+
+inline ClipConfig clip_config(double max_norm, double ord, bool spike_skip, double spike_sigma,
+                              const at::Tensor& ring) {
+  TORCH_CHECK(ord == 2.0 || std::isinf(ord), "d2z::clip_grad_norm_: ord must be 2 or inf, got ", ord);
+  return {static_cast<float>(max_norm), std::isinf(ord) ? 1 : 0, spike_skip ? 1 : 0, static_cast<float>(spike_sigma),
+          ring.numel()};
 }
 
 }  // namespace d2z

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <string>
 
 namespace d2z {
@@ -41,6 +42,25 @@ bool cpu_any_nonfinite(const std::vector<CpuTensor>& ts, const CpuItems& items) 
 }
 
 }  // namespace
+
+double cpu_norm_total(const std::vector<CpuTensor>& ts, const CpuItems& items, bool inf_norm) {
+  std::vector<double> partials(items.items.size());
+  const int kind = inf_norm ? 1 : 0;
+  const int64_t threads = items.useful_threads(at::get_num_threads());
+  if (threads <= 1) {
+    cpu_norm_items(ts, items, kind, 0, items.items.size(), partials.data());
+  } else {
+    at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const auto [lo, hi] = items.share(t, threads);
+        cpu_norm_items(ts, items, kind, lo, hi, partials.data() + lo);
+      }
+    });
+  }
+  double total = 0.0;
+  for (const double x : partials) total = combine_norm(total, x, inf_norm);
+  return total;
+}
 
 CpuStepResult cpu_step(const std::vector<CpuTensor>& ts, const CpuItems& items, const at::Tensor& step_count,
                        const at::Tensor& lr_table, const at::Tensor& wd_table, bool independent_wd,
@@ -114,6 +134,65 @@ void any_nonfinite_cpu(at::TensorList tensors, const at::Tensor& found) {
   if (cpu_any_nonfinite(ts, items)) found.fill_(1.0);
 }
 
+// Dense real views of `tensors` as the norm kernels take them (checked), into ts / items.
+void norm_inputs(at::TensorList tensors, const char* op, std::vector<at::Tensor>& dense, std::vector<CpuTensor>& ts,
+                 CpuItems& items) {
+  dense.reserve(tensors.size());
+  for (size_t k = 0; k < tensors.size(); ++k) {
+    at::Tensor t = tensors[k];
+    TORCH_CHECK(t.device().is_cpu() && is_dense(t), op, ": tensors[", k, "] must be a dense CPU tensor");
+    if (t.is_complex()) t = at::view_as_real(t);
+    const auto dt = t.scalar_type();
+    TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf || dt == at::kDouble, op, ": tensors[", k,
+                "] has dtype ", dt, "; supported: floating point and complex");
+    dense.push_back(fills_block(t) ? t : t.contiguous());
+  }
+  ts.resize(dense.size());
+  for (size_t k = 0; k < dense.size(); ++k) {
+    ts[k] = CpuTensor{nullptr,
+                      dense[k].data_ptr(),
+                      nullptr,
+                      nullptr,
+                      nullptr,
+                      nullptr,
+                      dense[k].numel(),
+                      nullptr,
+                      to_dtype(dense[k].scalar_type()),
+                      0.0f};
+    items.add(static_cast<int32_t>(k), ts[k].n);
+  }
+}
+
+// The norm of the gradients (ord 2: sqrt of the sum of squares; inf: the largest magnitude; a
+// NaN anywhere gives NaN) as a float32 0-d tensor.
+at::Tensor grad_norm_cpu(at::TensorList tensors, double ord) {
+  TORCH_CHECK(ord == 2.0 || std::isinf(ord), "d2z::grad_norm: ord must be 2 or inf, got ", ord);
+  std::vector<at::Tensor> dense;
+  std::vector<CpuTensor> ts;
+  CpuItems items;
+  norm_inputs(tensors, "d2z::grad_norm", dense, ts, items);
+  const bool inf = std::isinf(ord);
+  const double total = cpu_norm_total(ts, items, inf);
+  return at::full({}, static_cast<float>(inf ? total : std::sqrt(total)), at::TensorOptions().dtype(at::kFloat));
+}
+
+// The step's clipping, from the gradients to its decisions (csrc/kernels/clip_math.h).
+void clip_grad_norm_cpu(at::TensorList grads, const std::optional<at::Tensor>& grad_scale,
+                        const std::optional<at::Tensor>& found_inf, const at::Tensor& ring, const at::Tensor& recorded,
+                        const at::Tensor& grad_norm, const at::Tensor& grad_scale_out, const at::Tensor& found_out,
+                        double max_norm, double ord, bool spike_skip, double spike_sigma) {
+  const at::Device cpu(c10::DeviceType::CPU);
+  const ClipTensors t =
+      check_clip_tensors(cpu, grad_scale, found_inf, ring, recorded, grad_norm, grad_scale_out, found_out);
+  const ClipConfig c = clip_config(max_norm, ord, spike_skip, spike_sigma, ring);
+  std::vector<at::Tensor> dense;
+  std::vector<CpuTensor> ts;
+  CpuItems items;
+  norm_inputs(grads, "d2z::clip_grad_norm_", dense, ts, items);
+  // ---- nothing is written above this line ----
+  clip_finalize(cpu_norm_total(ts, items, c.inf_norm != 0), c, t);
+}
+
 }  // namespace
 }  // namespace d2z
 
@@ -122,6 +201,8 @@ TORCH_LIBRARY_FRAGMENT(d2z, m) { m.def("_cpu_isa(int force=-1) -> str", &d2z::cp
 TORCH_LIBRARY_IMPL(d2z, CPU, m) {
   m.impl("adamw_step_", &d2z::adamw_step_cpu);
   m.impl("any_nonfinite_", &d2z::any_nonfinite_cpu);
+  m.impl("grad_norm", &d2z::grad_norm_cpu);
+  m.impl("clip_grad_norm_", &d2z::clip_grad_norm_cpu);
 }
 
 // A sparse grad routes the call to the sparse key: the same kernel, whose checks reject it by name.

@@ -27,6 +27,11 @@ inline CpuTensor cpu_tensor(const at::Tensor& p, const at::Tensor& g, const at::
           *st + 1.0f};
 }
 
+// The reduction of every gradient element of `items` (`ts`' g pointers): the sum of squares, or
+// the largest magnitude for inf_norm (a NaN wins), in double; both threads, the per-item partials
+// combined in item order (the same bits whatever the thread count).
+double cpu_norm_total(const std::vector<CpuTensor>& ts, const CpuItems& items, bool inf_norm);
+
 enum class CpuStepResult { kApplied, kSkippedFoundInf, kSkippedNonfinite };
 
 // The step of every item after every check passed: skipped when found_inf is nonzero (AMP) or,

@@ -16,6 +16,18 @@ TORCH_LIBRARY(d2z, m) {
   // found = 1 where any element of any tensor is a NaN or an Inf (exact: their bits; complex
   // tensors as their real and imaginary parts); found is left as it is otherwise.
   m.def("any_nonfinite_(Tensor[] tensors, Tensor(a!) found) -> ()");
+  // The norm of all the tensors' elements as one vector (ord 2 or inf), float32 0-d on their
+  // device: one pass, accumulated in double, the same bits whatever the thread count; NaN if any
+  // element is a NaN (complex tensors: as their real and imaginary parts).
+  m.def("grad_norm(Tensor[] tensors, float ord) -> Tensor");
+  // Clipping by the global norm of grads (ord 2 or inf; max_norm <= 0: no clipping), all on the
+  // device (csrc/kernels/clip_math.h): grad_norm, the divisor the update takes as its grad_scale
+  // (AMP's grad_scale / coef), found_out (1: skip the step: AMP's found_inf, a non-finite norm, a
+  // spike over the window ring); the window records an applied step's norm.
+  m.def(
+      "clip_grad_norm_(Tensor[] grads, Tensor? grad_scale, Tensor? found_inf, Tensor(a!) ring, Tensor(b!) recorded, "
+      "Tensor(c!) grad_norm, Tensor(d!) grad_scale_out, Tensor(e!) found_out, float max_norm, float ord, "
+      "bool spike_skip, float spike_sigma) -> ()");
   // Test only: the CUDA kernel's grid (every block and thread) replayed on the CPU.
   m.def("adamw_step_grid_replay_" D2Z_STEP_ARGS);
   // Test only: dst.copy_(src) through the kernels' own float <-> bf16/fp16 conversions (CPU).

@@ -206,21 +206,17 @@ struct CpuStepHolder : HeldParams {
     for (size_t k = 0; k < params.size(); ++k) items.add(static_cast<int32_t>(k), numel[k]);
   }
 
-  // One step of every parameter (the op's semantics). Called with the GIL released.
-  StepStatus step(const at::Tensor& step_count, const at::Tensor& lr_table, const at::Tensor& wd_table,
-                  const at::Tensor& hparams, bool independent_wd, const std::optional<at::Tensor>& grad_scale,
-                  const std::optional<at::Tensor>& found_inf, bool skip_nonfinite) {
-    TORCH_CHECK(!released(), "d2z.CpuStepHolder: used after release()");
-    const at::Device dev =
-        check_call_tensors(step_count, lr_table, wd_table, hparams, grad_scale, found_inf, c10::DeviceType::CPU);
+  // This step's gradients and pointers into `ts`, with the op's checks (raises StepRefused, with
+  // nothing written); false: declined (a parameter has no gradient or changed size). The
+  // gradients are held in `grads` until the update is done. (Parameters are not copied: the
+  // holder's Python objects hold them, and a copy of a tensor whose only reference is its Python
+  // object takes the GIL to keep that object alive.)
+  bool gather(const at::Tensor& hparams, const at::Device& dev, std::vector<at::Tensor>& grads) {
     const int64_t groups = hparams.size(0);
     const double* hp = hparams.data_ptr<double>();
     std::atomic<bool> declined{false};
     const int64_t n = static_cast<int64_t>(params.size());
-    // This step's gradients, held until the update is done. (Parameters are not copied: the
-    // holder's Python objects hold them, and a copy of a tensor whose only reference is its
-    // Python object takes the GIL to keep that object alive.)
-    std::vector<at::Tensor> grads(n);
+    grads.resize(n);
     FirstRefusal refused;
     at::parallel_for(0, n, kGatherGrain, [&](int64_t k0, int64_t k1) {
       for (int64_t k = k0; k < k1; ++k) {
@@ -242,12 +238,46 @@ struct CpuStepHolder : HeldParams {
         ts[k] = cpu_tensor(p, g, exp_avgs[k], exp_avg_sqs[k], vmax(k), steps[k], hp + gi * kHpCols);
       }
     });
-    if (declined.load()) return StepStatus::kDeclined;
+    if (declined.load()) return false;
     refused.raise_if_any();
+    return true;
+  }
+
+  // One step of every parameter (the op's semantics). Called with the GIL released.
+  StepStatus step(const at::Tensor& step_count, const at::Tensor& lr_table, const at::Tensor& wd_table,
+                  const at::Tensor& hparams, bool independent_wd, const std::optional<at::Tensor>& grad_scale,
+                  const std::optional<at::Tensor>& found_inf, bool skip_nonfinite) {
+    TORCH_CHECK(!released(), "d2z.CpuStepHolder: used after release()");
+    const at::Device dev =
+        check_call_tensors(step_count, lr_table, wd_table, hparams, grad_scale, found_inf, c10::DeviceType::CPU);
+    std::vector<at::Tensor> grads;
+    if (!gather(hparams, dev, grads)) return StepStatus::kDeclined;
     // ---- nothing is written above this line ----
     const CpuStepResult r =
         cpu_step(ts, items, step_count, lr_table, wd_table, independent_wd, grad_scale, found_inf, skip_nonfinite);
     return r == CpuStepResult::kSkippedNonfinite ? StepStatus::kSkippedNonfinite : StepStatus::kApplied;
+  }
+
+  // A step clipped by the global norm (d2z::clip_grad_norm_'s semantics on the held gradients),
+  // then the update with its decisions: one read of the gradients for the norm, one for the step.
+  StepStatus step_clipped(const at::Tensor& step_count, const at::Tensor& lr_table, const at::Tensor& wd_table,
+                          const at::Tensor& hparams, bool independent_wd, const std::optional<at::Tensor>& grad_scale,
+                          const std::optional<at::Tensor>& found_inf, const at::Tensor& ring,
+                          const at::Tensor& recorded, const at::Tensor& grad_norm, const at::Tensor& grad_scale_out,
+                          const at::Tensor& found_out, double max_norm, double ord, bool spike_skip,
+                          double spike_sigma) {
+    TORCH_CHECK(!released(), "d2z.CpuStepHolder: used after release()");
+    const at::Device dev =
+        check_call_tensors(step_count, lr_table, wd_table, hparams, grad_scale, found_inf, c10::DeviceType::CPU);
+    const ClipTensors t =
+        check_clip_tensors(dev, grad_scale, found_inf, ring, recorded, grad_norm, grad_scale_out, found_out);
+    const ClipConfig c = clip_config(max_norm, ord, spike_skip, spike_sigma, ring);
+    std::vector<at::Tensor> grads;
+    if (!gather(hparams, dev, grads)) return StepStatus::kDeclined;
+    // ---- nothing is written above this line ----
+    clip_finalize(cpu_norm_total(ts, items, c.inf_norm != 0), c, t);
+    cpu_step(ts, items, step_count, lr_table, wd_table, independent_wd, grad_scale_out, found_out, false);
+    return StepStatus::kApplied;
   }
 };
 
@@ -599,6 +629,18 @@ void bind_step_holders(py::module_& m) {
              const std::optional<at::Tensor>& found_inf, bool skip_nonfinite) {
             return static_cast<int64_t>(self.step(step_count, lr_table, wd_table, hparams, independent_wd, grad_scale,
                                                   found_inf, skip_nonfinite));
+          },
+          py::call_guard<py::gil_scoped_release>())
+      .def(
+          "step_clipped",
+          [](CpuStepHolder& self, const at::Tensor& step_count, const at::Tensor& lr_table, const at::Tensor& wd_table,
+             const at::Tensor& hparams, bool independent_wd, const std::optional<at::Tensor>& grad_scale,
+             const std::optional<at::Tensor>& found_inf, const at::Tensor& ring, const at::Tensor& recorded,
+             const at::Tensor& grad_norm, const at::Tensor& grad_scale_out, const at::Tensor& found_out,
+             double max_norm, double ord, bool spike_skip, double spike_sigma) {
+            return static_cast<int64_t>(self.step_clipped(
+                step_count, lr_table, wd_table, hparams, independent_wd, grad_scale, found_inf, ring, recorded,
+                grad_norm, grad_scale_out, found_out, max_norm, ord, spike_skip, spike_sigma));
           },
           py::call_guard<py::gil_scoped_release>());
   gc_class<DeviceStepHolder>(m, "DeviceStepHolder")

@@ -27,6 +27,7 @@ __all__ = [
     "Selection",
     "StepStatus",
     "available",
+    "device_norm",
     "fills_block",
     "flag_nonfinite",
     "in_layout_of",
@@ -55,6 +56,12 @@ class Backend:
     holder: Callable[[DeviceWork], Any] | None = None
     # a GPU the kernel has no code for, or that the compiler does not support: the reason, else None
     gpu_refusal: Callable[[torch.device], str | None] | None = None
+    # the one-pass global norm of a list of gradients (ord 2.0 or inf), a float32 0-d tensor on
+    # their device, where the backend has one; None: torch's per-tensor norms (device_norm)
+    norm: Callable[[list[torch.Tensor], float], torch.Tensor] | None = None
+    # the whole clip of one device's step in one call (``d2z::clip_grad_norm_``'s arguments:
+    # grads, grad_scale, found_inf, then GradClip.kernel_args), where the backend has one
+    clip: Callable[..., None] | None = None
 
     def unsupported(self, device: torch.device, dtypes: Iterable[torch.dtype], dense: bool = True) -> str | None:
         if self.device_type is not None and device.type != self.device_type:
@@ -110,11 +117,16 @@ def _load_now(name: str) -> Backend | str:
         key = name.upper()
         if not cpp_backend.has_kernel(key):
             return f"d2z_optim._C was built without a {key} kernel (a CPU-only build; see README: building for CUDA)"
+        norm = cpp_backend.norm if cpp_backend.has_norm(key) else None
+        clip = cpp_backend.clip if cpp_backend.has_clip(key) else None
         if name == "cpu":
-            return Backend(name, cpp_backend.step, name, cpp_backend.DTYPES, holder=cpp_backend.CpuStepHolder)
+            return Backend(
+                name, cpp_backend.step, name, cpp_backend.DTYPES, holder=cpp_backend.CpuStepHolder, norm=norm,
+                clip=clip,
+            )  # fmt: skip
         return Backend(
             name, cpp_backend.step, name, cpp_backend.DTYPES, holder=cpp_backend.CudaStepHolder,
-            gpu_refusal=cpp_backend.arch_refusal,
+            gpu_refusal=cpp_backend.arch_refusal, norm=norm, clip=clip,
         )  # fmt: skip
     if name == "triton":  # imported here, on first use: a CPU install never needs Triton
         try:
@@ -166,6 +178,28 @@ def flag_nonfinite(grads: list[torch.Tensor], found: torch.Tensor) -> torch.Tens
         bad = ~torch.isfinite(torch.stack(norms)).all()
         found = torch.maximum(found, bad.to(device=found.device, dtype=torch.float32, non_blocking=True))
     return found
+
+
+def device_norm(backend: Backend, grads: list[torch.Tensor], norm_type: float, inv_scale: torch.Tensor | None):
+    """The norm of one device's gradients (times ``inv_scale``, AMP's 1/scale, when given) as a list
+    of pieces whose norm is the device's: one 0-d float32 tensor from a fused kernel's one-pass
+    reduction, or, for the torch backend, torch's per-tensor ``_foreach_norm`` of each dtype (of
+    the unscaled gradients, as ``unscale_`` leaves them), which ``clip_grad_norm_`` combines."""
+    grads = [g for g in grads if g.numel()]
+    if not grads:
+        return []
+    if backend.norm is not None:
+        out = backend.norm(grads, norm_type)
+        return [out if inv_scale is None else out * inv_scale]
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    pieces = []
+    for same in by_dtype.values():
+        if inv_scale is not None:
+            same = torch._foreach_mul(same, inv_scale)
+        pieces += torch._foreach_norm(same, norm_type)
+    return pieces
 
 
 def available() -> dict[str, str | None]:

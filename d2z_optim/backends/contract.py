@@ -121,6 +121,10 @@ class DeviceWork:
     groups: list[GroupWork] = field(default_factory=list)
     grad_scale: Tensor | None = None  # float32 0-d: grads are divided by it (AMP)
     found_inf: Tensor | None = None  # float32 0-d: nonzero makes the whole step a no-op
+    # float32 0-d, the torch backend only: the unscaled gradients are multiplied by it (clipping by
+    # the global norm, as clip_grad_norm_ scales .grad); the fused kernels get it folded into
+    # grad_scale instead (grad_scale / clip_coef), by the step cache (grad_clip.py)
+    clip_coef: Tensor | None = None
     hparams: Tensor | None = None  # the fused kernels' table of ``groups``, when its owner keeps one
 
 

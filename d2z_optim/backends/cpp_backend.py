@@ -19,10 +19,14 @@ __all__ = [
     "CudaStepHolder",
     "arch_refusal",
     "built_with_torch",
+    "clip",
     "cuda_code",
+    "has_clip",
     "has_kernel",
+    "has_norm",
     "has_scan",
     "load_extension",
+    "norm",
     "runs_on",
     "step",
     "torch_mismatch",
@@ -30,6 +34,8 @@ __all__ = [
 
 OPS = ("d2z::adamw_step_", "d2z::adamw_step_grid_replay_")  # one schema
 SCAN = "d2z::any_nonfinite_"
+NORM = "d2z::grad_norm"
+CLIP = "d2z::clip_grad_norm_"
 
 _LOADED = False
 
@@ -51,6 +57,8 @@ def load_extension() -> str | None:
     for op in OPS:
         _register_fake(op)
     torch.library.register_fake(SCAN)(lambda tensors, found: None)
+    torch.library.register_fake(NORM)(lambda tensors, ord: tensors[0].new_empty((), dtype=torch.float32))
+    torch.library.register_fake(CLIP)(lambda *args: None)
     _SCAN_DEVICES.update(t for t in ("cpu", "cuda") if torch._C._dispatch_has_kernel_for_dispatch_key(SCAN, t.upper()))
     _LOADED = True
     return None
@@ -88,6 +96,26 @@ def has_scan(device: torch.device) -> bool:
     if not _LOADED and not torch.compiler.is_compiling():
         load_extension()
     return device.type in _SCAN_DEVICES
+
+
+def has_norm(dispatch_key: str) -> bool:
+    """The one-pass gradient norm ``d2z::grad_norm`` has a kernel for ``dispatch_key`` in this build."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(NORM, dispatch_key)
+
+
+def norm(grads: list[torch.Tensor], ord: float) -> torch.Tensor:
+    """The global norm of ``grads`` (ord 2.0 or inf) in one pass of the extension's kernel."""
+    return torch.ops.d2z.grad_norm(grads, ord)
+
+
+def has_clip(dispatch_key: str) -> bool:
+    """The fused clip ``d2z::clip_grad_norm_`` has a kernel for ``dispatch_key`` in this build."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(CLIP, dispatch_key)
+
+
+def clip(grads: list[torch.Tensor], *args) -> None:
+    """One device's clip in one call: norm, decisions, the window (``d2z::clip_grad_norm_``)."""
+    torch.ops.d2z.clip_grad_norm_(grads, *args)
 
 
 def has_kernel(dispatch_key: str) -> bool:
@@ -172,6 +200,21 @@ class CpuStepHolder:
 
     def captured(self) -> list[torch.Tensor]:
         return []
+
+    clips = True  # step_clipped: the norm and decisions of clipping inside the same C++ call
+
+    def step_clipped(self, work: DeviceWork, clip_args: tuple) -> StepStatus:
+        """The step of ``work`` clipped by the global norm of its gradients: ``clip_args`` are
+        ``GradClip.kernel_args`` (the verdict lands in their found_out). As :meth:`step` declines."""
+        hp = work.hparams if work.hparams is not None else hparams_tensor(work)
+        try:
+            status = self._holder.step_clipped(
+                work.step_count, work.lr_table, work.wd_table, hp, work.independent_wd, work.grad_scale,
+                work.found_inf, *clip_args,
+            )  # fmt: skip
+        except self._refused:
+            return StepStatus.DECLINED
+        return StepStatus(status)
 
     def step(self, work: DeviceWork, skip_nonfinite: bool = False) -> StepStatus:
         """Apply the step of ``work`` (its tensors must be the holder's, their gradients those the

@@ -31,12 +31,12 @@ def step(work: DeviceWork) -> None:
     m = work.lr_table.index_select(0, idx).squeeze(0).to(torch.float64)
     wm = work.wd_table.index_select(0, idx).squeeze(0).to(torch.float64)
     amp = None
-    if work.found_inf is not None or work.grad_scale is not None:
+    if work.found_inf is not None or work.grad_scale is not None or work.clip_coef is not None:
         ok = torch.ones((), dtype=torch.float64, device=m.device)
         if work.found_inf is not None:
             ok = (work.found_inf.reshape(()) == 0).to(torch.float64)
         inv_scale = None if work.grad_scale is None else 1.0 / work.grad_scale.reshape(()).to(torch.float64)
-        amp = (ok, inv_scale)
+        amp = (ok, inv_scale, work.clip_coef)
     for g in work.groups:
         if g.params:
             _group_step(g, m, wm, independent_wd=work.independent_wd, amp=amp)
@@ -91,7 +91,7 @@ def _update(
     keep: Tensor,
     bc2_sqrt: list[Tensor],
     neg_step_size: list[Tensor],
-    amp: tuple[Tensor, Tensor | None] | None = None,
+    amp: tuple[Tensor, Tensor | None, Tensor | None] | None = None,
 ) -> None:
     """The AdamW update of tensors ``ids`` (one storage dtype), computed in dtype ``cd``."""
     states = [g.params, g.exp_avgs, g.exp_avg_sqs] + ([g.max_exp_avg_sqs] if g.amsgrad else [])
@@ -103,10 +103,14 @@ def _update(
     if g.maximize:
         grad = torch._foreach_neg(grad)
     w1, b2 = 1.0 - g.beta1, g.beta2
-    if amp is not None:  # unscale; on a skipped step zero the grads and freeze m and v
-        ok, inv_scale = amp
+    if amp is not None:  # unscale, clip; on a skipped step zero the grads and freeze m and v
+        ok, inv_scale, clip_coef = amp
         if inv_scale is not None:
             grad = torch._foreach_mul(grad, inv_scale.to(cd))
+        if clip_coef is not None:  # clip_grad_norm_'s multiply, in the gradient's dtype as it scales .grad
+            grad = [
+                (x.to(gd) * clip_coef).to(cd) for x, gd in zip(grad, (_compute_view(g.grads[i]).dtype for i in ids))
+            ]
         okb = ok.to(torch.bool)
         grad = [torch.where(okb, x, 0.0) for x in grad]
         w1 = [(w1 * ok).to(cd)] * len(ids)  # a list of 0-d tensors: read on the device
