@@ -3,7 +3,9 @@
 A tiny GPT-2 built from a config (no download), random tokens, CPU. Checked step by step: the LR
 each step applies equals the schedule (warmup, accumulation, epochs), the LR Trainer logs equals
 the one applied, resume is bitwise, the naive setup (Trainer's own scheduler on top of ours)
-warns, and the logging path reads nothing from the device.
+warns, the logging path reads nothing from the device, and a later run of the same Trainer
+(auto_find_batch_size's retry, another train() with a new max_steps) gets a schedule of its own
+length.
 """
 
 from __future__ import annotations
@@ -86,6 +88,18 @@ class StopAt(transformers.TrainerCallback):
 
     def on_step_end(self, args, state, control, **kw):
         control.should_training_stop = state.global_step == self.step
+
+
+class OutOfMemoryOnce(transformers.TrainerCallback):
+    """Fails the first run at its ``at``-th step as a CUDA OOM does: auto_find_batch_size retries."""
+
+    def __init__(self, at):
+        self.at, self.raised = at, False
+
+    def on_step_end(self, args, state, control, **kw):
+        if not self.raised and state.global_step == self.at:
+            self.raised = True
+            raise RuntimeError("CUDA out of memory. (simulated)")
 
 
 def trainer(out, callbacks=(), optimizers=(None, None), **kw):
@@ -179,9 +193,9 @@ def test_the_logging_path_reads_nothing_from_the_device(tmp_path):
 
 def test_bad_input_names_what_is_needed(tmp_path):
     t = hf.use_d2z(trainer(tmp_path, max_steps=4))
-    with pytest.raises(ValueError, match=r"total_steps="):  # outside train(): no step count yet
-        t.create_optimizer()
-    assert t.optimizer is None
+    with pytest.raises(ValueError, match=r"called outside train\(\).*state.max_steps.*total_steps="):
+        t.create_optimizer()  # outside train(): no step count yet
+    assert t.optimizer is None and t.optimizer_cls_and_kwargs is None
     t = hf.use_d2z(trainer(tmp_path, max_steps=4, lr_scheduler_type="polynomial"))
     with pytest.raises(ValueError, match=r"lr_scheduler_type='polynomial'.*pass schedule="):
         t.train()
@@ -198,3 +212,54 @@ def test_bad_input_names_what_is_needed(tmp_path):
     t = hf.use_d2z(trainer(tmp_path, max_steps=4), schedule="wsd", warmup=1, backend="torch")
     t.train()
     assert hf.unwrap(t.optimizer).schedule.name == "wsd" and hf.unwrap(t.optimizer).backend_name == "torch"
+
+
+def steps_of(rec, n, warmup=3):
+    """The LR the last ``n`` steps applied, against an ``n``-step schedule."""
+    table = schedules.get("linear-d2z", n, warmup=warmup).table()
+    assert [a[0] for a in rec.applied[-n:]] == pytest.approx([PEAK * float(table[k]) for k in range(n)], rel=1e-7)
+
+
+def test_auto_find_batch_size_gets_a_schedule_for_the_run_it_retries(tmp_path):
+    rec = Logged()
+    oom = OutOfMemoryOnce(at=2)
+    t = hf.use_d2z(trainer(tmp_path, [rec, oom], num_train_epochs=1, auto_find_batch_size=True))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t.train()  # batch 4: 8 steps, fails at step 2; batch 3: 22 micro-batches, 11 steps
+    assert oom.raised and t._train_batch_size == 3
+    opt = hf.unwrap(t.optimizer)
+    assert opt.total_steps == 11 == t.state.max_steps and int(opt.step_count) == 11
+    assert len(rec.applied) == 2 + 11
+    steps_of(rec, 11)
+    said = [str(w.message) for w in caught if "d2z_optim" in str(w.message)]
+    assert not said, said  # neither a length mismatch nor a short run (the failed run was superseded)
+    assert t.lr_scheduler.optimizer is opt and t.lr_scheduler.get_last_lr() == opt.last_lr_host()
+
+
+def test_another_train_follows_the_new_max_steps(tmp_path):
+    rec = Logged()
+    t = hf.use_d2z(trainer(tmp_path, [rec], max_steps=4))
+    t.train()
+    first = hf.unwrap(t.optimizer)
+    t.args.max_steps = 6
+    t.train()
+    opt = hf.unwrap(t.optimizer)
+    assert opt is not first and opt.total_steps == 6 and int(opt.step_count) == 6
+    steps_of(rec, 6)
+    t.train()  # the same length again: a new run starts its schedule at 0, as Trainer's scheduler
+    assert int(hf.unwrap(t.optimizer).step_count) == 6 and len(rec.applied) == 4 + 6 + 6
+    steps_of(rec, 6)
+
+
+def test_create_optimizer_and_scheduler_sizes_it_and_train_resizes_it(tmp_path):
+    t = hf.use_d2z(trainer(tmp_path, max_steps=4))
+    t.create_optimizer_and_scheduler(num_training_steps=5)  # outside train(): the count given
+    opt = hf.unwrap(t.optimizer)
+    assert opt.total_steps == 5 and isinstance(t.lr_scheduler, hf.ScheduleView) and t.lr_scheduler.optimizer is opt
+    t.train()
+    assert hf.unwrap(t.optimizer).total_steps == 4 and t.lr_scheduler.optimizer is hf.unwrap(t.optimizer)
+    t = hf.use_d2z(trainer(tmp_path, max_steps=4), total_steps=4)
+    kept = t.create_optimizer()  # total_steps= given: it can be built before train(), and is kept
+    t.train()
+    assert hf.unwrap(t.optimizer) is kept and int(kept.step_count) == 4

@@ -1,8 +1,10 @@
 """Lightning with d2z: ``total_steps(self.trainer)`` in configure_optimizers and ``D2ZCallback``,
 against the real package (issue 16): the applied LR equals the schedule step by step, the logged
-LR equals the applied one, ``bf16-mixed``/``16-mixed`` with ``gradient_clip_val`` clip (and an
-fp16 overflow is a counted no-op), resume is bitwise, and the logging path reads nothing from
-the device."""
+LR equals the applied one (under LearningRateMonitor's keys, for several optimizers and groups;
+``log_every_n_steps=0`` never logs), ``bf16-mixed``/``16-mixed`` with ``gradient_clip_val`` clip
+(an fp16 overflow is a counted no-op; manual optimization unscales once; a skipped batch leaves
+the GradScaler as it was), a ``pytorch_lightning`` Trainer gets the same, resume is bitwise, and
+the logging path reads nothing from the device."""
 
 from __future__ import annotations
 
@@ -45,7 +47,9 @@ class Memory(Logger):
         self.rows.append((step, dict(metrics)))
 
 
-class Net(L.LightningModule):
+class Steps:
+    """The tests' model, on either package's LightningModule (``Net``: lightning.pytorch's)."""
+
     def __init__(self, inf_at=None, d2z_kwargs=None):
         super().__init__()
         torch.manual_seed(0)
@@ -72,6 +76,68 @@ class Net(L.LightningModule):
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
         grads = [p.grad.float() for p in self.parameters()]  # what the step will see (unscaled)
         self.norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+
+
+class Net(Steps, L.LightningModule):
+    pass
+
+
+def grad_norm(module):
+    return float(torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in module.parameters()])))
+
+
+class Manual(Net):
+    """Manual optimization: clip with self.clip_gradients, then step; keeps the first step's
+    clipped gradients and the moments that step left."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        x, y = batch
+        opt.zero_grad()
+        self.manual_backward(torch.nn.functional.mse_loss(self.net(x).float(), y))
+        self.clip_gradients(opt, gradient_clip_val=0.05, gradient_clip_algorithm="norm")
+        self.norms.append(grad_norm(self))
+        if batch_idx == 0:
+            self.clipped = [p.grad.detach().clone() for p in self.parameters()]
+        opt.step()
+        if batch_idx == 0:
+            self.exp_avg = [opt.optimizer.state[p]["exp_avg"].clone() for p in self.parameters()]
+
+
+class TwoOptimizers(Net):
+    """Manual optimization with two d2z optimizers, the first with two groups (one named)."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        for opt in self.optimizers():
+            opt.zero_grad()
+        self.manual_backward(torch.nn.functional.mse_loss(self.net(x).float(), y))
+        for opt in self.optimizers():
+            opt.step()
+
+    def configure_optimizers(self):
+        n, first = d2z_lightning.total_steps(self.trainer), self.net[0]
+        groups = [{"params": [first.weight], "name": "body"}, {"params": [first.bias], "lr": PEAK / 4}]
+        a = AdamW(groups, lr=PEAK, total_steps=n, warmup=2)
+        b = AdamW(self.net[2].parameters(), lr=PEAK / 2, total_steps=n, warmup=2)
+        return [a, b]
+
+
+class SkipsABatch(Net):
+    def training_step(self, batch, batch_idx):
+        return None if batch_idx == 3 else super().training_step(batch, batch_idx)
+
+
+def scaled_plugin():
+    return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**4))
 
 
 class StopAfterEpoch(L.Callback):
@@ -105,6 +171,7 @@ def fit(model, ckpt_path=None, callbacks=None, **kw):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         warnings.filterwarnings("ignore", ".*The number of training batches.*")
+        warnings.filterwarnings("ignore", ".*`training_step` returned `None`.*")
         trainer.fit(model, data(), ckpt_path=ckpt_path)
     return trainer, logger
 
@@ -134,8 +201,7 @@ def test_bf16_mixed_clips_with_the_callback():
 
 def test_16_mixed_with_a_grad_scaler_clips_and_skips_an_overflow_without_a_sync():
     model = Net(inf_at=2)  # batch 2 of each epoch: an inf loss, every gradient inf
-    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**4))
-    trainer, _ = fit(model, plugins=[plugin], gradient_clip_val=0.05)
+    trainer, _ = fit(model, plugins=[scaled_plugin()], gradient_clip_val=0.05)
     opt = trainer.optimizers[0]
     assert int(opt.skipped_steps) == 2 and int(opt.step_count) == 6  # overflows: no-ops, counted
     assert all(p.isfinite().all() for p in model.parameters())
@@ -162,13 +228,14 @@ def test_a_short_run_says_so_and_the_logging_path_reads_nothing_from_the_device(
     cb = d2z_lightning.D2ZCallback()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer, _ = fit(model, callbacks=[cb], max_steps=3)
+        trainer, logger = fit(model, callbacks=[cb], max_steps=3)
     assert int(trainer.optimizers[0].step_count) == 3 and trainer.optimizers[0].total_steps == 3
     assert not [w for w in caught if "d2z_optim" in str(w.message)], [str(w.message) for w in caught]
-    cb.logged_at = -1
+    cb.stepped_at, rows = -1, len(logger.rows)  # as if the last batch had just stepped
     with Recorder() as rec:
         cb.on_train_batch_end(trainer, model, None, None, 0)
     assert not (set(rec.ops) & HOST_READS), sorted(set(rec.ops) & HOST_READS)
+    assert len(logger.rows) == rows + 1 and "lr-AdamW" in logger.rows[-1][1]  # it did log
 
 
 def test_a_trainer_without_a_step_count_names_total_steps():
@@ -181,3 +248,123 @@ def test_a_trainer_without_a_step_count_names_total_steps():
     model = Net()
     with pytest.raises(ValueError, match=r"total_steps="):
         trainer.fit(model, torch.utils.data.DataLoader(Stream(), batch_size=2))
+
+
+def test_manual_optimization_under_16_mixed_unscales_once():
+    model = Manual()
+    trainer, _ = fit(model, plugins=[scaled_plugin()], accumulate_grad_batches=1, max_epochs=1)
+    assert int(trainer.optimizers[0].step_count) == 8 and max(model.norms) <= 0.05 * (1 + 1e-3), model.norms
+    # the first step's first moment is (1 - beta1) x the gradients clip_gradients left (unscaled
+    # once: twice would leave them 2**4 too small)
+    for m, g in zip(model.exp_avg, model.clipped):
+        torch.testing.assert_close(m, 0.1 * g, rtol=1e-5, atol=0)
+
+
+def test_a_skipped_batch_under_16_mixed_leaves_the_scaler_as_it_was():
+    model = SkipsABatch()  # batch 3 of each epoch (an optimizer step's last micro-batch) returns None
+    with pytest.warns(UserWarning, match=r"ended after 6 of its schedule's total_steps=8"):
+        trainer, _ = fit(model, plugins=[scaled_plugin()], gradient_clip_val=0.05)
+    opt = trainer.optimizers[0]
+    assert int(opt.step_count) == 6 and int(opt.skipped_steps) == 0 and trainer.global_step == 8
+    assert all(p.isfinite().all() for p in model.parameters())
+
+
+def test_the_precision_classes_come_from_the_trainers_package():
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False)
+
+    class Mine(L.Trainer):
+        pass
+
+    assert d2z_lightning.package_of(trainer) == "lightning.pytorch"
+    assert d2z_lightning.package_of(Mine.__new__(Mine)) == "lightning.pytorch"  # a subclass: its base's
+    fake = type("Trainer", (), {"__module__": "pytorch_lightning.trainer.trainer"})
+    assert d2z_lightning.package_of(fake()) == "pytorch_lightning"
+    assert d2z_lightning.package_of(object()) is None
+    assert d2z_lightning._classes("lightning.pytorch")[0] is MixedPrecision
+
+
+def test_a_pytorch_lightning_trainer_clips_too():
+    PL = framework("pytorch_lightning")
+
+    class PLNet(Steps, PL.LightningModule):
+        pass
+
+    model = PLNet()
+    trainer = PL.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        devices=1,
+        precision="bf16-mixed",
+        gradient_clip_val=0.05,
+        callbacks=[d2z_lightning.D2ZCallback()],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        trainer.fit(model, data())
+    assert int(trainer.optimizers[0].step_count) == 8
+    assert max(model.norms) <= 0.05 * (1 + 1e-3), model.norms
+
+
+def test_log_every_n_steps():
+    _, logger = fit(Net(), log_every_n_steps=0)  # Lightning's "never log"
+    assert not [m for _, m in logger.rows if "lr-AdamW" in m]
+    _, logger = fit(Net(), callbacks=[d2z_lightning.D2ZCallback(log_every_n_steps=0)])
+    assert not [m for _, m in logger.rows if "lr-AdamW" in m]
+    _, logger = fit(Net(), callbacks=[d2z_lightning.D2ZCallback(log_every_n_steps=3)])
+    assert [s for s, m in logger.rows if "lr-AdamW" in m] == [0, 3, 6]
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match=r"log_every_n_steps=.*int >= 0"):
+            d2z_lightning.D2ZCallback(log_every_n_steps=bad)
+
+
+def test_the_keys_are_learning_rate_monitors_for_several_optimizers_and_groups():
+    model, lrm, cb = TwoOptimizers(), L.callbacks.LearningRateMonitor(), d2z_lightning.D2ZCallback()
+    trainer, logger = fit(model, callbacks=[lrm, cb], accumulate_grad_batches=1, max_epochs=1)
+    named = cb.lr_keys(trainer)
+    assert [opt for opt, _ in named] == trainer.optimizers
+    keys = [k for _, ks in named for k in ks]
+    assert keys == list(lrm.lrs) == ["lr-AdamW/body", "lr-AdamW/pg2", "lr-AdamW-1"]
+    assert {k for _, m in logger.rows for k in m} == set(keys)  # LearningRateMonitor's rows and ours
+    table = schedules.get("linear-d2z", 8, warmup=2).table()
+    peaks = [PEAK, PEAK / 4, PEAK / 2]
+    for step in range(8):  # our row of each step: the applied LR, on Lightning's step axis
+        want = {k: pytest.approx(p * float(table[step]), rel=1e-7, abs=0) for k, p in zip(keys, peaks)}
+        assert any(s == step and m == want for s, m in logger.rows), (step, logger.rows)
+
+
+class Quiet(Net):
+    """Net without the test's own device reads (the applied LR, the gradients' norm)."""
+
+    def record(self, opt, args, kwargs):
+        pass
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        L.LightningModule.configure_gradient_clipping(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+
+def test_the_16_mixed_step_reads_nothing_from_the_device():
+    model = Quiet()
+    trainer, _ = fit(model, plugins=[scaled_plugin()], gradient_clip_val=0.05, max_steps=3)
+    plugin, opt = trainer.precision_plugin, trainer.optimizers[0]
+    x, y = next(iter(data()))
+
+    def closure():  # what Lightning's closure does: forward, scaled backward
+        loss = torch.nn.functional.mse_loss(model.net(x), y)
+        plugin.scaler.scale(loss).backward()
+        return loss
+
+    before = int(opt.step_count)
+    with Recorder() as rec:  # the wrapped optimizer_step: closure, unscale, clip, scaler.step/update
+        plugin.optimizer_step(opt, model=model, closure=closure)
+    assert not (set(rec.ops) & HOST_READS), sorted(set(rec.ops) & HOST_READS)
+    assert rec.ops.count("_amp_foreach_non_finite_check_and_unscale_") == 1  # unscaled once, for the clip
+    assert int(opt.step_count) == before + 1
+    with Recorder() as rec:  # and a skipped batch's
+        plugin.optimizer_step(opt, model=model, closure=lambda: None)
+    assert not (set(rec.ops) & HOST_READS), sorted(set(rec.ops) & HOST_READS)
+    assert "_amp_foreach_non_finite_check_and_unscale_" not in rec.ops
+    assert int(opt.step_count) == before + 1

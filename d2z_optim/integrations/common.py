@@ -15,15 +15,17 @@ __all__ = ["check_planned_steps", "planned_steps", "unwrap"]
 def unwrap(optimizer: Any) -> AdamW | None:
     """The :class:`d2z_optim.AdamW` an object is or wraps (accelerate's ``AcceleratedOptimizer``,
     Lightning's ``LightningOptimizer``, HF's wrappers: each keeps it as ``.optimizer`` or
-    ``._optimizer``), or None."""
+    ``._optimizer``), or None. The innermost one: a ``LightningOptimizer`` passes
+    ``isinstance(..., AdamW)`` itself (its class derives from the optimizer's) but is not it."""
+    found = None
     for _ in range(8):
         if isinstance(optimizer, AdamW):
-            return optimizer
+            found = optimizer
         inner = getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer", None)
         if inner is None or inner is optimizer:
-            return None
+            return found
         optimizer = inner
-    return None
+    return found
 
 
 def planned_steps(value: Any, source: str) -> int:

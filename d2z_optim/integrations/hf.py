@@ -16,14 +16,24 @@ from the host (no device read; see :meth:`d2z_optim.AdamW.last_lr_host` for the 
 caveat), which is what Trainer logs as ``learning_rate``. Checkpoints resume bitwise: the
 schedule position is in ``optimizer.pt``. ``max_grad_norm`` clips as Trainer always does.
 
+The schedule is sized for the run that builds the optimizer, so Trainer builds it inside
+``train()`` (``create_optimizer()`` called before, with no ``total_steps=``, refuses and says
+so; ``create_optimizer_and_scheduler(num_training_steps=n)`` sizes it for ``n``). A later run of
+the same Trainer gets a new optimizer when its step count differs or the optimizer has stepped,
+as Trainer gives every run a new scheduler: ``auto_find_batch_size`` retrying with a smaller
+batch (more steps), another ``train()`` after changing ``max_steps`` or the epochs.
+
 Keyword arguments of :func:`use_d2z` override what it reads from the Trainer (any
-:class:`d2z_optim.AdamW` argument: ``schedule``, ``warmup``, ``backend``, ``total_steps``...).
-transformers is imported by the Trainer you pass, never by this module.
+:class:`d2z_optim.AdamW` argument: ``schedule``, ``warmup``, ``backend``, ``total_steps``...;
+with ``total_steps=`` every run keeps that length). transformers is imported by the Trainer you
+pass, never by this module.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
+import weakref
 from typing import Any
 
 from ..optimizer import AdamW
@@ -89,7 +99,13 @@ def use_d2z(trainer: Any, **overrides: Any) -> Any:
     schedule :class:`d2z_optim.AdamW`; returns the trainer. Given ``optimizers=(d2z_opt, None)``
     it keeps that optimizer and only replaces Trainer's scheduler. Either way the optimizer's
     schedule length is checked against Trainer's when training begins, and a run that ends short
-    of it says so when training ends."""
+    of it says so when training ends.
+
+    The optimizer it builds is sized for the run that creates it: a later run of the same Trainer
+    (``auto_find_batch_size`` retrying with a smaller batch, another ``train()`` after changing
+    ``max_steps`` or the epochs) gets a new one when the run's step count differs or the old one
+    has stepped, as Trainer gives such a run a new scheduler (the new optimizer's moments start at
+    zero; ``resume_from_checkpoint`` then loads them with the schedule position)."""
     if getattr(trainer, "optimizer_cls_and_kwargs", None) is not None:
         raise ValueError(
             "d2z_optim.integrations.hf.use_d2z builds the optimizer: pass its arguments to use_d2z, "
@@ -108,30 +124,83 @@ def use_d2z(trainer: Any, **overrides: Any) -> Any:
         )
     if given is not None and overrides:
         raise ValueError("use_d2z: keyword arguments build the optimizer; the Trainer already has one")
-    create_optimizer = trainer.create_optimizer  # the class's (or a subclass's override), bound
+    if "total_steps" in overrides and overrides["total_steps"] is None:
+        del overrides["total_steps"]  # None: the Trainer's count, as when left out
+    # the class's (or a subclass's override), bound
+    create_optimizer, create_both = trainer.create_optimizer, trainer.create_optimizer_and_scheduler
+    built: list[weakref.ref] = []  # the AdamW this wrapper built last (rebuilt for a run it does not fit)
+    asked: list[int] = []  # num_training_steps of a create_optimizer_and_scheduler call in progress
+
+    def run_steps() -> int | None:
+        """The optimizer steps of the run being set up; None outside one."""
+        if "total_steps" in overrides:
+            return overrides["total_steps"]
+        if asked:
+            return planned_steps(asked[-1], "create_optimizer_and_scheduler(num_training_steps=...)")
+        if getattr(trainer, "is_in_train", False):
+            return planned_steps(trainer.state.max_steps, "the Trainer (state.max_steps)")
+        return None
+
+    def build(model: Any, steps: int) -> Any:
+        trainer.optimizer_cls_and_kwargs = (AdamW, optimizer_kwargs(trainer.args, steps, overrides))
+        try:
+            created = create_optimizer(model)
+        finally:
+            trainer.optimizer_cls_and_kwargs = None
+        built[:] = [weakref.ref(unwrap(created))]
+        return created
 
     @functools.wraps(create_optimizer)
     def create_d2z_optimizer(model: Any = None) -> Any:
         if trainer.optimizer is None:
-            steps = overrides.get("total_steps")
+            steps = run_steps()
             if steps is None:
-                steps = planned_steps(trainer.state.max_steps, "the Trainer (state.max_steps; set before train())")
-            trainer.optimizer_cls_and_kwargs = (AdamW, optimizer_kwargs(trainer.args, steps, overrides))
+                raise ValueError(
+                    "d2z_optim.integrations.hf.use_d2z: create_optimizer() was called outside train(), where "
+                    "the Trainer does not know the run's number of optimizer steps yet (it sets state.max_steps "
+                    "when train() starts), so the schedule cannot be sized. Let train() create the optimizer, "
+                    "call create_optimizer_and_scheduler(num_training_steps=...), or pass total_steps= (the "
+                    "run's optimizer steps) to use_d2z. Nothing was changed."
+                )
+            return build(model, steps)
+        ours = unwrap(trainer.optimizer)
+        steps = run_steps() if ours is not None and built and built[0]() is ours else None
+        # a run that this optimizer does not fit: another length, or it has stepped (a new run
+        # starts its schedule at 0, as Trainer's new scheduler would). One read, at setup only.
+        if steps is not None and (ours.total_steps != steps or int(ours.step_count) != 0):
+            old = trainer.optimizer
+            trainer.optimizer = None
             try:
-                return create_optimizer(model)
-            finally:
-                trainer.optimizer_cls_and_kwargs = None
+                created = build(model, steps)
+            except BaseException:
+                trainer.optimizer = old
+                raise
+            with warnings.catch_warnings():  # the old one's run was superseded, not cut short
+                warnings.simplefilter("ignore")
+                ours.check_run_end()
+            return created
         return create_optimizer(model)
 
+    @functools.wraps(create_both)
+    def create_d2z_optimizer_and_scheduler(num_training_steps: int) -> Any:
+        asked.append(num_training_steps)
+        try:
+            return create_both(num_training_steps)
+        finally:
+            asked.pop()
+
     def create_d2z_scheduler(num_training_steps: int, optimizer: Any = None) -> ScheduleView:
-        if trainer.lr_scheduler is None:
-            opt = unwrap(trainer.optimizer if optimizer is None else optimizer)
+        opt = unwrap(trainer.optimizer if optimizer is None else optimizer)
+        current = trainer.lr_scheduler
+        stale = isinstance(current, ScheduleView) and current.optimizer is not opt  # the optimizer was rebuilt
+        if current is None or stale:
             if opt is None:
                 raise TypeError("use_d2z: the Trainer's optimizer is not a d2z_optim.AdamW")
             trainer.lr_scheduler = ScheduleView(opt)
         return trainer.lr_scheduler
 
     trainer.create_optimizer = create_d2z_optimizer
+    trainer.create_optimizer_and_scheduler = create_d2z_optimizer_and_scheduler
     trainer.create_scheduler = create_d2z_scheduler
     trainer.add_callback(_callback_class()())
     return trainer
