@@ -262,8 +262,8 @@ def _all_reduce(norm: Tensor, norm_type: float, group: Any) -> Tensor:
     """The norm over every rank's shard (FSDP2): the sum of squares, or the max, all-reduced."""
     import torch.distributed as dist
 
-    if norm_type == math.inf:
-        total = norm.clone()
+    if norm_type == math.inf:  # a NaN as +inf: gloo's MAX drops a NaN or keeps it by rank order
+        total = torch.nan_to_num(norm, nan=math.inf)
         dist.all_reduce(total, op=dist.ReduceOp.MAX, group=group)
         return total
     total = norm.to(torch.float64).square()

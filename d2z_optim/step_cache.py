@@ -156,7 +156,8 @@ class CachedLists:
         DTensor parameter must be laid out alike (FSDP2's one mesh and placements)."""
         if not self.dtensor:
             return None
-        layouts = {(id(p.device_mesh), tuple(p.placements)) for p in self.params if type(p).__name__ == "DTensor"}
+        # equal meshes, not one object: each fully_shard() call without mesh= makes its own
+        layouts = {(p.device_mesh, tuple(p.placements)) for p in self.params if type(p).__name__ == "DTensor"}
         if len(layouts) != 1 or len(self.params) != sum(type(p).__name__ == "DTensor" for p in self.params):
             raise ValueError(
                 "max_grad_norm / spike_skip with DTensor parameters needs every parameter to be a DTensor on one "

@@ -30,7 +30,13 @@ def ranks(request, tmp_path_factory):
         )
         for r in range(2)
     ]
-    logs = [p.communicate(timeout=300)[0] for p in procs]
+    try:
+        logs = [p.communicate(timeout=300)[0] for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        tails = "\n".join(p.communicate()[0][-2000:] for p in procs)
+        pytest.fail(f"the gloo workers did not finish in 300 s:\n{tails}")
     for p, log in zip(procs, logs):
         assert p.returncode == 0, log[-4000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
@@ -56,3 +62,52 @@ def test_dcp_save_load_resumes_bit_exactly(ranks):
     for r in ranks:
         assert r["dcp_position"] == 4  # the schedule position came back
         assert_params(r["dcp_resumed"], r["dcp_straight"], exact=True)
+
+
+# ---------------------------------------------------------------- max_grad_norm across ranks
+# opt.grad_norm against clip_grad_norm_'s total norm of the single-process run: 1e-5 relative, since
+# the gradients themselves differ in their last bits (two half-batch means averaged by DDP's
+# all-reduce / FSDP2's reduce-scatter vs one full-batch mean), and under FSDP2 the norm is the
+# per-shard sums of squares combined across ranks, an fp32 reduction in another order.
+NORM_RTOL = 1e-5
+# FSDP2 as fully_shard builds it by default (a default mesh per call: equal, distinct objects) and
+# with one mesh given to every call
+FSDP_KINDS = ["fsdp-default-mesh", "fsdp-one-mesh"]
+
+
+def ran(entry):
+    assert "error" not in entry, entry["error"]
+    return entry
+
+
+@pytest.mark.parametrize("norm_type", ["2", "inf"])
+@pytest.mark.parametrize("kind", [*FSDP_KINDS, "ddp"])
+def test_max_grad_norm_matches_clip_grad_norm_then_torch_adamw(ranks, kind, norm_type):
+    ref = ranks[0]["clip"][norm_type]
+    ref_norms, max_norm = ref["ref_norms"], ref["max_norm"]
+    # the test means something: clipping was active on some steps and not on others
+    assert (ref_norms > max_norm * 1.05).sum() >= 3, (ref_norms, max_norm)
+    assert (ref_norms < max_norm * 0.95).sum() >= 3, (ref_norms, max_norm)
+    runs = [ran(r["clip"][norm_type][kind]) for r in ranks]
+    for r, rank in zip(runs, ranks):
+        assert rank["clip"][norm_type]["max_norm"] == max_norm
+        assert r.get("is_dtensor", True)
+        assert r["skipped"] == 0
+        assert r["norms"].dtype == torch.float32 and r["norms"].shape == ref_norms.shape
+        torch.testing.assert_close(r["norms"], ref_norms, rtol=NORM_RTOL, atol=0)
+        assert_params(r["params"], ref["ref"])
+    # every rank clips by the same coefficient: FSDP2's all-reduced norm, DDP's replicated gradients
+    assert torch.equal(runs[0]["norms"], runs[1]["norms"])
+
+
+@pytest.mark.parametrize("mesh", ["default-mesh", "one-mesh"])
+@pytest.mark.parametrize("case", ["2-nan", "inf-nan", "2-inf"])
+def test_nonfinite_gradient_on_one_rank_skips_the_step_on_every_rank(ranks, case, mesh):
+    runs = [ran(r["clip"][f"nonfinite-{case}-{mesh}"]) for r in ranks]
+    assert runs[1]["injected"] and not runs[0]["injected"]  # rank 1's shard only
+    for rank, r in enumerate(runs):
+        assert r["skipped"] == 1, (rank, r)
+        assert r["step_count_delta"] == 0, (rank, r)
+        assert not r["grad_norm_finite"], (rank, r)
+        assert r["params_unchanged"] and r["states_unchanged"], (rank, r)
+        assert r["after_skipped"] == 1 and r["after_step_count_delta"] == 1, (rank, r)  # and it goes on

@@ -7,13 +7,17 @@
 //
 // Launches per call: adamw_kernel (all tensors, all dtypes, amsgrad or not) then
 // counter_kernel (per-tensor steps and the schedule counter, which every block of the first
-// kernel reads and so cannot be advanced inside it without a grid-wide barrier).
+// kernel reads and so cannot be advanced inside it without a grid-wide barrier). A step clipped
+// by the global norm launches clip_kernel first, over the same blocks: each block's share of the
+// norm, and the last block to finish reduces the blocks' partials in block order and takes the
+// step's decisions (clip_math.h), which the update then reads: 3 launches for any tensor count.
 #pragma once
 
 #include <cstdint>
 #include <vector>
 
 #include "adamw_math.h"
+#include "clip_math.h"
 
 #if defined(__CUDACC__)
 #define D2Z_UNROLL _Pragma("unroll")
@@ -58,6 +62,13 @@ struct LaunchArgs {
   const float* found_inf;   // nullptr when absent
   int32_t n_tensors;
   int32_t independent_wd;
+  // clipping (clip_on != 0): clip_kernel's arguments; the update's grad_scale / found_inf are then
+  // clip_t.grad_scale_out / clip_t.found_out (the caller points them there)
+  int32_t clip_on;
+  ClipConfig clip;
+  ClipTensors clip_t;
+  double* clip_partials;      // [max(n_blocks, 1)] one per clip_kernel block
+  unsigned int* clip_ticket;  // blocks done: 0 before a launch, reset by the last block
 };
 
 D2Z_INLINE bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
@@ -254,6 +265,68 @@ D2Z_HD inline void adamw_thread(int64_t block, int thread, int block_dim, const 
   }
 }
 
+// ---- the clip kernel's bodies (host and device) ----
+// Thread `thread`'s share of block `block`'s chunk of its gradient (the elements thread,
+// thread + block_dim, ...): the sum of squares, or the largest magnitude (a NaN wins), in the
+// compute type (64 terms per thread for fp32), returned as double. Blocks past n_blocks: 0.
+template <int D>
+D2Z_INLINE double clip_partial(const TensorMeta& t, int64_t start, int64_t end, int thread, int block_dim, bool inf) {
+  using S = Storage<D>;
+  using C = typename S::compute;
+  const typename S::type* g = static_cast<const typename S::type*>(t.g);
+  C acc = C(0);
+  for (int64_t e = start + thread; e < end; e += block_dim) {
+    const C x = S::load(g[e]);
+    if (inf) {
+      const C a = x < C(0) ? -x : x;
+      acc = (a > acc || a != a) ? a : acc;
+    } else {
+      acc = acc + x * x;
+    }
+  }
+  return static_cast<double>(acc);
+}
+
+D2Z_HD inline double clip_thread(int64_t block, int thread, int block_dim, const LaunchArgs& a, int64_t n_blocks) {
+  if (block >= n_blocks) return 0.0;
+  const BlockWork w = a.blocks[block];
+  const TensorMeta& t = a.tensors[w.tensor];
+  const int64_t start = static_cast<int64_t>(w.chunk) * kChunk;
+  const int64_t end = start + kChunk < t.n ? start + kChunk : t.n;
+  const bool inf = a.clip.inf_norm != 0;
+  switch (t.dtype) {
+    case kF32:
+      return clip_partial<kF32>(t, start, end, thread, block_dim, inf);
+    case kBF16:
+      return clip_partial<kBF16>(t, start, end, thread, block_dim, inf);
+    case kF16:
+      return clip_partial<kF16>(t, start, end, thread, block_dim, inf);
+    default:
+      return clip_partial<kF64>(t, start, end, thread, block_dim, inf);
+  }
+}
+
+// One level of the block's fixed reduction tree over its threads' partials (shared memory on the
+// GPU): for t < s, sh[t] combines sh[t + s]. Levels s = block_dim / 2, ..., 1.
+D2Z_INLINE void clip_tree_level(double* sh, int t, int s, bool inf) { sh[t] = combine_norm(sh[t], sh[t + s], inf); }
+
+D2Z_INLINE double load_partial(const double* p) {
+#if defined(__CUDA_ARCH__)
+  return __ldcg(p);  // written by other blocks: read past the (incoherent) L1
+#else
+  return *p;
+#endif
+}
+
+// The last block: thread t combines partials t, t + block_dim, ... in order (then the tree).
+D2Z_HD inline double clip_gather(const double* partials, int64_t n, int thread, int block_dim, bool inf) {
+  double acc = 0.0;
+  for (int64_t i = thread; i < n; i += block_dim) acc = combine_norm(acc, load_partial(partials + i), inf);
+  return acc;
+}
+
+inline int64_t clip_blocks(int64_t n_blocks) { return n_blocks > 0 ? n_blocks : 1; }
+
 // The body of counter_kernel (after adamw_kernel, same stream): steps[i] += 1 and step_count += 1.
 D2Z_HD inline void counter_thread(int64_t block, int thread, int block_dim, const LaunchArgs& a) {
   if (a.found_inf != nullptr && *a.found_inf != 0.0f) return;
@@ -267,9 +340,9 @@ inline int64_t counter_blocks(int64_t n_tensors) {
   return b < 1 ? 1 : b;
 }
 
-// Launches adamw_kernel, or adamw_kernel_f64 when `with_f64` (n_blocks blocks, skipped when 0), then
-// counter_kernel on `stream`. Returns the first launch error (cudaSuccess otherwise). Defined in
-// adamw_cuda.cu.
+// Launches clip_kernel when a.clip_on (clip_blocks(n_blocks) blocks), adamw_kernel, or
+// adamw_kernel_f64 when `with_f64` (n_blocks blocks, skipped when 0), then counter_kernel on `stream`. Returns the
+// first launch error (cudaSuccess otherwise). Defined in adamw_cuda.cu.
 int launch_adamw(const LaunchArgs& a, int64_t n_blocks, bool with_f64, void* stream);
 
 }  // namespace d2z

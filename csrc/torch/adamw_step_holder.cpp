@@ -519,9 +519,54 @@ struct DeviceStepHolder : HeldParams {
     dev_streams.push_back(stream);
   }
 
+  // A clipped step's arguments (kind cuda): checked, as clip_kernel takes them.
+  struct Clip {
+    ClipConfig config;
+    ClipTensors tensors;
+  };
+
+  // The clip kernel's partials and ticket: one double per block and the ticket in a last slot,
+  // zeroed once (the last block resets the ticket). Kept across steps; a buffer a capture used is
+  // kept in `captured` and never written by a later, larger step.
+  at::Tensor clip_ws;
+  bool clip_ws_captured = false;
+
+  void clip_workspace(int64_t blocks, bool capturing, const at::Device& device) {
+    const int64_t need = clip_blocks(blocks) + 1;
+    if (!clip_ws.defined() || clip_ws.numel() < need || clip_ws.device() != device) {
+      clip_ws = at::zeros({need}, at::TensorOptions().dtype(at::kDouble).device(device));
+      clip_ws_captured = false;
+    }
+    if (capturing && !clip_ws_captured) {
+      captured.push_back(clip_ws);
+      clip_ws_captured = true;
+    }
+  }
+
   StepStatus step(const at::Tensor& step_count, const at::Tensor& lr_table, const at::Tensor& wd_table,
                   const at::Tensor& hparams, bool independent_wd, const std::optional<at::Tensor>& grad_scale,
                   const std::optional<at::Tensor>& found_inf, bool capturing) {
+    return step_impl(step_count, lr_table, wd_table, hparams, independent_wd, grad_scale, found_inf, capturing,
+                     nullptr);
+  }
+
+  // A step clipped by the global norm (kind cuda): clip_kernel, then the update with its decisions.
+  StepStatus step_clipped(const at::Tensor& step_count, const at::Tensor& lr_table, const at::Tensor& wd_table,
+                          const at::Tensor& hparams, bool independent_wd, const std::optional<at::Tensor>& grad_scale,
+                          const std::optional<at::Tensor>& found_inf, const at::Tensor& ring,
+                          const at::Tensor& recorded, const at::Tensor& grad_norm, const at::Tensor& grad_scale_out,
+                          const at::Tensor& found_out, double max_norm, double ord, bool spike_skip, double spike_sigma,
+                          bool capturing) {
+    TORCH_CHECK(kind == Kind::kCuda, "d2z.DeviceStepHolder: step_clipped needs kind 'cuda'");
+    const Clip clip{clip_config(max_norm, ord, spike_skip, spike_sigma, ring),
+                    check_clip_tensors(step_count.device(), grad_scale, found_inf, ring, recorded, grad_norm,
+                                       grad_scale_out, found_out)};
+    return step_impl(step_count, lr_table, wd_table, hparams, independent_wd, grad_scale, found_inf, capturing, &clip);
+  }
+
+  StepStatus step_impl(const at::Tensor& step_count, const at::Tensor& lr_table, const at::Tensor& wd_table,
+                       const at::Tensor& hparams, bool independent_wd, const std::optional<at::Tensor>& grad_scale,
+                       const std::optional<at::Tensor>& found_inf, bool capturing, const Clip* clip) {
     TORCH_CHECK(!released(), "d2z.DeviceStepHolder: used after release()");
     const at::Device dev_ =
         check_call_tensors(step_count, lr_table, wd_table, hparams, grad_scale, found_inf, device_type());
@@ -577,8 +622,18 @@ struct DeviceStepHolder : HeldParams {
       dev_captured = true;
     }
     if (kind == Kind::kCuda && mode != Mode::kStub) {
-      const LaunchArgs L = launch_args(dev.data_ptr(), static_cast<size_t>(n), hparams, lr_table, wd_table, step_count,
-                                       grad_scale, found_inf, independent_wd);
+      LaunchArgs L = launch_args(dev.data_ptr(), static_cast<size_t>(n), hparams, lr_table, wd_table, step_count,
+                                 grad_scale, found_inf, independent_wd);
+      if (clip != nullptr) {
+        clip_workspace(n_blocks, capturing, dev_);
+        L.clip_on = 1;
+        L.clip = clip->config;
+        L.clip_t = clip->tensors;
+        L.clip_partials = clip_ws.data_ptr<double>();
+        L.clip_ticket = reinterpret_cast<unsigned int*>(clip_ws.data_ptr<double>() + clip_ws.numel() - 1);
+        L.grad_scale = clip->tensors.grad_scale_out;  // the update divides by the clip's divisor
+        L.found_inf = clip->tensors.found_out;
+      }
       if (mode == Mode::kDevice) {
         const int err = cuda_hooks()->launch(L, n_blocks, has_f64, stream);
         TORCH_CHECK(err == 0, "d2z::adamw_step_: kernel launch failed: ", cuda_hooks()->error_string(err));
@@ -656,6 +711,19 @@ void bind_step_holders(py::module_& m) {
              const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf, bool capturing) {
             return static_cast<int64_t>(
                 self.step(step_count, lr_table, wd_table, hparams, independent_wd, grad_scale, found_inf, capturing));
+          },
+          py::call_guard<py::gil_scoped_release>())
+      .def(
+          "step_clipped",
+          [](DeviceStepHolder& self, const at::Tensor& step_count, const at::Tensor& lr_table,
+             const at::Tensor& wd_table, const at::Tensor& hparams, bool independent_wd,
+             const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+             const at::Tensor& ring, const at::Tensor& recorded, const at::Tensor& grad_norm,
+             const at::Tensor& grad_scale_out, const at::Tensor& found_out, double max_norm, double ord,
+             bool spike_skip, double spike_sigma, bool capturing) {
+            return static_cast<int64_t>(self.step_clipped(
+                step_count, lr_table, wd_table, hparams, independent_wd, grad_scale, found_inf, ring, recorded,
+                grad_norm, grad_scale_out, found_out, max_norm, ord, spike_skip, spike_sigma, capturing));
           },
           py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("version", [](const DeviceStepHolder& self) { return self.version; })

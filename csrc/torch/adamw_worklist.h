@@ -49,7 +49,7 @@ inline LaunchArgs launch_args(const void* meta, size_t n_tensors, const at::Tens
                               const at::Tensor& wd_table, const at::Tensor& step_count,
                               const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
                               bool independent_wd) {
-  LaunchArgs L;
+  LaunchArgs L{};  // clip_on = 0: no clipping
   L.tensors = static_cast<const TensorMeta*>(meta);
   L.blocks = reinterpret_cast<const BlockWork*>(static_cast<const char*>(meta) + n_tensors * sizeof(TensorMeta));
   L.hparams = hparams.data_ptr<double>();
@@ -72,7 +72,30 @@ inline LaunchArgs make_launch_args(const StepArgs& a, const void* meta, size_t n
 // Every block and thread of both grids on the host, in launch order (the CUDA kernels' bodies; the
 // kernel with the float64 path when the launcher would take it). Blocks of one grid may run in any
 // order on a GPU; each writes a disjoint chunk, so the sequential order gives the same result.
+// clip_kernel on the host: every block's threads, its tree, the ticket; the last block's gather.
+inline void replay_clip(const LaunchArgs& L, int64_t n_blocks) {
+  const bool inf = L.clip.inf_norm != 0;
+  const int64_t grid = clip_blocks(n_blocks);
+  double sh[kBlockThreads];
+  auto tree = [&] {
+    for (int s = kBlockThreads / 2; s > 0; s >>= 1) {
+      for (int t = 0; t < s; ++t) clip_tree_level(sh, t, s, inf);
+    }
+  };
+  for (int64_t b = 0; b < grid; ++b) {
+    for (int t = 0; t < kBlockThreads; ++t) sh[t] = clip_thread(b, t, kBlockThreads, L, n_blocks);
+    tree();
+    L.clip_partials[b] = sh[0];
+    *L.clip_ticket += 1u;
+  }
+  for (int t = 0; t < kBlockThreads; ++t) sh[t] = clip_gather(L.clip_partials, grid, t, kBlockThreads, inf);
+  tree();
+  clip_finalize(sh[0], L.clip, L.clip_t);
+  *L.clip_ticket = 0u;
+}
+
 inline void replay_grid(const LaunchArgs& L, int64_t n_blocks, bool with_f64) {
+  if (L.clip_on) replay_clip(L, n_blocks);
   for (int64_t b = 0; b < n_blocks; ++b) {
     for (int t = 0; t < kBlockThreads; ++t) {
       with_f64 ? adamw_thread<true>(b, t, kBlockThreads, L) : adamw_thread<false>(b, t, kBlockThreads, L);

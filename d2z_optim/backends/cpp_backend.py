@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .checks import DTYPES, check_step_args
-from .contract import DeviceWork, StepStatus, flatten, hparams_tensor, step_device_holder
+from .contract import DeviceWork, StepStatus, capturing, flatten, hparams_tensor, step_device_holder
 
 __all__ = [
     "DTYPES",
@@ -273,6 +273,20 @@ class CudaStepHolder:
     def step(self, work: DeviceWork, skip_nonfinite: bool = False) -> StepStatus:
         assert not skip_nonfinite, "CudaStepHolder does not scan gradients (scans_nonfinite is False)"
         return step_device_holder(self._holder, self._refused, work)[0]
+
+    clips = True  # step_clipped: clip_kernel, then the update reading its decisions (3 launches)
+
+    def step_clipped(self, work: DeviceWork, clip_args: tuple) -> StepStatus:
+        """The step of ``work`` clipped by the global norm of its gradients (``GradClip.kernel_args``)."""
+        hp = work.hparams if work.hparams is not None else hparams_tensor(work)
+        try:
+            status = self._holder.step_clipped(
+                work.step_count, work.lr_table, work.wd_table, hp, work.independent_wd, work.grad_scale,
+                work.found_inf, *clip_args, capturing(work.step_count.device),
+            )  # fmt: skip
+        except self._refused:
+            return StepStatus.DECLINED
+        return StepStatus(status)
 
 
 def _register_fake(op: str) -> None:
