@@ -16,7 +16,7 @@ NVCC = shutil.which("nvcc")
 ARCHS = ("80", "90")
 # per kernel: adamw_kernel's launch bounds keep 4 blocks of 256 threads per SM (64 registers);
 # adamw_kernel_f64 (taken only when a float64 tensor is in the call) keeps 2 (128)
-MAX_REGISTERS = {"adamw_kernel_f64": 128, "adamw_kernel": 64, "counter_kernel": 64}
+MAX_REGISTERS = {"adamw_kernel_f64": 128, "adamw_kernel": 64, "counter_kernel": 64, "clip_kernel": 64}
 
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH: the CUDA compile checks need a toolkit")
 
