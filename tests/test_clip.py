@@ -95,6 +95,8 @@ def test_matches_clip_grad_norm_then_torch_adamw(backend, norm_type):
         else:
             torch.testing.assert_close(x, y, rtol=2e-5, atol=2e-6)
     assert int(opt.skipped_steps) == 0 and int(opt.step_count) == STEPS
+    if backend != "torch":  # the steady state: the step holder's own clipped step
+        assert getattr(opt._cache.lists.holder, "clips", False)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -56,6 +56,7 @@ RANKS = {
     "d2z_optim.backends.contract": 0.4,
     "d2z_optim.triton_kernels": 0,
     "d2z_optim.triton_kernels.adamw": 0,
+    "d2z_optim.triton_kernels.clip": 0,
     "d2z_optim._C": 0,  # the compiled extension (csrc/)
     "d2z_optim.build_info": 0,  # written by setup.py when the extension is built
 }

@@ -154,3 +154,51 @@ def test_counter_kernel_compiles():
         options = {"num_warps": 4, "enable_fp_fusion": adamw.FP_FUSION}
         k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
         assert k.asm["cubin"] and ".local" not in k.asm["ptx"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("inf", [False, True], ids=["l2", "inf"])
+def test_clip_kernels_compile_without_spills(dtype, arch, inf):
+    import torch
+    import triton
+    import triton.language as tl
+    from d2z_optim.triton_kernels import adamw, clip
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from d2z_optim.backends import triton_backend
+
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}[dtype]
+    cols = triton_backend.MetaCol
+    norm_consts = dict(
+        META_COLS=triton_backend.META_COLS, COL_G=int(cols.G), COL_NUMEL=int(cols.NUMEL),
+        DTYPE={"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16, "fp64": tl.float64}[dtype],
+        COMPUTE=tl.float64 if dtype == "fp64" else tl.float32, INF=inf, BLOCK=adamw.BLOCK[torch_dtype],
+        CHUNK=adamw.CHUNK_BLOCKS * adamw.BLOCK[torch_dtype],
+    )  # fmt: skip
+    norm_sig = {
+        "meta_ptr": "*i64",
+        "work_ptr": "*i64",
+        "partial_ptr": "*fp64",
+        **dict.fromkeys(norm_consts, "constexpr"),
+    }
+    fin_consts = dict(
+        INF=inf, HAS_GRAD_SCALE=True, HAS_FOUND_INF=True, CLIP=True, SPIKE=True, BLOCK=clip.FINALIZE_BLOCK
+    )
+    fin_sig = {
+        "partial_ptr": "*fp64", "n_partials": "i64", "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32",
+        "ring_ptr": "*fp32", "window": "i64", "recorded_ptr": "*i64", "grad_norm_ptr": "*fp32",
+        "grad_scale_out_ptr": "*fp32", "found_out_ptr": "*fp32", "max_norm": "fp32", "sigma": "fp32",
+        **dict.fromkeys(fin_consts, "constexpr"),
+    }  # fmt: skip
+    for fn, sig, consts, warps in (
+        (clip.norm_kernel, norm_sig, norm_consts, adamw.NUM_WARPS),
+        (clip.clip_finalize_kernel, fin_sig, fin_consts, 4),
+    ):
+        src = ASTSource(fn=fn, signature=sig, constexprs=consts)
+        options = {"num_warps": warps, "enable_fp_fusion": adamw.FP_FUSION}
+        k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+        report = _ptxas_report(k.asm["ptx"], arch)
+        assert k.asm["cubin"] and "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in report, report
+        assert "sqrt.approx" not in k.asm["ptx"] and "div.approx" not in k.asm["ptx"]

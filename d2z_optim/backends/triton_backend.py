@@ -28,6 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..triton_kernels import adamw as kernels
+from ..triton_kernels import clip as clip_kernels
 from .checks import DTYPES, StepArgumentError, check_device_work, check_step_args
 from .contract import HP_COLS, DeviceWork, HpCol, StepStatus, capturing, flatten, step_device_holder
 
@@ -238,6 +239,60 @@ def launch(
         )
 
 
+def launch_clip(
+    buf: Tensor, launches: list, partials: Tensor, grad_scale: Tensor | None, found_inf: Tensor | None,
+    clip_args: tuple,
+) -> None:  # fmt: skip
+    """Clipping before :func:`launch`: one ``norm_kernel`` per launch of the update (its programs:
+    the update's work items, one partial each, into ``partials``), then ``clip_finalize_kernel``
+    (one program: the partials in order, the decisions into ``clip_args``' outputs)."""
+    ring, recorded, grad_norm, scale_out, found_out, max_norm, norm_type, spike, sigma = clip_args
+    inf = norm_type == float("inf")
+    dev = partials.device
+    total = 0
+    with _on_device(dev):
+        for dtype, _, offset, n_items in launches:
+            clip_kernels.norm_kernel[(n_items,)](
+                buf,
+                buf[offset:],
+                partials[total:],
+                META_COLS=META_COLS,
+                COL_G=int(MetaCol.G),
+                COL_NUMEL=int(MetaCol.NUMEL),
+                DTYPE=_tl_dtype(dtype),
+                COMPUTE=tl.float64 if dtype == torch.float64 else tl.float32,
+                INF=inf,
+                BLOCK=kernels.BLOCK[dtype],
+                CHUNK=kernels.CHUNK_BLOCKS * kernels.BLOCK[dtype],
+                num_warps=kernels.NUM_WARPS,
+                enable_fp_fusion=kernels.FP_FUSION,
+            )
+            total += n_items
+        dummy = scale_out  # stands for absent optional pointers (never read)
+        clip_kernels.clip_finalize_kernel[(1,)](
+            partials,
+            total,
+            grad_scale if grad_scale is not None else dummy,
+            found_inf if found_inf is not None else dummy,
+            ring,
+            ring.numel(),
+            recorded,
+            grad_norm,
+            scale_out,
+            found_out,
+            max(float(max_norm), 0.0),
+            float(sigma),
+            INF=inf,
+            HAS_GRAD_SCALE=grad_scale is not None,
+            HAS_FOUND_INF=found_inf is not None,
+            CLIP=max_norm > 0,
+            SPIKE=bool(spike),
+            BLOCK=clip_kernels.FINALIZE_BLOCK,
+            num_warps=4,
+            enable_fp_fusion=kernels.FP_FUSION,
+        )
+
+
 # ------------------------------------------------------------------------ the op
 @torch.library.custom_op(
     OP, mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps", "step_count")
@@ -302,22 +357,48 @@ class TritonStepHolder:
         self._version = -1
         self._buf: Tensor | None = None
         self._launches: list = []
+        self._partials: Tensor | None = None  # the clip's, one per update program
+        self._kept: list[Tensor] = []  # partial buffers a capture used: never written again
 
     def captured(self) -> list[Tensor]:
         """The buffers a CUDA graph capture recorded (they must outlive the holder if it goes first)."""
-        return list(self._holder.captured)
+        return list(self._holder.captured) + self._kept
 
-    def step(self, work: DeviceWork, skip_nonfinite: bool = False) -> StepStatus:
-        assert not skip_nonfinite, "TritonStepHolder does not scan gradients (scans_nonfinite is False)"
+    def _checked(self, work: DeviceWork) -> tuple[StepStatus, Tensor]:
         status, hp = step_device_holder(self._holder, self._refused, work)
-        if status != StepStatus.APPLIED:
-            return status
-        if self._holder.version != self._version:  # new metadata: read its layout once
+        if status == StepStatus.APPLIED and self._holder.version != self._version:  # new metadata: its layout
             self._buf = self._holder.metadata.view(torch.int64)
             self._launches = [(_DTYPE_CODES[d], ams, off, n) for d, ams, off, n in self._holder.launches]
             self._version = self._holder.version
+        return status, hp
+
+    def step(self, work: DeviceWork, skip_nonfinite: bool = False) -> StepStatus:
+        assert not skip_nonfinite, "TritonStepHolder does not scan gradients (scans_nonfinite is False)"
+        status, hp = self._checked(work)
+        if status != StepStatus.APPLIED:
+            return status
         launch(self._buf, self._n, self._launches, hp, work.lr_table, work.wd_table, work.step_count,
                work.grad_scale, work.found_inf, work.independent_wd)  # fmt: skip
+        return StepStatus.APPLIED
+
+    clips = True  # step_clipped: the clip's kernels, then the update reading their decisions
+
+    def step_clipped(self, work: DeviceWork, clip_args: tuple) -> StepStatus:
+        """The step of ``work`` clipped by the global norm of its gradients (``GradClip.kernel_args``):
+        :func:`launch_clip` over the update's work items, then :func:`launch` with its divisor."""
+        status, hp = self._checked(work)
+        if status != StepStatus.APPLIED:
+            return status
+        need = max(1, sum(n for *_, n in self._launches))
+        dev = work.step_count.device
+        if self._partials is None or self._partials.numel() < need or self._partials.device != dev:
+            self._partials = torch.empty(need, dtype=torch.float64, device=dev)
+        if capturing(dev) and not any(t is self._partials for t in self._kept):
+            self._kept.append(self._partials)  # a graph replays into it: a later resize takes a new one
+        launch_clip(self._buf, self._launches, self._partials, work.grad_scale, work.found_inf, clip_args)
+        scale_out, found_out = clip_args[3], clip_args[4]
+        launch(self._buf, self._n, self._launches, hp, work.lr_table, work.wd_table, work.step_count,
+               scale_out, found_out, work.independent_wd)  # fmt: skip
         return StepStatus.APPLIED
 
 
