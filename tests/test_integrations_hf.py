@@ -180,6 +180,53 @@ def test_a_given_optimizer_is_kept_and_its_length_checked(tmp_path):
     assert isinstance(t.lr_scheduler, hf.ScheduleView)
 
 
+class Norms(transformers.TrainerCallback):
+    """The gradients' global norm before each step (a sync, test only) and the logged grad_norm."""
+
+    def __init__(self):
+        self.before, self.logged = [], []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        self.before.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if logs and "grad_norm" in logs:
+            self.logged.append(logs["grad_norm"])
+
+
+def test_max_grad_norm_moves_into_the_optimizer_with_trainers_parameters(tmp_path):
+    inside = Norms()
+    t = hf.use_d2z(trainer(tmp_path / "a", [inside], max_steps=8, max_grad_norm=0.3))
+    assert t.args.max_grad_norm == 0.0  # Trainer does not clip: the optimizer does
+    t.train()
+    opt = hf.unwrap(t.optimizer)
+    assert opt.max_grad_norm == 0.3 and int(opt.step_count) == 8
+    assert min(inside.before) > 0.3  # .grad was not clipped in place; the update was
+    assert inside.logged == pytest.approx(inside.before, rel=1e-5)  # logged: the pre-clip norm
+    # Trainer's own clipping of a d2z optimizer that does not clip: the same parameters
+    model = tiny_gpt2()
+    groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in opt.param_groups]
+    by_id = {id(p): q for p, q in zip(t.model.parameters(), model.parameters())}
+    groups = [{**g, "params": [by_id[id(p)] for p in g["params"]]} for g in groups]
+    plain = AdamW(groups, lr=PEAK, total_steps=8, warmup=3)
+    outside = Norms()
+    u = transformers.Trainer(
+        model=model, args=training_args(tmp_path / "b", max_steps=8, max_grad_norm=0.3), train_dataset=Tokens(),
+        callbacks=[outside], optimizers=(plain, None),
+    )  # fmt: skip
+    hf.use_d2z(u)
+    assert u.args.max_grad_norm == 0.3
+    u.train()
+    assert plain.max_grad_norm is None and outside.logged == pytest.approx(inside.before, rel=1e-4)
+    # rtol: one rounding apart per step (the coefficient folded into the kernel's divisor vs
+    # multiplied into .grad); atol: the key third of c_attn.bias has a gradient that is zero in
+    # exact arithmetic (softmax ignores a constant added to every key), so its float noise differs
+    # once the parameters differ by a rounding, and Adam scales noise below eps up to lr * g / eps
+    for a, b in zip(t.model.parameters(), model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
+
+
 def test_the_logging_path_reads_nothing_from_the_device(tmp_path):
     t = hf.use_d2z(trainer(tmp_path, max_steps=4))
     t.train()

@@ -1,10 +1,11 @@
 """Lightning with d2z: ``total_steps(self.trainer)`` in configure_optimizers and ``D2ZCallback``,
 against the real package (issue 16): the applied LR equals the schedule step by step, the logged
 LR equals the applied one (under LearningRateMonitor's keys, for several optimizers and groups;
-``log_every_n_steps=0`` never logs), ``bf16-mixed``/``16-mixed`` with ``gradient_clip_val`` clip
-(an fp16 overflow is a counted no-op; manual optimization unscales once; a skipped batch leaves
-the GradScaler as it was), a ``pytorch_lightning`` Trainer gets the same, resume is bitwise, and
-the logging path reads nothing from the device."""
+``log_every_n_steps=0`` never logs), ``gradient_clip_val`` moves into the optimizer (the same
+parameters as Lightning's own clipping, the norm logged), ``bf16-mixed``/``16-mixed`` with
+``gradient_clip_val`` clip either way (an fp16 overflow is a counted no-op; manual optimization
+unscales once; a skipped batch leaves the GradScaler as it was), a ``pytorch_lightning`` Trainer
+gets the same, resume is bitwise, and the logging path reads nothing from the device."""
 
 from __future__ import annotations
 
@@ -190,23 +191,49 @@ def test_recipe_applies_the_schedule_and_the_callback_logs_it():
     assert [v for _, v in logged] == pytest.approx(want, rel=1e-7, abs=0)  # logged = applied
 
 
+def test_clipping_moves_into_the_optimizer_with_the_parameters_lightnings_clipping_gives():
+    inside, outside = Net(), Net()
+    trainer, logger = fit(inside, gradient_clip_val=0.05)
+    opt = trainer.optimizers[0]
+    assert opt.max_grad_norm == 0.05 and int(opt.step_count) == 8
+    fit(outside, callbacks=[d2z_lightning.D2ZCallback(clip_inside=False)], gradient_clip_val=0.05)
+    assert max(outside.norms) <= 0.05 * (1 + 1e-3)  # Lightning clipped .grad there; not here:
+    assert min(inside.norms) > 0.05
+    for a, b in zip(inside.parameters(), outside.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # the kernels' rounding vs torch's
+    logged = [m["grad_norm-AdamW"] for _, m in logger.rows if "grad_norm-AdamW" in m]
+    assert logged == pytest.approx(inside.norms, rel=1e-5)  # the pre-clip norm of each step
+
+
 def test_bf16_mixed_clips_with_the_callback():
     with pytest.raises(RuntimeError, match="does not allow for gradient clipping"):  # Lightning alone
         fit(Net(), callbacks=[], precision="bf16-mixed", gradient_clip_val=0.05, max_epochs=1)
     model = Net()
     trainer, _ = fit(model, precision="bf16-mixed", gradient_clip_val=0.05)
-    assert int(trainer.optimizers[0].step_count) == 8
+    opt = trainer.optimizers[0]
+    assert int(opt.step_count) == 8 and opt.max_grad_norm == 0.05
+    assert float(opt.grad_norm) == pytest.approx(model.norms[-1], rel=1e-5)
+    model = Net()  # Lightning's clipping kept: unscaled (no scaler here) and clipped in .grad
+    trainer, _ = fit(model, callbacks=[d2z_lightning.D2ZCallback(clip_inside=False)], precision="bf16-mixed",
+                     gradient_clip_val=0.05)  # fmt: skip
+    assert int(trainer.optimizers[0].step_count) == 8 and trainer.optimizers[0].max_grad_norm is None
     assert max(model.norms) <= 0.05 * (1 + 1e-3), model.norms  # every step saw clipped gradients
 
 
-def test_16_mixed_with_a_grad_scaler_clips_and_skips_an_overflow_without_a_sync():
+@pytest.mark.parametrize("clip_inside", [True, False], ids=["inside", "lightning"])
+def test_16_mixed_with_a_grad_scaler_clips_and_skips_an_overflow_without_a_sync(clip_inside):
     model = Net(inf_at=2)  # batch 2 of each epoch: an inf loss, every gradient inf
-    trainer, _ = fit(model, plugins=[scaled_plugin()], gradient_clip_val=0.05)
+    cb = d2z_lightning.D2ZCallback(clip_inside=clip_inside)
+    trainer, _ = fit(model, callbacks=[cb], plugins=[scaled_plugin()], gradient_clip_val=0.05)
     opt = trainer.optimizers[0]
     assert int(opt.skipped_steps) == 2 and int(opt.step_count) == 6  # overflows: no-ops, counted
     assert all(p.isfinite().all() for p in model.parameters())
     finite = [n for n in model.norms if math.isfinite(n)]
-    assert len(finite) == 6 and max(finite) <= 0.05 * (1 + 1e-3), model.norms
+    assert len(finite) == 6
+    if clip_inside:  # .grad stays scaled; the optimizer's norm is the true one
+        assert math.isfinite(float(opt.grad_norm)) and float(opt.grad_norm) < finite[-1]
+    else:
+        assert max(finite) <= 0.05 * (1 + 1e-3), model.norms
 
 
 def test_resume_is_bitwise(tmp_path):
@@ -263,7 +290,8 @@ def test_manual_optimization_under_16_mixed_unscales_once():
 def test_a_skipped_batch_under_16_mixed_leaves_the_scaler_as_it_was():
     model = SkipsABatch()  # batch 3 of each epoch (an optimizer step's last micro-batch) returns None
     with pytest.warns(UserWarning, match=r"ended after 6 of its schedule's total_steps=8"):
-        trainer, _ = fit(model, plugins=[scaled_plugin()], gradient_clip_val=0.05)
+        cb = d2z_lightning.D2ZCallback(clip_inside=False)  # the unscale-then-clip path
+        trainer, _ = fit(model, callbacks=[cb], plugins=[scaled_plugin()], gradient_clip_val=0.05)
     opt = trainer.optimizers[0]
     assert int(opt.step_count) == 6 and int(opt.skipped_steps) == 0 and trainer.global_step == 8
     assert all(p.isfinite().all() for p in model.parameters())
@@ -305,8 +333,9 @@ def test_a_pytorch_lightning_trainer_clips_too():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         trainer.fit(model, data())
-    assert int(trainer.optimizers[0].step_count) == 8
-    assert max(model.norms) <= 0.05 * (1 + 1e-3), model.norms
+    opt = trainer.optimizers[0]
+    assert int(opt.step_count) == 8 and opt.max_grad_norm == 0.05  # moved into the optimizer
+    assert float(opt.grad_norm) == pytest.approx(model.norms[-1], rel=1e-5)
 
 
 def test_log_every_n_steps():

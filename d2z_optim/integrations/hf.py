@@ -14,7 +14,12 @@ int, or a fraction of the run as Trainer rounds it: up). The LR schedule runs on
 Trainer's scheduler slot holds a view that steps nothing and reports the LR each step applied,
 from the host (no device read; see :meth:`d2z_optim.AdamW.last_lr_host` for the skipped-step
 caveat), which is what Trainer logs as ``learning_rate``. Checkpoints resume bitwise: the
-schedule position is in ``optimizer.pt``. ``max_grad_norm`` clips as Trainer always does.
+schedule position is in ``optimizer.pt``. ``args.max_grad_norm`` (Trainer clips at 1.0 by
+default) moves into the optimizer: its ``max_grad_norm``, with ``args.max_grad_norm`` set to 0 so
+that Trainer does not clip too; the norm is taken on the device inside the step (one pass over
+the gradients instead of three, the true norm under AMP, no sync) and logged as Trainer logs its
+own, ``grad_norm``, with each row (one device read per row, as the loss's). ``.grad`` is no longer
+scaled in place. ``max_grad_norm=None`` in use_d2z's keywords keeps Trainer's clipping instead.
 
 The schedule is sized for the run that builds the optimizer, so Trainer builds it inside
 ``train()`` (``create_optimizer()`` called before, with no ``total_steps=``, refuses and says
@@ -126,6 +131,14 @@ def use_d2z(trainer: Any, **overrides: Any) -> Any:
         raise ValueError("use_d2z: keyword arguments build the optimizer; the Trainer already has one")
     if "total_steps" in overrides and overrides["total_steps"] is None:
         del overrides["total_steps"]  # None: the Trainer's count, as when left out
+    clip = getattr(trainer.args, "max_grad_norm", None)
+    if clip is not None and clip > 0:  # Trainer would clip: the optimizer does it instead
+        ours = unwrap(given) if given is not None else None
+        if given is None and "max_grad_norm" not in overrides:
+            overrides["max_grad_norm"] = float(clip)
+            trainer.args.max_grad_norm = 0.0
+        elif ours is not None and ours.max_grad_norm is not None:  # it clips already: not twice
+            trainer.args.max_grad_norm = 0.0
     # the class's (or a subclass's override), bound
     create_optimizer, create_both = trainer.create_optimizer, trainer.create_optimizer_and_scheduler
     built: list[weakref.ref] = []  # the AdamW this wrapper built last (rebuilt for a run it does not fit)
@@ -199,6 +212,16 @@ def use_d2z(trainer: Any, **overrides: Any) -> Any:
             trainer.lr_scheduler = ScheduleView(opt)
         return trainer.lr_scheduler
 
+    own_log = trainer.log
+
+    @functools.wraps(own_log)
+    def log_with_grad_norm(logs: dict[str, float], *args: Any, **kwargs: Any) -> Any:
+        opt = unwrap(trainer.optimizer) if trainer.optimizer is not None else None
+        if opt is not None and opt.grad_norm is not None and "loss" in logs and "grad_norm" not in logs:
+            logs = {**logs, "grad_norm": float(opt.grad_norm)}  # where Trainer puts its own
+        return own_log(logs, *args, **kwargs)
+
+    trainer.log = log_with_grad_norm
     trainer.create_optimizer = create_d2z_optimizer
     trainer.create_optimizer_and_scheduler = create_d2z_optimizer_and_scheduler
     trainer.create_scheduler = create_d2z_scheduler

@@ -28,6 +28,13 @@ cannot know it. :class:`D2ZCallback`:
   then clipped; the scaler still hands the step ``found_inf``, so an overflow is a no-op counted
   in ``skipped_steps``, without a sync. A batch whose ``training_step`` returns None is not
   unscaled (no step follows it, as in Lightning), so it leaves the scaler as it found it;
+- moves ``gradient_clip_val`` (algorithm ``"norm"``) into every d2z optimizer that does not clip
+  already: it sets the optimizer's ``max_grad_norm`` when training starts and Lightning's own
+  clipping of that optimizer becomes a no-op, so the norm is taken on the device inside the step
+  (one pass over the gradients instead of three, the true norm under AMP without unscaling, no
+  sync) and logged as ``grad_norm-AdamW`` (the LR keys with ``grad_norm`` for ``lr``: one device
+  read per logged row, as the loss's); ``.grad`` is no longer scaled in place.
+  ``D2ZCallback(clip_inside=False)`` keeps Lightning's clipping (unscaled first, as below);
 - checks the optimizer's ``total_steps`` against the trainer's when training starts, and says so
   when training ends before the schedule's last step.
 
@@ -42,13 +49,14 @@ from __future__ import annotations
 import functools
 import importlib
 import sys
+import weakref
 from collections import defaultdict
 from typing import Any
 
 from ..optimizer import AdamW
 from .common import check_planned_steps, planned_steps, unwrap
 
-__all__ = ["PACKAGES", "D2ZCallback", "lr_keys", "package_of", "total_steps"]  # noqa: F822 (D2ZCallback: built on first use, by __getattr__)
+__all__ = ["PACKAGES", "D2ZCallback", "lr_keys", "move_clipping", "package_of", "total_steps"]  # noqa: F822 (D2ZCallback: built on first use, by __getattr__)
 
 PACKAGES = ("lightning.pytorch", "pytorch_lightning")
 
@@ -124,6 +132,38 @@ def _install(plugin: Any, precision_cls: type, wrapper_cls: type) -> None:
     plugin.d2z_clips = True
 
 
+def _clip_inside(plugin: Any, optimizers: list[AdamW]) -> None:
+    """The plugin's clipping is a no-op for ``optimizers`` (they clip inside their step)."""
+    inside = plugin.__dict__.get("d2z_inside")
+    if inside is None:
+        inside = plugin.d2z_inside = weakref.WeakSet()
+        own_clip = plugin.clip_gradients
+
+        def clip_gradients(optimizer: Any, clip_val: float = 0.0, *args: Any, **kwargs: Any) -> None:
+            if unwrap(optimizer) in inside:
+                return None
+            return own_clip(optimizer, clip_val, *args, **kwargs)
+
+        plugin.clip_gradients = clip_gradients
+    inside.update(optimizers)
+
+
+def move_clipping(trainer: Any, optimizers: list[AdamW]) -> list[AdamW]:
+    """Give the Trainer's ``gradient_clip_val`` (algorithm ``"norm"``) to those of ``optimizers``
+    that do not clip already (their ``max_grad_norm``), and make Lightning's own clipping of them a
+    no-op. Returns the optimizers that clip inside their step now."""
+    val, algo = trainer.gradient_clip_val, trainer.gradient_clip_algorithm
+    algo = str(getattr(algo, "value", algo) or "norm")
+    if not val or algo != "norm":
+        return []
+    moved = [opt for opt in optimizers if opt.max_grad_norm is None]
+    for opt in moved:
+        opt.max_grad_norm = float(val)
+    if moved:
+        _clip_inside(trainer.precision_plugin, moved)
+    return moved
+
+
 def lr_keys(trainer: Any) -> list[tuple[AdamW, list[str]]]:
     """Each d2z optimizer of ``trainer`` with the keys ``LearningRateMonitor`` logs its groups
     under: the same names, suffixes and counting (optimizers with a scheduler first, by the
@@ -188,10 +228,13 @@ def _callback_class() -> type:
         """Logs the applied LR of every d2z optimizer; clipping under mixed precision; run-length
         checks (see :mod:`d2z_optim.integrations.lightning`)."""
 
-        def __init__(self, log_every_n_steps: int | None = None) -> None:
+        def __init__(self, log_every_n_steps: int | None = None, clip_inside: bool = True) -> None:
             _check_every(log_every_n_steps)
+            if not isinstance(clip_inside, bool):
+                raise ValueError(f"D2ZCallback(clip_inside=...) must be a bool, got {clip_inside!r}")
             super().__init__()
             self.log_every_n_steps = log_every_n_steps
+            self.clip_inside = clip_inside
             self.stepped_at = -1  # trainer.global_step at the last batch that stepped
 
         @staticmethod
@@ -211,6 +254,8 @@ def _callback_class() -> type:
                 _install(plugin, precision_cls, wrapper_cls)
 
         def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+            if self.clip_inside:
+                move_clipping(trainer, self.optimizers(trainer))
             self.stepped_at = trainer.global_step  # restored on resume: no row for the step saved
             planned = trainer.estimated_stepping_batches
             if planned != float("inf"):
@@ -233,6 +278,8 @@ def _callback_class() -> type:
             metrics = {}
             for opt, keys in lr_keys(trainer):
                 metrics.update(zip(keys, opt.last_lr_host()))
+                if opt.grad_norm is not None:  # one device read per logged row, as the loss's
+                    metrics[keys[0].split("/")[0].replace("lr-", "grad_norm-", 1)] = float(opt.grad_norm)
             if metrics:
                 for logger in trainer.loggers:
                     logger.log_metrics(metrics, step=index)
