@@ -54,12 +54,16 @@ TOTAL_STEPS = 1000
 BASELINE = "torch fused + LambdaLR"
 SCHEDULE_ROW = "d2z auto, constant schedule"
 SKIP_ROW = "d2z auto + skip_nonfinite"
+CLIP_ROW = "d2z auto + max_grad_norm=1.0"
+TORCH_CLIP_ROW = "torch clip_grad_norm_ + fused + LambdaLR"
+# paired ratios printed as speedups (the others as costs, +x%)
+SPEEDUPS = ("d2z clip over torch clip (x)",)
 STREAM_ROW = "memory roofline: add_ of the same bytes"
 # rows more than SLOW_FACTOR x slower than the baseline (its warm-up step) are timed in the first
 # SLOW_ROUNDS rounds only, unless --full: torch's foreach and for-loop paths and the d2z torch
 # backend are most of a round's time, and their ratios to torch fused are far from 1
-SLOW_FACTOR, SLOW_ROUNDS = 4.0, 5
-PAIR_SECONDS, PAIR_ROUNDS = 6.0, (30, 400)  # paired-cost rounds: ~6 s per workload, 30 to 400
+SLOW_FACTOR, SLOW_ROUNDS = 3.0, 5
+PAIR_SECONDS, PAIR_ROUNDS = 6.0, (20, 400)  # paired-cost rounds: ~6 s per workload, 20 to 400
 HOST_READS = {"_local_scalar_dense", "item", "is_nonzero", "equal"}
 
 
@@ -186,6 +190,9 @@ def competitors(device: torch.device, with_compile: bool) -> tuple[dict, dict]:
     # what the schedule itself costs: the same step with a constant table
     out[SCHEDULE_ROW] = lambda p: AdamW(p, schedule="constant", total_steps=TOTAL_STEPS).step
     out[SKIP_ROW] = lambda p: AdamW(p, total_steps=TOTAL_STEPS, skip_nonfinite=True).step
+    # clipping by the global norm inside the step (one read of the gradients for the norm) against
+    # torch's clip_grad_norm_ (a read for the norm, a read and a write to scale .grad) before its step
+    out[CLIP_ROW] = lambda p: AdamW(p, total_steps=TOTAL_STEPS, max_grad_norm=1.0).step
 
     def with_lambdalr(**kw):
         def make(p):
@@ -202,6 +209,19 @@ def competitors(device: torch.device, with_compile: bool) -> tuple[dict, dict]:
         return make
 
     out[BASELINE] = with_lambdalr(fused=True)
+
+    def clipped(p):  # scales the shared gradients in place: after the first step their norm is ~1
+        # (a coefficient just under 1 from then on: the same bytes moved, values barely changing)
+        inner = with_lambdalr(fused=True)(p)
+
+        def step():
+            torch.nn.utils.clip_grad_norm_(p, 1.0, foreach=True)
+            inner()
+
+        step.opt = inner.opt
+        return step
+
+    out[TORCH_CLIP_ROW] = clipped
     out["torch fused (no schedule)"] = lambda p: torch.optim.AdamW(p, fused=True).step
     out["torch foreach + LambdaLR"] = with_lambdalr(foreach=True)
     out["torch for-loop + LambdaLR"] = with_lambdalr(foreach=False)
@@ -419,6 +439,10 @@ def bench_workload(wname, shapes, dtype, device, comps, reps, warmup, extra, pai
     return rows
 
 
+def _cost(label: str, value: float) -> str:
+    return f"{value + 1:.2f}x" if label in SPEEDUPS else f"{value:+.1%}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--full", action="store_true", help="bigger workloads, bf16 too, more repeats")
@@ -442,7 +466,12 @@ def main() -> None:
     comps, skipped = competitors(device, args.compile)
     auto = f"d2z {AdamW([torch.zeros(1, device=device, requires_grad=True)]).backend_name}"
     # what the schedule and skip_nonfinite cost: (numerator, denominator) rows, paired by round
-    pairs = {"linear-d2z vs constant": (auto, SCHEDULE_ROW), "skip_nonfinite": (SKIP_ROW, auto)}
+    pairs = {
+        "linear-d2z vs constant": (auto, SCHEDULE_ROW),
+        "skip_nonfinite": (SKIP_ROW, auto),
+        "max_grad_norm": (CLIP_ROW, auto),
+        SPEEDUPS[0]: (TORCH_CLIP_ROW, CLIP_ROW),
+    }
     costs: list[tuple[str, str, str, float]] = []
     pair_rounds: dict[tuple[str, str], int] = {}
     if device.type == "cuda":
@@ -475,8 +504,10 @@ def main() -> None:
             "",
             f"Paired costs against `{auto}`: the median over more rounds of just these rows (about "
             f"{PAIR_SECONDS:.0f} s, {PAIR_ROUNDS[0]} to {PAIR_ROUNDS[1]} rounds per workload) of the two steps' "
-            "time ratio in the same round, minus 1: linear-d2z over a constant table, and skip_nonfinite's "
-            "check. Two identical optimizers differ by up to about 1% this way (their memory differs).",
+            "time ratio in the same round, minus 1: linear-d2z over a constant table, skip_nonfinite's "
+            "check, and clipping by the global norm (max_grad_norm=1.0, d2z over d2z); the last column is the "
+            f"ratio itself: `{TORCH_CLIP_ROW}` over `{CLIP_ROW}`. Two identical optimizers differ by up to "
+            "about 1% this way (their memory differs).",
             "",
             "| workload | dtype | rounds | " + " | ".join(pairs) + " |",
             "|---|---|---|" + "---|" * len(pairs),
@@ -485,7 +516,7 @@ def main() -> None:
             by_label = {c[2]: c[3] for c in cs}
             n = pair_rounds.get((w, f"torch.{d}"), 0)
             lines.append(
-                f"| {w} | {d} | {n} | " + " | ".join(f"{by_label.get(k, float('nan')):+.1%}" for k in pairs) + " |"
+                f"| {w} | {d} | {n} | " + " | ".join(_cost(k, by_label.get(k, float("nan"))) for k in pairs) + " |"
             )
     lines += ["", "Skipped:"] + [f"- {k}: {v}" for k, v in skipped.items()]
     table = "\n".join(lines)

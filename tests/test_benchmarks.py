@@ -88,8 +88,8 @@ def test_slow_rows_are_timed_in_the_first_rounds_only(monkeypatch):
     cpu = torch.device("cpu")
     comps = {
         bench_throughput.BASELINE: lambda p: lambda: 1.0,
-        "slow": lambda p: lambda: 5.0,  # over SLOW_FACTOR (4) x the baseline
-        "fast": lambda p: lambda: 3.0,
+        "slow": lambda p: lambda: 5.0,  # over SLOW_FACTOR (3) x the baseline
+        "fast": lambda p: lambda: 2.5,
     }
     bench = bench_throughput.bench_workload
     rows = bench("tiny", [(4,)], torch.float32, cpu, comps, 6, 1, {}, {}, [], {}, slow_rounds=2)

@@ -343,9 +343,9 @@ def test_the_cuda_holder_path_clips_like_the_torch_backend(monkeypatch):
     cpu = backends._load("cpu")
     monkeypatch.setitem(backends._LOADED, "cpu", dataclasses.replace(cpu, holder=cpp_backend.CudaStepHolder))
     ours, ref = fresh(), fresh()
-    opt, norms = d2z_run(ours, "cpu", 30, max_grad_norm=1.0)
+    opt, norms = d2z_run(ours, "cpu", STEPS, max_grad_norm=1.0)
     assert isinstance(opt._cache.lists.holder, cpp_backend.CudaStepHolder)
-    ref_norms = torch_reference(ref, 1.0, 2.0, opt.lr_table, 30)
+    ref_norms = torch_reference(ref, 1.0, 2.0, opt.lr_table, STEPS)
     for a, b in zip(norms, ref_norms):
         assert abs(a - b) <= 1e-6 * b
     for x, y in zip(ours, ref):
@@ -373,3 +373,26 @@ def test_a_compiled_clipped_step_never_recompiles(backend):
     assert float(opt.grad_norm) == pytest.approx(float(eager.grad_norm), rel=1e-6)
     for x, y in zip(ours, ref):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_a_captured_clip_keeps_its_workspace(monkeypatch):
+    """The CUDA holder's clip workspace (partials, ticket) a capture used is in captured(): a graph
+    replays into it, so it must outlive the holder (the step cache keeps what captured() lists)."""
+    import dataclasses
+
+    from d2z_optim import backends
+    from d2z_optim.backends import contract, cpp_backend
+
+    if "cpu" not in BACKENDS:
+        pytest.skip("needs the C++ extension")
+    cpu = backends._load("cpu")
+    monkeypatch.setitem(backends._LOADED, "cpu", dataclasses.replace(cpu, holder=cpp_backend.CudaStepHolder))
+    ps = fresh()
+    opt, _ = d2z_run(ps, "cpu", 2, max_grad_norm=1.0)
+    holder = opt._cache.lists.holder
+    before = {t.data_ptr() for t in holder.captured()}
+    monkeypatch.setattr(contract, "capturing", lambda dev: True)
+    opt.step()
+    kept = [t for t in holder.captured() if t.data_ptr() not in before]
+    assert any(t.dtype == torch.float64 for t in kept), kept  # the workspace
+    assert int(opt.step_count) == 3

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import torch
 
+from . import contract
 from .checks import DTYPES, check_step_args
-from .contract import DeviceWork, StepStatus, capturing, flatten, hparams_tensor, step_device_holder
+from .contract import DeviceWork, StepStatus, flatten, hparams_tensor, step_device_holder
 
 __all__ = [
     "DTYPES",
@@ -282,7 +283,7 @@ class CudaStepHolder:
         try:
             status = self._holder.step_clipped(
                 work.step_count, work.lr_table, work.wd_table, hp, work.independent_wd, work.grad_scale,
-                work.found_inf, *clip_args, capturing(work.step_count.device),
+                work.found_inf, *clip_args, contract.capturing(work.step_count.device),
             )  # fmt: skip
         except self._refused:
             return StepStatus.DECLINED
