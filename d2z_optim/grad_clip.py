@@ -10,7 +10,10 @@ FSDP2 the squared norm, or the max, is all-reduced over the gradients' mesh). Fr
 kernels receive folded into their gradient divisor (``grad_scale / coef``) and the torch backend
 multiplies into the gradients it reads (never into ``.grad``). A non-finite norm, or one that
 spikes above the window's mean + sigma standard deviations, makes the step a no-op through the
-same ``found_inf`` that AMP uses.
+same ``found_inf`` that AMP uses. The window records every finite norm of a step AMP did not
+skip, spikes included (as OLMo-core's rolling statistic): a window of applied steps only would
+never move after a lasting rise of the norm (the end of warmup, a data change), and every later
+step would be skipped.
 
 The decision math (:func:`finalize`) is here once for Python; the C++ and Triton norm kernels
 return only the norm of their device.
@@ -19,6 +22,7 @@ return only the norm of their device.
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 from numbers import Real
 from typing import Any
@@ -88,7 +92,11 @@ class GradClip:
         self._out: tuple[Tensor, Tensor] | None = None  # a fused clip's grad_scale_out, found_out
 
     def configure(self, settings: ClipSettings) -> None:
-        """New settings between steps; a new window length keeps the most recent norms."""
+        """New settings between steps; a new window length keeps the most recent norms (in new
+        tensors: a CUDA graph captured before must be captured again), another norm type empties
+        the window (its norms measured something else)."""
+        if settings.norm_type != self.settings.norm_type:
+            self.recorded.zero_()
         if settings.spike_window != self.settings.spike_window:
             self.ring, self.recorded = _resized(self.ring, self.recorded, settings.spike_window)
         self.settings = settings
@@ -157,23 +165,23 @@ class GradClip:
             raise ValueError(f"d2z['clip']['spike_recorded'] must be >= 0, got {int(recorded)}")
 
     def load(self, saved: dict[str, Any] | None) -> None:
-        """A checkpoint's window (a host read at load time); none: an empty window."""
-        dev = self.grad_norm.device
+        """A checkpoint's window (a host read at load time); none: an empty window. Written into
+        the tensors in place (a captured CUDA graph keeps reading them)."""
         if saved is None:
-            self.ring = torch.zeros(self.settings.spike_window, dtype=torch.float32, device=dev)
-            self.recorded = torch.zeros((), dtype=torch.int64, device=dev)
-            self.grad_norm = torch.full((), math.nan, dtype=torch.float32, device=dev)
+            self.ring.zero_()
+            self.recorded.zero_()
+            self.grad_norm.fill_(math.nan)
             return
         ring = saved["spike_ring"].detach().to("cpu", torch.float32)
         recorded = saved["spike_recorded"].detach().to("cpu", torch.int64).reshape(())
         ring, recorded = _resized(ring, recorded, self.settings.spike_window)
-        self.ring, self.recorded = ring.to(dev), recorded.to(dev)
+        self.ring.copy_(ring)
+        self.recorded.copy_(recorded)
         norm = saved.get("grad_norm")
-        self.grad_norm = (
-            norm.detach().to(dev, torch.float32).reshape(()).clone()
-            if isinstance(norm, Tensor) and norm.numel() == 1
-            else torch.full((), math.nan, dtype=torch.float32, device=dev)
-        )
+        if isinstance(norm, Tensor) and norm.numel() == 1:
+            self.grad_norm.copy_(norm.detach().reshape(()))
+        else:
+            self.grad_norm.fill_(math.nan)
 
     # --------------------------------------------------------------------- step
     def prepare(
@@ -200,10 +208,10 @@ class GradClip:
                 backends[dev].clip(gl, *amp, *args)
                 return self.found_out, {dev: (args[3], None)}
         self.on(primary)
-        inv = None if grad_scale is None else grad_scale.to(primary, torch.float64).reciprocal().to(torch.float32)
+        inv = None if grad_scale is None else _to(grad_scale, primary).double().reciprocal().to(torch.float32)
         pieces = []
         for dev, gl in grads.items():
-            inv_here = None if inv is None else inv.to(dev, non_blocking=True)
+            inv_here = None if inv is None else _to(inv, dev)
             pieces += device_norm(backends[dev], gl, s.norm_type, inv_here)
         norm = _combine(pieces, s.norm_type, primary)
         for group in shard_groups or ():  # DTensor shards: each sharded mesh dimension in turn
@@ -212,11 +220,11 @@ class GradClip:
         self.grad_norm.copy_(norm)
         out = {}
         for dev, b in backends.items():
-            c = coef.to(dev, non_blocking=True)
+            c = _to(coef, dev)
             if b.name == "torch":
-                out[dev] = (None if grad_scale is None else grad_scale.to(dev, torch.float32, non_blocking=True), c)
+                out[dev] = (None if grad_scale is None else _to(grad_scale, dev).float(), c)
             else:  # the kernels divide by grad_scale: g / (scale / coef) = g * coef / scale
-                scale = c.reciprocal() if grad_scale is None else grad_scale.to(dev, torch.float32) / c
+                scale = c.reciprocal() if grad_scale is None else _to(grad_scale, dev).float() / c
                 out[dev] = (scale, None)
         return found, out
 
@@ -225,22 +233,25 @@ def finalize(
     norm: Tensor, s: ClipSettings, ring: Tensor, recorded: Tensor, found_inf: Tensor | None
 ) -> tuple[Tensor, Tensor]:
     """From the global norm (float32 0-d): ``found`` (AMP's, or 1 for a non-finite norm or a spike)
-    and ``coef``; the spike window records the norm of a step that is applied. In place on
-    ``ring`` and ``recorded``, no sync. (csrc/kernels/grad_norm.h: ``finalize`` says the same.)"""
+    and ``coef``; the spike window records every finite norm of a step AMP did not skip (see the
+    module docstring). In place on ``ring`` and ``recorded``, no sync. (csrc/kernels/clip_math.h
+    and triton_kernels/clip.py say the same.)"""
     found = torch.zeros((), dtype=torch.float32, device=norm.device) if found_inf is None else found_inf
-    found = found.to(norm.device, torch.float32, non_blocking=True).reshape(())
-    skip = (found != 0) | ~torch.isfinite(norm)
+    amp = _to(found, norm.device).float().reshape(()) != 0
+    finite = torch.isfinite(norm)
+    skip = amp | ~finite
     if s.spike_skip:
         window = ring.numel()
         wide = ring.to(torch.float64)  # as the C++ finalize: the statistics in double
         mean = wide.mean()
         std = wide.std()  # Bessel-corrected, as torch.std (OLMo-core's rolling statistic)
-        spike = (recorded >= window) & (norm.to(torch.float64) > mean + s.spike_sigma * std)
+        sigma = struct.unpack("f", struct.pack("f", s.spike_sigma))[0]  # float32, as the kernels take it
+        spike = (recorded >= window) & (norm.to(torch.float64) > mean + sigma * std)
         skip = skip | spike
-        applied = ~skip
+        record = finite & ~amp
         slot = torch.remainder(recorded, window).view(1)
-        ring.index_copy_(0, slot, torch.where(applied, norm, ring.index_select(0, slot).squeeze(0)).view(1))
-        recorded.add_(applied.to(torch.int64))
+        ring.index_copy_(0, slot, torch.where(record, norm, ring.index_select(0, slot).squeeze(0)).view(1))
+        recorded.add_(record.to(torch.int64))
     if s.max_grad_norm is None:
         coef = torch.ones((), dtype=torch.float32, device=norm.device)
     else:
@@ -253,9 +264,15 @@ def _combine(pieces: list[Tensor], norm_type: float, device: torch.device) -> Te
     if not pieces:
         return torch.zeros((), dtype=torch.float32, device=device)
     if len(pieces) == 1:
-        return pieces[0].to(device, torch.float32, non_blocking=True).reshape(())
-    stacked = torch.stack([p.to(device, torch.float32, non_blocking=True).reshape(()) for p in pieces])
+        return _to(pieces[0], device).float().reshape(())
+    stacked = torch.stack([_to(p, device).float().reshape(()) for p in pieces])
     return torch.linalg.vector_norm(stacked, norm_type)
+
+
+def _to(t: Tensor, device: torch.device) -> Tensor:
+    """``t`` on ``device``: without waiting, except into the CPU from a GPU (the CPU ops that read
+    it next would not wait for the copy: a decision taken on the CPU for GPU gradients syncs)."""
+    return t.to(device, non_blocking=not (device.type == "cpu" and t.device.type != "cpu"))
 
 
 def _all_reduce(norm: Tensor, norm_type: float, group: Any) -> Tensor:

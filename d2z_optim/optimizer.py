@@ -213,11 +213,13 @@ class AdamW(torch.optim.Optimizer):
 
     @property
     def grad_norm(self) -> Tensor | None:
-        """The global gradient norm of the last step, before clipping (float32 0-d on the first
-        parameter's device: read it for logging, no sync until you do); non-finite when the
-        gradients were. NaN before the first step; None unless ``max_grad_norm`` or ``spike_skip``
-        is set. Skipped steps count: it is the norm that made them skip."""
-        return self._clip.grad_norm if self._clip.settings.active else None
+        """The global gradient norm of the last step, before clipping: a new float32 0-d tensor on
+        the first parameter's device each read (a copy: the optimizer writes its own each step),
+        so norms kept for later logging stay each step's; no sync until you read its value.
+        Non-finite when the gradients were; NaN before the first step; None unless
+        ``max_grad_norm`` or ``spike_skip`` is set. Skipped steps count: it is the norm that made
+        them skip."""
+        return self._clip.grad_norm.clone() if self._clip.settings.active else None
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (see :meth:`torch.optim.Optimizer.add_param_group`). Every check runs before

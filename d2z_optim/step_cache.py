@@ -449,7 +449,12 @@ class StepCache:
                 raise
             lists.relayout = True
             lists.holder = None
-            return self._apply(lists, groups, grads, schedules, grad_scale, found_inf)
+            try:
+                return self._apply(lists, groups, grads, schedules, grad_scale, found_inf)
+            except RuntimeError:
+                if kept is not None:
+                    self.clip.restore(kept)
+                raise
 
     def _build(self, groups, state, grads, selection, schedules) -> CachedLists:
         if any(g["fused"] for g in groups):  # torch's check and error, where torch makes it: new state

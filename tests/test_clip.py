@@ -79,14 +79,18 @@ def d2z_run(params, backend, steps, grad_scale=None, **kw):
     return opt, norms
 
 
-@pytest.mark.parametrize("norm_type", [2.0, math.inf], ids=["l2", "inf"])
+@pytest.mark.parametrize(
+    "norm_type,max_norm", [(2.0, 1.0), (math.inf, 1.0), (2.0, 0.7)], ids=["l2", "inf", "l2-max0.7"]
+)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_matches_clip_grad_norm_then_torch_adamw(backend, norm_type):
+def test_matches_clip_grad_norm_then_torch_adamw(backend, norm_type, max_norm):
+    """(max 0.7: the coefficient rounds as torch's max_norm / (norm + 1e-6), a reciprocal then a
+    product, which a single float division would not give in a quarter of the cases.)"""
     ours, ref = fresh(), fresh()
-    opt, norms = d2z_run(ours, backend, STEPS, max_grad_norm=1.0, norm_type=norm_type)
-    ref_norms = torch_reference(ref, 1.0, norm_type, opt.lr_table, STEPS)
-    clipped = sum(n > 1.0 for n in ref_norms)
-    assert 0.2 * STEPS < clipped < 0.8 * STEPS  # clipping active on some steps, not on others
+    opt, norms = d2z_run(ours, backend, STEPS, max_grad_norm=max_norm, norm_type=norm_type)
+    ref_norms = torch_reference(ref, max_norm, norm_type, opt.lr_table, STEPS)
+    clipped = sum(n > max_norm for n in ref_norms)
+    assert 0.1 * STEPS < clipped < 0.9 * STEPS  # clipping active on some steps, not on others
     for a, b in zip(norms, ref_norms):
         assert abs(a - b) <= 1e-6 * b, (a, b)
     for x, y in zip(ours, ref):
@@ -211,14 +215,72 @@ def spike_run(backend, steps, opt=None, ps=None, start=0, **kw):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_spike_over_the_full_window_is_skipped(backend):
-    """25 is a spike once 5 applied steps' norms (1.0 +- 0.1) fill the window: the step at 9 and
-    at 15 are skipped; a spike before the window is full (none here) would not be."""
+    """25 is a spike once 5 norms (1.0 +- 0.1) fill the window: the step at 9 and at 15 are
+    skipped; the window records them too (every finite norm, as OLMo-core's)."""
     opt, _, skipped = spike_run(backend, 20)
     assert [k for k, s in enumerate(skipped) if s] == [9, 15]
     assert int(opt.step_count) == 18
-    # the window holds applied steps' norms only
-    ring = opt.state_dict()["d2z"]["clip"]["spike_ring"]
-    assert float(ring.max()) < 2.0
+    ring = opt.state_dict()["d2z"]["clip"]["spike_ring"]  # steps 15..19 at slots 15 % 5 .. 19 % 5
+    assert [float(x) for x in ring] == pytest.approx([spiky_norms(k) for k in range(15, 20)], rel=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_lasting_rise_of_the_norm_is_skipped_only_until_the_window_moves(backend):
+    """Norms ~1.0, then ~2.0 from step 10 on: the first steps of the new level are spikes, and the
+    window, which records them, takes the new level in; training goes on (a window of applied
+    steps only would skip every step from 10 on)."""
+    ps = fresh()
+    opt = AdamW(ps, total_steps=40, backend=backend, spike_skip=True, spike_window=5, spike_sigma=3.0)
+    skipped = []
+    for k in range(30):
+        level = (1.0 if k < 10 else 2.0) + 0.01 * math.sin(k)
+        for p, g in zip(ps, grads_at(k)):
+            p.grad = g * (level / norm_of(grads_at(k), 2.0))
+        before = int(opt.skipped_steps)
+        opt.step()
+        skipped.append(int(opt.skipped_steps) - before)
+    assert sum(skipped[:10]) == 0 and skipped[10] == 1
+    assert sum(skipped[10:]) <= 5 and skipped[-10:] == [0] * 10
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_amp_overflow_is_not_recorded_in_the_window(backend):
+    ps = fresh()
+    opt = AdamW(ps, total_steps=40, backend=backend, spike_skip=True, spike_window=3, max_grad_norm=1.0)
+    for k in range(2):
+        for p, g in zip(ps, grads_at(k)):
+            p.grad = g
+        opt.step()
+    kept = opt.state_dict()["d2z"]["clip"]
+    for p, g in zip(ps, grads_at(2)):
+        p.grad = g
+    opt.grad_scale, opt.found_inf = torch.ones(()), torch.ones(())  # GradScaler found an overflow
+    opt.step()
+    del opt.grad_scale, opt.found_inf
+    now = opt.state_dict()["d2z"]["clip"]
+    assert torch.equal(now["spike_ring"], kept["spike_ring"]) and int(now["spike_recorded"]) == 2
+    assert int(opt.skipped_steps) == 1 and int(opt.step_count) == 2
+
+
+def test_grad_norm_reads_are_each_steps_and_a_load_writes_in_place():
+    ps = fresh()
+    opt = AdamW(ps, total_steps=10, max_grad_norm=1.0, spike_skip=True, spike_window=3)
+    seen, want = [], []
+    for k in range(3):
+        for p, g in zip(ps, grads_at(k)):
+            p.grad = g
+        opt.step()
+        seen.append(opt.grad_norm)  # kept, read later
+        want.append(norm_of(grads_at(k), 2.0))
+    assert [float(x) for x in seen] == pytest.approx(want, rel=1e-6)
+    ring, recorded, norm = opt._clip.ring, opt._clip.recorded, opt._clip.grad_norm
+    sd = opt.state_dict()
+    other = AdamW(fresh(), total_steps=10, max_grad_norm=1.0, spike_skip=True, spike_window=3)
+    ptrs = [t.data_ptr() for t in (other._clip.ring, other._clip.recorded, other._clip.grad_norm)]
+    other.load_state_dict(sd)  # into the tensors a captured graph would read
+    assert [t.data_ptr() for t in (other._clip.ring, other._clip.recorded, other._clip.grad_norm)] == ptrs
+    assert torch.equal(other._clip.ring, ring) and int(other._clip.recorded) == int(recorded)
+    assert float(other.grad_norm) == float(norm)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -7,8 +7,10 @@ and ``csrc/kernels/clip_math.h``:
 
     norm = sqrt(sum of squares) (ord 2) or max |g| (ord inf; a NaN wins), times 1/grad_scale
     skip = found_inf != 0 or norm not finite or (spike: window full and norm > mean + sigma std)
-    coef = min(1, max_norm / (norm + 1e-6)) in float32 (1 without clipping)
-    grad_scale_out = (grad_scale or 1) / coef; an applied step's norm goes into the window
+    coef = min(1, (1 / (norm + 1e-6)) * max_norm) in float32, as torch computes clip_grad_norm_'s
+           max_norm / (norm + 1e-6) (1 without clipping)
+    grad_scale_out = (grad_scale or 1) / coef; every finite norm of a step AMP did not skip goes
+    into the window, spikes included
 """
 
 from __future__ import annotations
@@ -99,9 +101,11 @@ def clip_finalize_kernel(
         norm = tl.sqrt(tl.sum(acc, axis=0)).to(tl.float32)
     if HAS_GRAD_SCALE:
         norm = norm * (1.0 / tl.load(grad_scale_ptr).to(tl.float64)).to(tl.float32)
-    skip = ~(tl.abs(norm) <= FLT_MAX)  # NaN or Inf
+    finite = tl.abs(norm) <= FLT_MAX  # not a NaN or an Inf
+    record = finite
     if HAS_FOUND_INF:
-        skip = skip | (tl.load(found_inf_ptr) != 0.0)
+        record = record & (tl.load(found_inf_ptr) == 0.0)
+    skip = ~record
     if SPIKE:
         rec = tl.load(recorded_ptr)
         s1 = tl.zeros([BLOCK], dtype=tl.float64)
@@ -118,11 +122,11 @@ def clip_finalize_kernel(
         spike = (rec >= window) & (norm.to(tl.float64) > mean + std * sigma)
         skip = skip | spike
         slot = rec % window
-        tl.store(ring_ptr + slot, tl.where(skip, tl.load(ring_ptr + slot), norm))
-        tl.store(recorded_ptr, rec + tl.where(skip, 0, 1).to(tl.int64))
+        tl.store(ring_ptr + slot, tl.where(record, norm, tl.load(ring_ptr + slot)))
+        tl.store(recorded_ptr, rec + tl.where(record, 1, 0).to(tl.int64))
     coef = tl.full([], 1.0, tl.float32)
     if CLIP:
-        coef = max_norm / (norm + 1e-6)
+        coef = (1.0 / (norm + 1e-6)) * max_norm
         coef = tl.where(coef < 1.0, coef, 1.0)
     scale = tl.full([], 1.0, tl.float32)
     if HAS_GRAD_SCALE:

@@ -4,10 +4,13 @@
 //   norm  = sqrt(sum of squares) (ord 2) or max |g| (ord inf), times 1/grad_scale (AMP), float32
 //   skip  = found_inf != 0 or norm not finite or (spike_skip and the window is full and
 //           norm > mean + sigma * std of the window)   (std: Bessel-corrected, as torch.std)
-//   coef  = min(1, max_norm / (norm + 1e-6)) in float32, as clip_grad_norm_ computes it; 1 when
-//           not clipping (max_norm <= 0)
+//   coef  = min(1, (1 / (norm + 1e-6)) * max_norm) in float32: clip_grad_norm_'s
+//           max_norm / (norm + 1e-6), which torch computes as a reciprocal and a product (a
+//           Python number over a tensor); 1 when not clipping (max_norm <= 0)
 //   grad_scale_out = (grad_scale or 1) / coef: the update kernels divide the gradients by it
-//   the window records the norm of an applied step (ring[recorded % window], recorded += 1)
+//   the window records every finite norm of a step AMP did not skip, spikes included
+//   (ring[recorded % window], recorded += 1): a window of applied steps only would never move
+//   after a lasting rise of the norm, and every later step would be skipped
 #pragma once
 
 #include <cmath>
@@ -46,7 +49,9 @@ D2Z_INLINE double combine_norm(double a, double b, bool inf_norm) {
 D2Z_HD inline void clip_finalize(double total, const ClipConfig& c, const ClipTensors& t) {
   float norm = static_cast<float>(c.inf_norm ? total : sqrt(total));
   if (t.grad_scale != nullptr) norm = norm * static_cast<float>(1.0 / static_cast<double>(*t.grad_scale));
-  bool skip = (t.found_inf != nullptr && *t.found_inf != 0.0f) || !(fabsf(norm) <= 3.402823466e38f);
+  const bool amp = t.found_inf != nullptr && *t.found_inf != 0.0f;
+  const bool finite = fabsf(norm) <= 3.402823466e38f;
+  bool skip = amp || !finite;
   if (c.spike) {
     const int64_t w = c.window;
     if (*t.recorded >= w && !skip) {
@@ -61,14 +66,14 @@ D2Z_HD inline void clip_finalize(double total, const ClipConfig& c, const ClipTe
       const double std_dev = sqrt(var / static_cast<double>(w - 1));
       skip = static_cast<double>(norm) > mean + static_cast<double>(c.sigma) * std_dev;
     }
-    if (!skip) {
+    if (finite && !amp) {
       t.ring[*t.recorded % w] = norm;
       *t.recorded += 1;
     }
   }
   float coef = 1.0f;
   if (c.max_norm > 0.0f) {
-    coef = c.max_norm / (norm + static_cast<float>(1e-6));
+    coef = (1.0f / (norm + static_cast<float>(1e-6))) * c.max_norm;
     coef = coef < 1.0f ? coef : 1.0f;
   }
   *t.grad_norm = norm;

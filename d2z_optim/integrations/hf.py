@@ -19,7 +19,9 @@ default) moves into the optimizer: its ``max_grad_norm``, with ``args.max_grad_n
 that Trainer does not clip too; the norm is taken on the device inside the step (one pass over
 the gradients instead of three, the true norm under AMP, no sync) and logged as Trainer logs its
 own, ``grad_norm``, with each row (one device read per row, as the loss's). ``.grad`` is no longer
-scaled in place. ``max_grad_norm=None`` in use_d2z's keywords keeps Trainer's clipping instead.
+scaled in place. ``max_grad_norm=None`` in use_d2z's keywords keeps Trainer's clipping instead,
+as does a Trainer with FSDP or DeepSpeed (their gradients are shards that are not DTensors: the
+global norm needs the engine's own clipping).
 
 The schedule is sized for the run that builds the optimizer, so Trainer builds it inside
 ``train()`` (``create_optimizer()`` called before, with no ``total_steps=``, refuses and says
@@ -132,7 +134,10 @@ def use_d2z(trainer: Any, **overrides: Any) -> Any:
     if "total_steps" in overrides and overrides["total_steps"] is None:
         del overrides["total_steps"]  # None: the Trainer's count, as when left out
     clip = getattr(trainer.args, "max_grad_norm", None)
-    if clip is not None and clip > 0:  # Trainer would clip: the optimizer does it instead
+    # FSDP (1) and DeepSpeed shard gradients as plain tensors: the optimizer would see this rank's
+    # shard only, and Trainer's clipping (through the model or engine) is the right one there
+    sharded = getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False)
+    if clip is not None and clip > 0 and not sharded:  # Trainer would clip: the optimizer does it instead
         ours = unwrap(given) if given is not None else None
         if given is None and "max_grad_norm" not in overrides:
             overrides["max_grad_norm"] = float(clip)

@@ -29,8 +29,9 @@ cannot know it. :class:`D2ZCallback`:
   in ``skipped_steps``, without a sync. A batch whose ``training_step`` returns None is not
   unscaled (no step follows it, as in Lightning), so it leaves the scaler as it found it;
 - moves ``gradient_clip_val`` (algorithm ``"norm"``) into every d2z optimizer that does not clip
-  already: it sets the optimizer's ``max_grad_norm`` when training starts and Lightning's own
-  clipping of that optimizer becomes a no-op, so the norm is taken on the device inside the step
+  already, under one device or DDP (FSDP and DeepSpeed keep their own clipping): it sets the
+  optimizer's ``max_grad_norm`` when training starts and Lightning's own clipping of that
+  optimizer becomes a no-op, so the norm is taken on the device inside the step
   (one pass over the gradients instead of three, the true norm under AMP without unscaling, no
   sync) and logged as ``grad_norm-AdamW`` (the LR keys with ``grad_norm`` for ``lr``: one device
   read per logged row, as the loss's); ``.grad`` is no longer scaled in place.
@@ -148,13 +149,22 @@ def _clip_inside(plugin: Any, optimizers: list[AdamW]) -> None:
     inside.update(optimizers)
 
 
+def unsharded(strategy: Any) -> bool:
+    """One device or DDP: every rank holds whole gradients (FSDP and DeepSpeed shard them as plain
+    tensors, whose global norm needs the strategy's own clipping)."""
+    names = [c.__name__ for c in type(strategy).__mro__]
+    if any("FSDP" in n or "DeepSpeed" in n or "XLA" in n for n in names):
+        return False
+    return "SingleDeviceStrategy" in names or "DDPStrategy" in names
+
+
 def move_clipping(trainer: Any, optimizers: list[AdamW]) -> list[AdamW]:
     """Give the Trainer's ``gradient_clip_val`` (algorithm ``"norm"``) to those of ``optimizers``
     that do not clip already (their ``max_grad_norm``), and make Lightning's own clipping of them a
     no-op. Returns the optimizers that clip inside their step now."""
     val, algo = trainer.gradient_clip_val, trainer.gradient_clip_algorithm
     algo = str(getattr(algo, "value", algo) or "norm")
-    if not val or algo != "norm":
+    if not val or algo != "norm" or not unsharded(trainer.strategy):
         return []
     moved = [opt for opt in optimizers if opt.max_grad_norm is None]
     for opt in moved:
