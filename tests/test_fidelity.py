@@ -666,12 +666,29 @@ def test_warmup_that_would_be_ignored_and_all_zero_schedules_raise(kw, match):
         (["describe", "wsd", "--steps", "50", "--param", "cooldown=7.5"], "cooldown"),
     ],
 )
-def test_the_cli_says_what_is_wrong_in_one_line_and_writes_nothing(tmp_path, argv, match):
+def test_the_cli_says_what_is_wrong_in_one_line_and_writes_nothing(tmp_path, capsys, argv, match):
+    """In process (cli.main, what ``python -m d2z_optim`` calls: a process per case cost ~8 s of
+    interpreter and import start-up each); the entry point itself is the test below."""
+    from d2z_optim import cli
+
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    try:
+        code = cli.main(argv)
+    except SystemExit as e:  # argparse's own refusals
+        code = e.code
+    out, err = capsys.readouterr()
+    assert code == 2, (code, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err and match in lines[0], err
+    assert out == "" and list(tmp_path.iterdir()) == []
+
+
+def test_python_m_d2z_optim_says_what_is_wrong_in_one_line(tmp_path):
+    argv = ["plot", "linear-d2z", "--steps", "50", "-o", str(tmp_path / "x.nope")]
     r = subprocess.run([sys.executable, "-m", "d2z_optim", *argv], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in r.stderr and match in lines[0], r.stderr
+    assert len(lines) == 1 and "Traceback" not in r.stderr and "extension must name an image format" in lines[0]
     assert r.stdout == "" and list(tmp_path.iterdir()) == []
 
 
