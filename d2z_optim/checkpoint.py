@@ -12,6 +12,13 @@ anything changes; the conversions after it cannot fail.
 group's ``lr`` and ``initial_lr`` load exactly as torch loads them; into an optimizer with a
 schedule, a torch checkpoint's ``initial_lr`` (the peak LR its scheduler started from) becomes
 the group's peak ``lr`` and is removed. Our own checkpoints load as saved.
+
+Moments (``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``) are saved in their storage dtype (and
+the entry's ``"state_dtypes"`` says which were asked for). A load converts each floating moment
+into the dtype this optimizer stores it in (:mod:`d2z_optim.state_dtypes`), rounding to nearest
+even: fp32 moments into an optimizer with bf16 ones and back, or a torch checkpoint. torch's AdamW
+loads ours as it loads any floating state: cast to the parameter's dtype (exact from bf16/fp16
+into fp32 parameters). A moment that is not floating, or complex for a real parameter, is refused.
 """
 
 from __future__ import annotations
@@ -29,8 +36,18 @@ from .backends import fills_block
 from .backends.contract import same_layout
 from .device_schedule import ScheduleTables
 from .schedules import Schedule
+from .state_dtypes import AS_PARAMS, StateDtypes
 
-__all__ = ["GROUP_DEFAULTS", "SAVE_KEY", "check_loadable", "convert_loaded", "entry", "position_after_load"]
+__all__ = [
+    "GROUP_DEFAULTS",
+    "SAVE_KEY",
+    "check_loadable",
+    "convert_loaded",
+    "entry",
+    "position_after_load",
+    "put_moments",
+    "take_moments",
+]
 
 SAVE_KEY = "d2z"
 # torch's defaults for the flags a checkpoint of an older torch may lack (Adam.__setstate__)
@@ -109,7 +126,17 @@ def _check_entry(saved: Any) -> None:
         raise ValueError(f"{SAVE_KEY}['weight_decay_mode'] must be 'coupled' or 'independent', got {mode!r}")
 
 
-def check_loadable(param_groups: list[dict], state_dict: dict[str, Any], saved: Any) -> None:
+def _saved_params(param_groups: list[dict], state_dict: dict[str, Any]) -> dict[Any, Tensor]:
+    """The saved parameter ids -> our parameters (groups already checked to match in length)."""
+    params = {}
+    for g, sg in zip(param_groups, state_dict["param_groups"]):
+        params.update(zip(sg["params"], g["params"]))
+    return params
+
+
+def check_loadable(
+    param_groups: list[dict], state_dict: dict[str, Any], saved: Any, dtypes: StateDtypes = AS_PARAMS
+) -> None:
     """Everything a load would use, against our groups and parameters: groups and their settings,
     parameter counts, each state's step and tensors (shape, dtype, layout), and our ``"d2z"``
     entry. Raises ValueError before anything changes."""
@@ -155,13 +182,14 @@ def check_loadable(param_groups: list[dict], state_dict: dict[str, Any], saved: 
                 raise ValueError(f"{what} is a {value.layout} tensor; states are dense (strided) tensors")
             if value.shape != p.shape:
                 raise ValueError(f"{what} has shape {tuple(value.shape)}, the parameter has {tuple(p.shape)}")
-            # torch casts a floating state to its floating parameter's dtype (so does this load);
-            # anything else must already be the parameter's dtype
+            # torch casts a floating state to its floating parameter's dtype (this load casts a
+            # moment to the dtype it is stored in); anything else must already be that dtype
+            target = dtypes.of(key, p.dtype) if key in _TENSOR_STATES else p.dtype
             castable = p.is_floating_point() and value.is_floating_point()
-            if value.dtype != p.dtype and not castable:
+            if value.dtype != target and not castable:
                 raise ValueError(
-                    f"{what} has dtype {value.dtype}, the parameter has "
-                    f"{p.dtype} (states are kept in the parameter's dtype)"
+                    f"{what} has dtype {value.dtype}, which cannot be converted to {target}, the dtype "
+                    f"this optimizer stores it in for a {p.dtype} parameter"
                 )
         if st and "step" not in st:
             raise ValueError(f"loaded state of parameter {idx} has no 'step'")
@@ -170,6 +198,33 @@ def check_loadable(param_groups: list[dict], state_dict: dict[str, Any], saved: 
 
 
 # --------------------------------------------------------------------- conversion
+def take_moments(
+    param_groups: list[dict], state_dict: dict[str, Any], dtypes: StateDtypes
+) -> tuple[dict[str, Any], list[tuple[Tensor, str, Tensor]]]:
+    """The moments stored in another dtype than their parameter's, taken out of (a copy of)
+    ``state_dict`` before torch's load casts them to the parameter's dtype: (parameter, key, saved
+    tensor) each, for :func:`put_moments`. Nothing is taken when no moment dtype was asked for."""
+    if not dtypes.lean:
+        return state_dict, []
+    params = _saved_params(param_groups, state_dict)
+    taken, state = [], {}
+    for idx, st in state_dict["state"].items():
+        p = params[idx]
+        keep = dict(st)
+        for key in _TENSOR_STATES:
+            if isinstance(st.get(key), Tensor) and dtypes.of(key, p.dtype) != p.dtype:
+                taken.append((p, key, keep.pop(key)))
+        state[idx] = keep
+    return {**state_dict, "state": state}, taken
+
+
+def put_moments(state: dict, taken: list[tuple[Tensor, str, Tensor]], dtypes: StateDtypes) -> None:
+    """After torch's load: each taken moment converted (round to nearest even) into its storage
+    dtype on its parameter's device, as torch's load puts a state (a copy only when either differs)."""
+    for p, key, value in taken:
+        state.setdefault(p, {})[key] = value.to(device=p.device, dtype=dtypes.of(key, p.dtype))
+
+
 def convert_loaded(param_groups: list[dict], state: dict, *, scheduled: bool, ours: Any) -> None:
     """After torch's load (which cannot fail once :func:`check_loadable` passed): the ``initial_lr``
     rule (module docstring); each ``step`` on its parameter's device as float32 (torch keeps it on

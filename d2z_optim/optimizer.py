@@ -22,6 +22,7 @@ from . import arguments, backends, checkpoint, dual, tracked
 from .device_schedule import OutsideLrWatch, RunEndWatch, ScheduleTables, as_schedule, check_warmup
 from .grad_clip import SPIKE_DEFAULTS, GradClip, check_settings
 from .schedules import Schedule
+from .state_dtypes import StateDtypes, check_state_dtypes
 from .step_cache import StepCache, choose_backends
 
 __all__ = ["AdamW"]
@@ -75,6 +76,12 @@ class AdamW(torch.optim.Optimizer):
         spike_skip: make a step whose gradient norm exceeds the mean + ``spike_sigma`` standard
             deviations of the last ``spike_window`` applied steps' norms a no-op (once the window
             is full; counted in ``skipped_steps``; the window is saved in ``state_dict``).
+        exp_avg_dtype, exp_avg_sq_dtype: the storage dtype of the moments (``max_exp_avg_sq``
+            follows ``exp_avg_sq``): ``None`` (the parameter's, as torch), ``torch.float32``,
+            ``torch.bfloat16`` or ``torch.float16`` (or their names). The math stays in float32
+            registers; the moments are rounded to nearest even when stored. For fp32, bf16 and fp16
+            parameters; float64 and complex ones keep their own dtype. Fixed at construction;
+            ``load_state_dict`` converts saved moments into them.
 
     Example:
         >>> opt = AdamW(model.parameters(), lr=3e-3, weight_decay=0.1, total_steps=10_000)
@@ -112,6 +119,8 @@ class AdamW(torch.optim.Optimizer):
         spike_skip: bool = False,
         spike_window: int = SPIKE_DEFAULTS["spike_window"],
         spike_sigma: float = SPIKE_DEFAULTS["spike_sigma"],
+        exp_avg_dtype: torch.dtype | str | None = None,
+        exp_avg_sq_dtype: torch.dtype | str | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -130,6 +139,7 @@ class AdamW(torch.optim.Optimizer):
         self.weight_decay_mode = weight_decay_mode  # checked by the property's setter
         self.skip_nonfinite = skip_nonfinite
         self._clip = GradClip(check_settings(max_grad_norm, norm_type, spike_skip, spike_window, spike_sigma))
+        self._state_dtypes = check_state_dtypes(exp_avg_dtype, exp_avg_sq_dtype)
         self._selection = backends.resolve(backend, fused=defaults["fused"])
         if schedule is None and total_steps is not None:
             schedule = "linear-d2z"
@@ -149,7 +159,17 @@ class AdamW(torch.optim.Optimizer):
         self._tables.use(real[:1])  # the first parameter's device holds the position from the start
 
     def _new_cache(self) -> StepCache:
-        return StepCache(self._init_state)
+        return StepCache(self._init_state, self._state_dtypes)
+
+    @property
+    def exp_avg_dtype(self) -> torch.dtype | None:
+        """The storage dtype of ``exp_avg`` asked for (None: each parameter's own)."""
+        return self._state_dtypes.exp_avg
+
+    @property
+    def exp_avg_sq_dtype(self) -> torch.dtype | None:
+        """The storage dtype of ``exp_avg_sq`` and ``max_exp_avg_sq`` asked for (None: each parameter's own)."""
+        return self._state_dtypes.exp_avg_sq
 
     @property
     def weight_decay_mode(self) -> str:
@@ -248,14 +268,16 @@ class AdamW(torch.optim.Optimizer):
 
     def _init_state(self, p: Tensor, amsgrad: bool) -> dict:
         """A new parameter's state, in torch's keys and layout."""
+        dt = self._state_dtypes.of
+        zeros = lambda key: torch.zeros_like(p, dtype=dt(key, p.dtype), memory_format=torch.preserve_format)
         state = tracked.ParamState(
             self._changes,
             step=torch.zeros((), dtype=torch.float32, device=p.device),
-            exp_avg=torch.zeros_like(p, memory_format=torch.preserve_format),
-            exp_avg_sq=torch.zeros_like(p, memory_format=torch.preserve_format),
+            exp_avg=zeros("exp_avg"),
+            exp_avg_sq=zeros("exp_avg_sq"),
         )
         if amsgrad:
-            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["max_exp_avg_sq"] = zeros("max_exp_avg_sq")
         return state
 
     # ------------------------------------------------------------------ reading
@@ -376,6 +398,8 @@ class AdamW(torch.optim.Optimizer):
         sd = super().state_dict()
         sd["state"] = {k: dict(v) if isinstance(v, dict) else v for k, v in sd["state"].items()}  # plain dicts
         sd[checkpoint.SAVE_KEY] = checkpoint.entry(self._tables, self.weight_decay_mode)
+        if self._state_dtypes.lean:
+            sd[checkpoint.SAVE_KEY]["state_dtypes"] = self._state_dtypes.describe()
         if self._clip.settings.active:
             sd[checkpoint.SAVE_KEY]["clip"] = self._clip.state()
         return sd
@@ -389,14 +413,18 @@ class AdamW(torch.optim.Optimizer):
         for hook in self._optimizer_load_state_dict_pre_hooks.values():  # as torch runs them: first
             state_dict = hook(self, state_dict) or state_dict
         saved = state_dict.pop(checkpoint.SAVE_KEY, None)
-        checkpoint.check_loadable(self.param_groups, state_dict, saved)
+        checkpoint.check_loadable(self.param_groups, state_dict, saved, self._state_dtypes)
         GradClip.check_state((saved or {}).get("clip"))
+        # moments stored in another dtype than their parameter's are converted here, not by torch's
+        # load (which casts to the parameter's dtype first: fp32 moments of bf16 parameters would lose bits)
+        state_dict, moments = checkpoint.take_moments(self.param_groups, state_dict, self._state_dtypes)
         pre, post = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
         self._optimizer_load_state_dict_pre_hooks = self._optimizer_load_state_dict_post_hooks = OrderedDict()
         try:
             super().load_state_dict(state_dict)
         finally:
             self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = pre, post
+        checkpoint.put_moments(self.state, moments, self._state_dtypes)
         checkpoint.convert_loaded(self.param_groups, self.state, scheduled=self.schedule is not None, ours=saved)
         position, skipped = checkpoint.position_after_load(saved, self.state, self._tables, self.weight_decay_mode)
         self._tables.set_position(position, skipped)
@@ -412,6 +440,8 @@ class AdamW(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)  # also called by load_state_dict
+        if "_state_dtypes" not in self.__dict__:  # pickled before lean states existed
+            self._state_dtypes = StateDtypes()
         if "_changes" not in self.__dict__:
             self._changes = tracked.Counter()
         for group in self.param_groups:  # flags a checkpoint of an older torch lacks: torch's defaults

@@ -39,8 +39,9 @@ class Fp64AdamW:
             ``max_exp_avg_sq``, ``step``), as a warm optimizer holds them; default zeros.
         step_count: the schedule position to start at (``k``).
         storage_dtypes: per parameter, the dtype its values are stored in between steps (a
-            kernel that stores parameters and states in bf16 rounds them every step); None
-            keeps everything in float64.
+            kernel that stores parameters and states in bf16 rounds them every step), or a
+            (parameter, exp_avg, exp_avg_sq) tuple of dtypes (moments stored in another dtype:
+            ``exp_avg_dtype``; max_exp_avg_sq as exp_avg_sq); None keeps everything in float64.
 
     ``step(grads, grad_scale=None, found_inf=None)``: a ``None`` gradient leaves its parameter
     (and its per-parameter step) alone; ``grad_scale`` divides the gradients (AMP); a nonzero
@@ -128,8 +129,9 @@ class Fp64AdamW:
             p.add_(self.m[i] / denom, alpha=-lr_t / (1 - b1**t))
             if self.storage_dtypes is not None:  # what a kernel storing them in that dtype keeps
                 dt = self.storage_dtypes[i]
-                for x in (p, self.m[i], self.v[i], self.vmax[i]):
-                    x.copy_(x.to(dt).double())
+                pd, md, vd = dt if isinstance(dt, tuple) else (dt, dt, dt)
+                for x, d in ((p, pd), (self.m[i], md), (self.v[i], vd), (self.vmax[i], vd)):
+                    x.copy_(x.to(d).double())
         self.k += 1
 
 

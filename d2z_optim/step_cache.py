@@ -32,6 +32,7 @@ from .backends import TORCH, Backend, Selection, fills_block, flag_nonfinite
 from .backends.contract import DeviceWork, GroupWork, HparamsTable, StepStatus, in_layout_of, same_layout
 from .device_schedule import ScheduleTables
 from .grad_clip import GradClip
+from .state_dtypes import AS_PARAMS, StateDtypes
 from .tracked import OptimizerState, ParamList
 
 __all__ = ["STATE_KEYS", "StepCache", "check_grads", "local"]
@@ -295,9 +296,15 @@ def check_disjoint(groups: list[dict], grads: list[list[Tensor | None]], backend
             widest = b
 
 
-def check_states(groups: list[dict], state: Mapping[Tensor, dict], grads: list[list[Tensor | None]]) -> None:
+def check_states(
+    groups: list[dict],
+    state: Mapping[Tensor, dict],
+    grads: list[list[Tensor | None]],
+    dtypes: StateDtypes = AS_PARAMS,
+) -> None:
     """A state made for a parameter before it changed device, dtype or size (``model.double()``
-    after a step, without moving the optimizer's state) is refused, naming it, before any write."""
+    after a step, without moving the optimizer's state) is refused, naming it, before any write.
+    Its dtype must be the one ``dtypes`` stores it in (the parameter's unless asked otherwise)."""
     for gi, (group, gl) in enumerate(zip(groups, grads)):
         for i, (p, g) in enumerate(zip(group["params"], gl)):
             st = state.get(p) if g is not None else None
@@ -308,11 +315,13 @@ def check_states(groups: list[dict], state: Mapping[Tensor, dict], grads: list[l
                 if not isinstance(t, Tensor):
                     raise ValueError(f"state {key!r} of parameter {i} of group {gi} is {t!r}, not a tensor")
                 tl, pl = local(t), local(p)
-                if tl.device != pl.device or tl.dtype != pl.dtype or tl.shape != pl.shape:
+                want = dtypes.of(key, pl.dtype)
+                if tl.device != pl.device or tl.dtype != want or tl.shape != pl.shape:
+                    stored = "" if want == pl.dtype else f" (its states stored as {want})"
                     raise ValueError(
                         f"state {key!r} of parameter {i} of group {gi} is {tuple(tl.shape)} {tl.dtype} on {tl.device} "
-                        f"but the parameter is now {tuple(pl.shape)} {pl.dtype} on {pl.device}: move the optimizer's "
-                        "state with its parameters (or load a state_dict, which converts it)"
+                        f"but the parameter is now {tuple(pl.shape)} {pl.dtype} on {pl.device}{stored}: move the "
+                        "optimizer's state with its parameters (or load a state_dict, which converts it)"
                     )
                 if fills_block(pl) and not (fills_block(tl) and same_layout(tl, pl)) and tl is t:
                     # the parameter took another memory layout (model.to(memory_format=...)): its
@@ -324,8 +333,9 @@ class StepCache:
     """One optimizer's step: through its backend's step holder when the lists are settled, else
     through the lists (built anew when they changed), with every check before any write."""
 
-    def __init__(self, init_state: InitState) -> None:
+    def __init__(self, init_state: InitState, state_dtypes: StateDtypes = AS_PARAMS) -> None:
         self.init_state = init_state
+        self.state_dtypes = state_dtypes  # what each moment is stored in (check_states)
         self.independent_wd = False  # this step's options (step() sets them: the optimizer's may change)
         self.skip_nonfinite = False
         self.clip: GradClip | None = None
@@ -462,7 +472,7 @@ class StepCache:
                 for p, g in zip(group["params"], gl):
                     if group["fused"] and g is not None and not state.get(p):
                         _fused_check(p)
-        check_states(groups, state, grads)
+        check_states(groups, state, grads, self.state_dtypes)
         # no parameter with a gradient (or none at all): the schedule still moves where it is
         backends = choose_backends(groups, selection, grads)
         idle = not backends

@@ -45,6 +45,7 @@ RANKS = {
     "d2z_optim.device_schedule": 2,
     "d2z_optim.arguments": 1.5,
     "d2z_optim.tracked": 1.5,
+    "d2z_optim.state_dtypes": 1.5,
     "d2z_optim.dual": 2,
     "d2z_optim.reference": 1,
     "d2z_optim.schedules": 1,

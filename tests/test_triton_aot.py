@@ -36,6 +36,10 @@ SIGNATURE = {
 }
 
 
+# parameters of one dtype with moments stored in another (exp_avg_dtype): "param+moments"
+LEAN = ("fp32+bf16", "bf16+fp32", "fp16+fp32")
+
+
 @functools.cache
 def _compile(dtype: str, arch: int, amsgrad: bool = True):
     import torch
@@ -47,9 +51,14 @@ def _compile(dtype: str, arch: int, amsgrad: bool = True):
 
     from d2z_optim.backends import triton_backend
 
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}[dtype]
+    dtype, _, moments = dtype.partition("+")
+    names = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+    torch_dtype = triton_backend.block_dtype((names[dtype], names[moments or dtype], names[moments or dtype]))
+    tl_dtype = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16, "fp64": tl.float64}
     constexprs = dict(
-        DTYPE={"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16, "fp64": tl.float64}[dtype],
+        DTYPE=tl_dtype[dtype],
+        M_DTYPE=tl_dtype[moments or dtype],
+        V_DTYPE=tl_dtype[moments or dtype],
         COMPUTE=tl.float64 if dtype == "fp64" else tl.float32,
         INDEPENDENT_WD=False,
         HAS_GRAD_SCALE=True,
@@ -91,7 +100,7 @@ def adamw_num_warps() -> int:
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES + LEAN)
 @pytest.mark.parametrize("amsgrad", [True, False])
 def test_compiles_without_spills(dtype, arch, amsgrad):
     k = _compile(dtype, arch, amsgrad)
@@ -131,6 +140,17 @@ def test_half_precision_vectorised_and_rounded_to_nearest(dtype, arch):
     if dtype == "bf16":
         assert re.search(r"cvt\.rn(\.satfinite)?\.bf16(x2)?\.f32", ptx), "bf16 stores not rounded to nearest even"
         assert "cvt.rz" not in ptx
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_lean_moments_are_vectorised_and_rounded_to_nearest(arch):
+    """fp32 parameters with bf16 moments: 128-bit accesses to p and g, 64-bit ones to the moments
+    (the same elements per thread), the moments rounded to nearest even from their bits (integer
+    adds and a shift: no truncating conversion anywhere)."""
+    ptx = _compile("fp32+bf16", arch).asm["ptx"]
+    assert "ld.global.v4" in ptx and "st.global.v4" in ptx
+    assert re.search(r"ld\.global(\.\w+)*\.v2\.b32", ptx) or re.search(r"ld\.global\.v2", ptx), "moments not vectorised"
+    assert "cvt.rz" not in ptx
 
 
 def test_counter_kernel_compiles():

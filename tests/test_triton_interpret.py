@@ -481,7 +481,7 @@ if __name__ == "__main__":
 # left out: the interpreter rounds fp32 -> bf16 by truncation where the GPU rounds to nearest even
 # (test_triton_aot.py checks the GPU's cvt.rn), so their bit-for-bit and error bounds do not hold there.
 SUITE = ["test_fidelity.py", "test_state_dict.py", "test_reliability.py", "test_errors.py", "test_no_sync.py"]
-SUITE += ["test_optimizer.py", "test_clip.py"]
+SUITE += ["test_optimizer.py", "test_clip.py", "test_lean_states.py"]
 # (the interpreter rounds fp32 -> bf16 by truncation, which over 20 steps drifts past the clip test's
 # tolerance; compiling under the interpreter is not what the GPU runs)
 NOT_UNDER_THE_INTERPRETER = "lerp_bit_for_bit and dtype1 or low_precision_is_no_worse and dtype0 or compiled_clipped"

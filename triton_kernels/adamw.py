@@ -96,6 +96,25 @@ def _update(p, g, m, v, gmul, neg_decay, lerp_w, lerp_low, beta2, omb2):
 
 
 @triton.jit
+def _round_bf16(x):
+    """float32 -> bfloat16, to nearest even, from the bits (as ``float_to_bf16`` in adamw_math.h):
+    what the GPU's conversion gives, and what the interpreter (which truncates) then gives too."""
+    u = x.to(tl.uint32, bitcast=True)
+    r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    r = tl.where((u & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, r)  # a NaN: the quiet one
+    return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _stored(x, DTYPE: tl.constexpr):
+    """A moment's value rounded into its storage dtype (to nearest even)."""
+    if DTYPE == tl.bfloat16:
+        return _round_bf16(x)
+    else:
+        return x.to(DTYPE)
+
+
+@triton.jit
 def _elements(
     p_ptr,
     g_ptr,
@@ -115,10 +134,14 @@ def _elements(
     eps,
     neg_step_size,
     DTYPE: tl.constexpr,
+    M_DTYPE: tl.constexpr,
+    V_DTYPE: tl.constexpr,
     COMPUTE: tl.constexpr,
     AMSGRAD: tl.constexpr,
 ):
-    """The update of the elements ``offs`` (``mask``: which exist), loaded and stored once each."""
+    """The update of the elements ``offs`` (``mask``: which exist), loaded and stored once each.
+    Moments stored in another dtype than the parameter's (M_DTYPE, V_DTYPE; vmax as v) are
+    rounded to nearest even into it."""
     p = tl.load(p_ptr + offs, mask=mask).to(COMPUTE)
     g = tl.load(g_ptr + offs, mask=mask).to(COMPUTE)
     m = tl.load(m_ptr + offs, mask=mask).to(COMPUTE)
@@ -129,7 +152,10 @@ def _elements(
         if ams:
             x = tl.load(x_ptr + offs, mask=mask).to(COMPUTE)
             x = tl.maximum(x, v, propagate_nan=tl.PropagateNan.ALL)  # as torch.maximum
-            tl.store(x_ptr + offs, x.to(DTYPE), mask=mask)
+            if V_DTYPE == DTYPE:
+                tl.store(x_ptr + offs, x.to(DTYPE), mask=mask)
+            else:
+                tl.store(x_ptr + offs, _stored(x, V_DTYPE), mask=mask)
             vhat = x
     # IEEE sqrt and division (tl.sqrt and / may be approximate on the GPU in float32; in float64
     # they are the IEEE ones, and sqrt_rn/div_rn take float32 only)
@@ -140,8 +166,14 @@ def _elements(
         denom = tl.div_rn(tl.sqrt_rn(vhat), bc2_sqrt) + eps
         p = tl.fma(neg_step_size, tl.div_rn(m, denom), p)  # p - step_size * m / denom
     tl.store(p_ptr + offs, p.to(DTYPE), mask=mask)
-    tl.store(m_ptr + offs, m.to(DTYPE), mask=mask)
-    tl.store(v_ptr + offs, v.to(DTYPE), mask=mask)
+    if M_DTYPE == DTYPE:
+        tl.store(m_ptr + offs, m.to(DTYPE), mask=mask)
+    else:
+        tl.store(m_ptr + offs, _stored(m, M_DTYPE), mask=mask)
+    if V_DTYPE == DTYPE:
+        tl.store(v_ptr + offs, v.to(DTYPE), mask=mask)
+    else:
+        tl.store(v_ptr + offs, _stored(v, V_DTYPE), mask=mask)
 
 
 @triton.jit
@@ -165,6 +197,8 @@ def _block(
     COL_V: tl.constexpr,
     COL_X: tl.constexpr,
     DTYPE: tl.constexpr,
+    M_DTYPE: tl.constexpr,
+    V_DTYPE: tl.constexpr,
     COMPUTE: tl.constexpr,
     AMSGRAD: tl.constexpr,
     FULL_ALIGNED: tl.constexpr,
@@ -178,9 +212,9 @@ def _block(
     # the tt.divisibility hint sits on these casts only, never on the masked path's.
     p_ptr = tl.load(row + COL_P).to(pt)
     g_ptr = tl.load(row + COL_G).to(pt)
-    m_ptr = tl.load(row + COL_M).to(pt)
-    v_ptr = tl.load(row + COL_V).to(pt)
-    x_ptr = tl.load(row + COL_X).to(pt)
+    m_ptr = tl.load(row + COL_M).to(tl.pointer_type(M_DTYPE))
+    v_ptr = tl.load(row + COL_V).to(tl.pointer_type(V_DTYPE))
+    x_ptr = tl.load(row + COL_X).to(tl.pointer_type(V_DTYPE))
     if FULL_ALIGNED:  # the launcher checked every address of this tensor is 16-byte aligned
         p_ptr = tl.multiple_of(p_ptr, 16)
         g_ptr = tl.multiple_of(g_ptr, 16)
@@ -190,7 +224,7 @@ def _block(
         offs = off + tl.arange(0, BLOCK)
         _elements(
             p_ptr, g_ptr, m_ptr, v_ptr, x_ptr, offs, None, ams, gmul, neg_decay, lerp_w, lerp_low, beta2, omb2,
-            bc2_sqrt, eps, neg_step_size, DTYPE, COMPUTE, AMSGRAD,
+            bc2_sqrt, eps, neg_step_size, DTYPE, M_DTYPE, V_DTYPE, COMPUTE, AMSGRAD,
         )  # fmt: skip
     else:
         # One element per thread and sub-block (SUB = the program's threads): the loads' and the
@@ -201,7 +235,7 @@ def _block(
             offs = off + j * SUB + tl.arange(0, SUB)
             _elements(
                 p_ptr, g_ptr, m_ptr, v_ptr, x_ptr, offs, offs < n, ams, gmul, neg_decay, lerp_w, lerp_low, beta2,
-                omb2, bc2_sqrt, eps, neg_step_size, DTYPE, COMPUTE, AMSGRAD,
+                omb2, bc2_sqrt, eps, neg_step_size, DTYPE, M_DTYPE, V_DTYPE, COMPUTE, AMSGRAD,
             )  # fmt: skip
 
 
@@ -236,7 +270,9 @@ def adamw_kernel(
     HP_WEIGHT_DECAY: tl.constexpr,
     HP_AMSGRAD: tl.constexpr,
     HP_MAXIMIZE: tl.constexpr,
-    DTYPE: tl.constexpr,
+    DTYPE: tl.constexpr,  # of the parameters and gradients
+    M_DTYPE: tl.constexpr,  # of exp_avg: DTYPE, or (fp32/bf16/fp16) another of those (exp_avg_dtype)
+    V_DTYPE: tl.constexpr,  # of exp_avg_sq and max_exp_avg_sq
     COMPUTE: tl.constexpr,  # float32, or float64 for float64 parameters
     INDEPENDENT_WD: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
@@ -293,12 +329,12 @@ def adamw_kernel(
         if aligned & (off + BLOCK <= n):
             _block(
                 row, off, n, ams, gmul, neg_decay, lerp_w, lerp_low, beta2, omb2, bc2_sqrt, eps, neg_step_size,
-                COL_P, COL_G, COL_M, COL_V, COL_X, DTYPE, COMPUTE, AMSGRAD, True, BLOCK, SUB,
+                COL_P, COL_G, COL_M, COL_V, COL_X, DTYPE, M_DTYPE, V_DTYPE, COMPUTE, AMSGRAD, True, BLOCK, SUB,
             )  # fmt: skip
         else:
             _block(
                 row, off, n, ams, gmul, neg_decay, lerp_w, lerp_low, beta2, omb2, bc2_sqrt, eps, neg_step_size,
-                COL_P, COL_G, COL_M, COL_V, COL_X, DTYPE, COMPUTE, AMSGRAD, False, BLOCK, SUB,
+                COL_P, COL_G, COL_M, COL_V, COL_X, DTYPE, M_DTYPE, V_DTYPE, COMPUTE, AMSGRAD, False, BLOCK, SUB,
             )  # fmt: skip
 
 

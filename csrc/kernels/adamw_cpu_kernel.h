@@ -22,8 +22,11 @@ struct CpuTensor {
   float* step;
   int64_t n;
   const double* hp;  // the group's hparams row
-  Dtype dtype;
-  float t;  // the new step: *step + 1
+  Dtype dtype;       // of p and g
+  float t;           // the new step: *step + 1
+  // of m and of v / vmax: dtype, or (fp32/bf16/fp16 parameters) another of those three
+  // (exp_avg_dtype); unused by the gradient scans
+  Dtype m_dtype = kF32, v_dtype = kF32;
 };
 
 // The (tensor, chunk) work items of a list of tensor sizes, and their running cost (what the

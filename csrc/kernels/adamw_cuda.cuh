@@ -39,9 +39,11 @@ struct TensorMeta {
   void* vmax;   // nullptr: no amsgrad state for this tensor (its group has amsgrad = 0)
   float* step;  // float32 per-parameter step, incremented by counter_kernel
   int64_t n;
-  int32_t group;  // row of hparams
-  int16_t dtype;  // Dtype
-  int16_t vec;    // 1 when every pointer of the tensor is 16-byte aligned: 128-bit accesses
+  int32_t group;   // row of hparams
+  int8_t dtype;    // Dtype of p and g
+  int8_t m_dtype;  // of m, and of v and vmax: dtype, or (fp32/bf16/fp16 parameters) another of those three
+  int8_t v_dtype;
+  int8_t vec;  // 1 when every pointer of the tensor is 16-byte aligned: 128-bit accesses
 };
 
 struct BlockWork {
@@ -215,6 +217,51 @@ D2Z_INLINE void update_chunk(const TensorMeta& t, const ScalarsFor<D>& s, int64_
   }
 }
 
+// ---- moments stored in another dtype than their parameter's (exp_avg_dtype) ----
+// One element per thread and iteration (coalesced 2- and 4-byte accesses), the moments' dtypes
+// read at run time (the same for every thread of a block: no divergence).
+D2Z_INLINE float load_moment(const void* base, int64_t e, int d) {
+  if (d == kF32) return static_cast<const float*>(base)[e];
+  const uint16_t h = static_cast<const uint16_t*>(base)[e];
+  return d == kBF16 ? bf16_to_float(h) : f16_to_float(h);
+}
+
+D2Z_INLINE void store_moment(void* base, int64_t e, int d, float x) {
+  if (d == kF32) {
+    static_cast<float*>(base)[e] = x;
+  } else {
+    static_cast<uint16_t*>(base)[e] = d == kBF16 ? float_to_bf16(x) : float_to_f16(x);
+  }
+}
+
+template <int D, bool kAms>
+D2Z_INLINE void update_chunk_lean(const TensorMeta& t, const ElemScalars& s, int64_t start, int64_t end, int thread,
+                                  int block_dim) {
+  using S = Storage<D>;
+  using T = typename S::type;
+  T* p = static_cast<T*>(t.p);
+  const T* g = static_cast<const T*>(t.g);
+  for (int64_t e = start + thread; e < end; e += block_dim) {
+    float fp = S::load(p[e]), fm = load_moment(t.m, e, t.m_dtype), fv = load_moment(t.v, e, t.v_dtype);
+    float fx = kAms ? load_moment(t.vmax, e, t.v_dtype) : 0.0f;
+    adamw_element<true, kAms>(fp, S::load(g[e]), fm, fv, fx, s);
+    p[e] = S::store(fp);
+    store_moment(t.m, e, t.m_dtype, fm);
+    store_moment(t.v, e, t.v_dtype, fv);
+    if (kAms) store_moment(t.vmax, e, t.v_dtype, fx);
+  }
+}
+
+template <int D>
+D2Z_INLINE void update_chunk_lean_dtype(const TensorMeta& t, bool ams, const ElemScalars& s, int64_t start, int64_t end,
+                                        int thread, int block_dim) {
+  if (ams) {
+    update_chunk_lean<D, true>(t, s, start, end, thread, block_dim);
+  } else {
+    update_chunk_lean<D, false>(t, s, start, end, thread, block_dim);
+  }
+}
+
 template <int D>
 D2Z_INLINE void update_chunk_dtype(const TensorMeta& t, bool ams, const ScalarsFor<D>& s, int64_t start, int64_t end,
                                    int thread, int block_dim) {
@@ -250,6 +297,20 @@ D2Z_HD inline void adamw_thread(int64_t block, int thread, int block_dim, const 
     }
   }
   const ElemScalars s = make_scalars<float>(hp, lr_mult, wd_mult, step, wd_mode, a.grad_scale);
+  if (t.m_dtype != t.dtype || t.v_dtype != t.dtype) {  // lean moments (never float64 parameters)
+    switch (t.dtype) {
+      case kF32:
+        update_chunk_lean_dtype<kF32>(t, ams, s, start, end, thread, block_dim);
+        break;
+      case kBF16:
+        update_chunk_lean_dtype<kBF16>(t, ams, s, start, end, thread, block_dim);
+        break;
+      default:
+        update_chunk_lean_dtype<kF16>(t, ams, s, start, end, thread, block_dim);
+        break;
+    }
+    return;
+  }
   switch (t.dtype) {
     case kF32:
       update_chunk_dtype<kF32>(t, ams, s, start, end, thread, block_dim);

@@ -114,13 +114,16 @@ D2Z_INLINE float sqrt_of(float x) { return sqrtf(x); }
 D2Z_INLINE double sqrt_of(double x) { return sqrt(x); }
 
 // The update of one element in compute type T; p, m, v (and vmax when kAmsgrad) updated in place.
-template <bool kFma, bool kAmsgrad, typename T>
+// kLow: -1 reads s.lerp_low; 0 or 1 is its value known at compile time (a loop the compiler should
+// vectorise over arrays of mixed widths, where GCC 12 does not vectorise the invariant select).
+template <bool kFma, bool kAmsgrad, typename T, int kLow = -1>
 D2Z_INLINE void adamw_element(T& p, T g, T& m, T& v, T& vmax, const ScalarsOf<T>& s) {
   g = g * s.gmul;
   p = madd<kFma>(s.neg_decay, p, p);
   // ATen's lerp: fma(w, g - m, m) for w < 0.5, else fma(w - 1, g - m, g), so beta1 = 0 gives m = g
   // exactly (m + 1 * (g - m) would not: g - m rounds at m's magnitude).
-  m = madd<kFma>(s.lerp_w, g - m, s.lerp_low ? m : g);
+  const bool low = kLow < 0 ? s.lerp_low : kLow == 1;
+  m = madd<kFma>(s.lerp_w, g - m, low ? m : g);
   v = madd<kFma>(s.beta2, v, (s.omb2 * g) * g);
   T vhat = v;
   if constexpr (kAmsgrad) {

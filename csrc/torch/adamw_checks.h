@@ -101,6 +101,13 @@ inline at::Device check_call_tensors(const at::Tensor& step_count, const at::Ten
   return dev;
 }
 
+inline bool is_lean_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
+
+// A moment's storage dtype: its parameter's, or for fp32/bf16/fp16 parameters any of those three.
+inline bool moment_dtype_ok(at::ScalarType param, at::ScalarType moment) {
+  return moment == param || (is_lean_dtype(param) && is_lean_dtype(moment));
+}
+
 // Parameter i of the call and its tensors. vmax: nullptr when the call has no max_exp_avg_sqs
 // (an empty list); a 0-element placeholder when its group has no amsgrad.
 inline void check_param(int64_t i, const at::Tensor& p, const at::Tensor& g, const at::Tensor& m, const at::Tensor& v,
@@ -128,8 +135,18 @@ inline void check_param(int64_t i, const at::Tensor& p, const at::Tensor& g, con
     TORCH_CHECK(t.defined(), "d2z::adamw_step_: ", s.name, "[", i, "] is undefined");
     TORCH_CHECK(is_dense(t), "d2z::adamw_step_: ", s.name, "[", i, "] is ", t.layout(),
                 "; only dense (strided) tensors are supported");
-    TORCH_CHECK(t.scalar_type() == dt, "d2z::adamw_step_: ", s.name, "[", i, "] has dtype ", t.scalar_type(),
-                " but params[", i, "] has ", dt);
+    if (j == 0) {
+      TORCH_CHECK(t.scalar_type() == dt, "d2z::adamw_step_: ", s.name, "[", i, "] has dtype ", t.scalar_type(),
+                  " but params[", i, "] has ", dt);
+    } else if (j == 3) {
+      TORCH_CHECK(t.scalar_type() == v.scalar_type(), "d2z::adamw_step_: max_exp_avg_sqs[", i, "] has dtype ",
+                  t.scalar_type(), " but exp_avg_sqs[", i, "] has ", v.scalar_type());
+    } else {
+      TORCH_CHECK(moment_dtype_ok(dt, t.scalar_type()), "d2z::adamw_step_: ", s.name, "[", i, "] has dtype ",
+                  t.scalar_type(), " but params[", i, "] has ", dt,
+                  " (a moment is stored in its parameter's dtype, or for float32/bfloat16/float16 parameters in "
+                  "one of those three)");
+    }
     TORCH_CHECK(t.sizes() == p.sizes(), "d2z::adamw_step_: ", s.name, "[", i, "] has shape ", t.sizes(), " but params[",
                 i, "] has ", p.sizes());
     check_on(t, dev, s.name, i);
@@ -137,8 +154,9 @@ inline void check_param(int64_t i, const at::Tensor& p, const at::Tensor& g, con
                 i, "] has ", p.strides(), " (the tensors of a parameter must share its memory layout)");
   }
   if (vmax != nullptr) {
-    TORCH_CHECK(is_dense(*vmax) && vmax->scalar_type() == dt, "d2z::adamw_step_: max_exp_avg_sqs[", i,
-                "] must be a dense ", dt, " tensor (a 0-element placeholder when its group has no amsgrad)");
+    TORCH_CHECK(is_dense(*vmax) && vmax->scalar_type() == v.scalar_type(), "d2z::adamw_step_: max_exp_avg_sqs[", i,
+                "] must be a dense ", v.scalar_type(),
+                " tensor, as exp_avg_sqs[i] (a 0-element placeholder when its group has no amsgrad)");
     check_on(*vmax, dev, "max_exp_avg_sqs", i);
   }
   TORCH_CHECK(is_dense(st) && st.scalar_type() == at::kFloat && st.numel() == 1, "d2z::adamw_step_: steps[", i,

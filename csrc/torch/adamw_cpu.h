@@ -24,7 +24,9 @@ inline CpuTensor cpu_tensor(const at::Tensor& p, const at::Tensor& g, const at::
           p.numel(),
           hp_row,
           to_dtype(p.scalar_type()),
-          *st + 1.0f};
+          *st + 1.0f,
+          to_dtype(m.scalar_type()),
+          to_dtype(v.scalar_type())};
 }
 
 // The reduction of every gradient element of `items` (`ts`' g pointers): the sum of squares, or

@@ -52,7 +52,9 @@ std::vector<int64_t> work_list_key(const StepArgs& a, const at::Device& dev) {
     key.push_back(reinterpret_cast<int64_t>(a.steps[k].data_ptr()));
     key.push_back(a.params[k].numel());
     key.push_back(a.group_index[k]);
-    key.push_back(static_cast<int64_t>(a.params[k].scalar_type()));
+    key.push_back(static_cast<int64_t>(a.params[k].scalar_type()) |
+                  static_cast<int64_t>(a.exp_avgs[k].scalar_type()) << 8 |
+                  static_cast<int64_t>(a.exp_avg_sqs[k].scalar_type()) << 16);
   }
   return key;
 }

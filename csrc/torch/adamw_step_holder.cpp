@@ -347,7 +347,7 @@ struct DeviceStepHolder : HeldParams {
   int64_t version = 0;                           // bumped with each new metadata buffer
   int64_t n_blocks = 0;                          // CUDA: blocks of adamw_kernel
   bool has_f64 = false;                          // CUDA: the launch takes adamw_kernel_f64
-  std::vector<std::array<int64_t, 4>> launches;  // Triton: (dtype, amsgrad, offset, items) per launch
+  std::vector<std::array<int64_t, 4>> launches;  // Triton: (dtypes code, amsgrad, offset, items) per launch
   void* dev_stream = nullptr;                    // device mode: the stream `dev` was allocated on
   std::vector<void*> dev_streams;                // and the others it was used on (recorded)
 
@@ -449,8 +449,9 @@ struct DeviceStepHolder : HeldParams {
     // Triton: [meta rows, kMetaCols int64 each][per dtype: (tensor row, chunk start) items]
     std::vector<int64_t> flat;
     flat.reserve(n * kMetaCols);
-    std::array<std::vector<int64_t>, 4> items;
-    std::array<bool, 4> ams{};
+    // one launch per (p, m, v) dtypes: code p + 4 m + 16 v, launched in code order (the Python launcher's)
+    std::array<std::vector<int64_t>, 64> items;
+    std::array<bool, 64> ams{};
     for (size_t k = 0; k < n; ++k) {
       const TensorMeta t =
           tensor_meta(param(k), grads[k], exp_avgs[k], exp_avg_sqs[k], vmax(k), steps[k], group_index[k]);
@@ -467,15 +468,17 @@ struct DeviceStepHolder : HeldParams {
       row[kMetaGroup] = t.group;
       row[kMetaAligned] = aligned ? 1 : 0;
       flat.insert(flat.end(), row, row + kMetaCols);
-      const int d = t.dtype;
+      const int d = t.dtype + 4 * t.m_dtype + 16 * t.v_dtype;
       ams[d] = ams[d] || t.vmax != nullptr;
-      for (int64_t s = 0; s < t.n; s += chunk[d]) {
+      // the launch's chunk: of its widest array (triton_backend.block_dtype: fp32 moments of 16-bit parameters)
+      const int wide = (t.m_dtype == kF32 || t.v_dtype == kF32) ? kF32 : t.dtype;
+      for (int64_t s = 0; s < t.n; s += chunk[wide]) {
         items[d].push_back(static_cast<int64_t>(k));
         items[d].push_back(s);
       }
     }
     launches.clear();
-    for (int d : {kF32, kBF16, kF16, kF64}) {  // the launch order of the Python launcher
+    for (int d = 0; d < 64; ++d) {  // the launch order of the Python launcher
       if (items[d].empty()) continue;
       launches.push_back(
           {d, ams[d] ? 1 : 0, static_cast<int64_t>(flat.size()), static_cast<int64_t>(items[d].size() / 2)});

@@ -21,7 +21,9 @@ inline TensorMeta tensor_meta(const at::Tensor& p, const at::Tensor& g, const at
   t.step = step.data_ptr<float>();
   t.n = p.numel();
   t.group = static_cast<int32_t>(group);
-  t.dtype = static_cast<int16_t>(to_dtype(p.scalar_type()));
+  t.dtype = static_cast<int8_t>(to_dtype(p.scalar_type()));
+  t.m_dtype = static_cast<int8_t>(to_dtype(m.scalar_type()));
+  t.v_dtype = static_cast<int8_t>(to_dtype(v.scalar_type()));
   t.vec = 0;
   return t;
 }

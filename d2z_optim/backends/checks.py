@@ -18,9 +18,16 @@ from .contract import HP_COLS, DeviceWork, fills_block, same_layout
 
 __all__ = ["DTYPES", "StepArgumentError", "check_device_work", "check_step_args"]
 
-# what the fused kernels take (their parameters, gradients and states share the parameter's dtype;
-# the math runs in float32 for the first three and in float64 for float64, as torch's fused)
+# what the fused kernels take (gradients have their parameter's dtype, moments too or, for the
+# first three, any of the first three: exp_avg_dtype; the math runs in float32 for the first three
+# and in float64 for float64, as torch's fused)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+LEAN = DTYPES[:3]
+
+
+def moment_dtype_ok(param: torch.dtype, moment: torch.dtype) -> bool:
+    """A moment's storage dtype: its parameter's, or for fp32/bf16/fp16 parameters any of those three."""
+    return moment == param or (param in LEAN and moment in LEAN)
 
 
 class StepArgumentError(RuntimeError):
@@ -120,8 +127,15 @@ def check_step_args(
         for t, name in same:
             if t.layout != torch.strided:
                 c.fail(f"{name}[{i}] is {t.layout}; only dense (strided) tensors are supported")
-            if t.dtype != p.dtype:
+            if name == "grads" and t.dtype != p.dtype:
                 c.fail(f"{name}[{i}] has dtype {t.dtype} but params[{i}] has {p.dtype}")
+            if name == "max_exp_avg_sqs" and t.dtype != exp_avg_sqs[i].dtype:
+                c.fail(f"{name}[{i}] has dtype {t.dtype} but exp_avg_sqs[{i}] has {exp_avg_sqs[i].dtype}")
+            if name in ("exp_avgs", "exp_avg_sqs") and not moment_dtype_ok(p.dtype, t.dtype):
+                c.fail(
+                    f"{name}[{i}] has dtype {t.dtype} but params[{i}] has {p.dtype} (a moment is stored in its "
+                    "parameter's dtype, or for float32/bfloat16/float16 parameters in one of those three)"
+                )
             if t.shape != p.shape:
                 c.fail(f"{name}[{i}] has shape {list(t.shape)} but params[{i}] has {list(p.shape)}")
             if t.device != dev:
@@ -133,9 +147,9 @@ def check_step_args(
                 )
         if max_exp_avg_sqs:
             x = max_exp_avg_sqs[i]
-            if x.layout != torch.strided or x.dtype != p.dtype:
+            if x.layout != torch.strided or x.dtype != exp_avg_sqs[i].dtype:
                 c.fail(
-                    f"max_exp_avg_sqs[{i}] must be a dense {p.dtype} tensor "
+                    f"max_exp_avg_sqs[{i}] must be a dense {exp_avg_sqs[i].dtype} tensor, as exp_avg_sqs[i] "
                     "(a 0-element placeholder when its group has no amsgrad)"
                 )
             if x.device != dev:

@@ -163,12 +163,13 @@ def flatten(work: DeviceWork) -> FlatWork:
         flat.steps += g.steps
         flat.group_index += [gi] * len(g.params)
         if any_amsgrad:
-            flat.max_exp_avg_sqs += g.max_exp_avg_sqs if g.amsgrad else [_placeholder(p) for p in g.params]
+            flat.max_exp_avg_sqs += g.max_exp_avg_sqs if g.amsgrad else [_placeholder(v) for v in g.exp_avg_sqs]
     return flat
 
 
-def _placeholder(p: Tensor) -> Tensor:
-    return torch.empty(0, dtype=p.dtype, device=p.device)
+def _placeholder(v: Tensor) -> Tensor:
+    """No amsgrad state: 0 elements in exp_avg_sq's dtype (which max_exp_avg_sq would have)."""
+    return torch.empty(0, dtype=v.dtype, device=v.device)
 
 
 def _upload(rows: list[tuple[float, ...]], device: torch.device) -> Tensor:

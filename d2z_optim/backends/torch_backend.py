@@ -7,7 +7,9 @@ corrections, step size, decay factor) is a float64 device tensor, rounded once
 to the compute dtype, just as torch's for-loop AdamW rounds its Python floats.
 
 Reduced-precision parameters (bf16, fp16) are updated in float32 copies and
-rounded once on the way back, as the fused kernels do ("all math in fp32").
+rounded once on the way back, as the fused kernels do ("all math in fp32"); so are moments
+stored in another dtype than their parameter's (``exp_avg_dtype``): each array is loaded into the
+compute dtype and rounded to nearest even into its own storage dtype.
 """
 
 from __future__ import annotations
@@ -97,8 +99,10 @@ def _update(
     states = [g.params, g.exp_avgs, g.exp_avg_sqs] + ([g.max_exp_avg_sqs] if g.amsgrad else [])
     stored = [[_compute_view(x[i]) for i in ids] for x in states]
     grad = [_compute_view(g.grads[i]).to(cd) for i in ids]
-    upcast = stored[0][0].dtype != cd
-    work = [[x.to(cd) for x in xs] for xs in stored] if upcast else stored
+    # each array in the compute dtype: a copy where its storage dtype differs (a bf16 parameter,
+    # a bf16 moment of an fp32 parameter), rounded back once at the end
+    upcast = [any(x.dtype != cd for x in xs) for xs in stored]
+    work = [[x.to(cd) for x in xs] if up else xs for xs, up in zip(stored, upcast)]
     p, m, v = work[:3]
     if g.maximize:
         grad = torch._foreach_neg(grad)
@@ -133,6 +137,6 @@ def _update(
         upd = [torch.where(okb, u, 0.0) for u in upd]
     torch._foreach_add_(p, upd)
 
-    if upcast:  # round once back to the storage dtype
-        for dst, src in zip(stored, work):
+    for dst, src, up in zip(stored, work, upcast):  # round once back to the storage dtype
+        if up:
             torch._foreach_copy_(dst, src)

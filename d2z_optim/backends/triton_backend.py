@@ -6,10 +6,11 @@ Device-side metadata (rebuilt only when an address, size, dtype or group changes
     meta  int64 [N, MetaCol count]: addresses of param, grad, exp_avg, exp_avg_sq,
           max_exp_avg_sq (0: none) and the float32 step, numel, group row, and
           whether every address of the tensor is 16-byte aligned (columns :class:`MetaCol`);
-    work  int64 [W, 2] per dtype: (tensor row, first element of the chunk).
+    work  int64 [W, 2] per launch: (tensor row, first element of the chunk).
 Both live in one int64 buffer uploaded with one non-blocking copy from pinned memory.
 
-Launches per call: one ``adamw_kernel`` per parameter dtype present, then one tiny
+Launches per call: one ``adamw_kernel`` per (parameter, exp_avg, exp_avg_sq) dtypes present
+(one per parameter dtype unless the moments are stored in another: ``exp_avg_dtype``), then one tiny
 ``counter_kernel`` that advances the per-parameter steps and ``step_count``. No host sync.
 
 The launcher is the op ``d2z::adamw_step_triton`` (``torch.library.custom_op``; its fake is
@@ -128,6 +129,24 @@ _MAX_METAS = 16
 _DTYPE_CODES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # csrc's Dtype order
 
 
+def launch_code(dtypes: tuple[torch.dtype, torch.dtype, torch.dtype]) -> int:
+    """One launch per (parameter, exp_avg, exp_avg_sq) dtypes, in the order of this code (the step
+    holder's, ``csrc/torch/adamw_step_holder.cpp``): p + 4 m + 16 v in csrc's Dtype numbers."""
+    p, m, v = (_DTYPE_CODES.index(d) for d in dtypes)
+    return p + 4 * m + 16 * v
+
+
+def block_dtype(dtypes: tuple[torch.dtype, torch.dtype, torch.dtype]) -> torch.dtype:
+    """The dtype whose BLOCK a launch takes: the widest of its arrays (the parameter's on a tie).
+    Every array then has the same elements per thread (16 bytes of the widest, 8 of a 2-byte
+    moment of fp32 parameters), so loads and stores share one layout (no shared-memory conversion)."""
+    return max(dtypes, key=lambda d: d.itemsize) if dtypes[0].itemsize < 8 else dtypes[0]
+
+
+def _dtypes_of(code: int) -> tuple[torch.dtype, torch.dtype, torch.dtype]:
+    return _DTYPE_CODES[code % 4], _DTYPE_CODES[code // 4 % 4], _DTYPE_CODES[code // 16]
+
+
 def _tl_dtype(dtype: torch.dtype):
     return _TL_DTYPES[dtype]
 
@@ -155,7 +174,7 @@ def _metadata(dev, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
                 steps[i].data_ptr(),
                 p.numel(),
                 group_index[i],
-                p.dtype,
+                (p.dtype, exp_avgs[i].dtype, exp_avg_sqs[i].dtype),
             )
         )
     sizes = {d: (kernels.BLOCK[d], kernels.CHUNK_BLOCKS * kernels.BLOCK[d]) for d in DTYPES}  # tests change them
@@ -163,19 +182,19 @@ def _metadata(dev, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
     found = _CAPTURED.get(key) or _METAS.get(key)
     if found is None:
         meta, work = [], {}
-        for i, (pa, ga, ma, va, xa, sa, n, gi, dtype) in enumerate(rows):
+        for i, (pa, ga, ma, va, xa, sa, n, gi, dtypes) in enumerate(rows):
             aligned = all(a % 16 == 0 for a in (pa, ga, ma, va, xa))
             meta.append((pa, ga, ma, va, xa, sa, n, gi, int(aligned)))
-            items, ams = work.setdefault(dtype, ([], [False]))
+            items, ams = work.setdefault(dtypes, ([], [False]))
             ams[0] = ams[0] or xa != 0
-            for s in range(0, n, sizes[dtype][1]):
+            for s in range(0, n, sizes[block_dtype(dtypes)][1]):
                 items.append((i, s))
         flat = [v for r in meta for v in r]
         launches = []
-        for dtype in DTYPES:
-            if dtype in work and work[dtype][0]:
-                items, ams = work[dtype]
-                launches.append((dtype, ams[0], len(flat), len(items)))
+        for dtypes in sorted(work, key=launch_code):  # the step holder's order
+            items, ams = work[dtypes]
+            if items:
+                launches.append((dtypes, ams[0], len(flat), len(items)))
                 flat += [v for it in items for v in it]
         host = torch.tensor(flat or [0], dtype=torch.int64)
         if dev.type == "cuda":
@@ -194,15 +213,17 @@ def launch(
     buf: Tensor, n_tensors: int, launches: list, hparams: Tensor, lr_table: Tensor, wd_table: Tensor,
     step_count: Tensor, grad_scale: Tensor | None, found_inf: Tensor | None, independent_wd: bool,
 ) -> None:  # fmt: skip
-    """One ``adamw_kernel`` per (dtype, amsgrad, offset, items) of ``launches`` over the int64
-    metadata ``buf`` (its first ``n_tensors`` rows: the tensors), then the counter kernel."""
+    """One ``adamw_kernel`` per ((param, exp_avg, exp_avg_sq) dtypes, amsgrad, offset, items) of
+    ``launches`` over the int64 metadata ``buf`` (its first ``n_tensors`` rows: the tensors), then
+    the counter kernel."""
     dev = step_count.device
     meta = buf[: n_tensors * META_COLS]
     dummy = step_count  # stands for absent optional pointers (never read)
     gs = grad_scale if grad_scale is not None else dummy
     fi = found_inf if found_inf is not None else dummy
     with _on_device(dev):
-        for dtype, ams, offset, n_items in launches:
+        for (dtype, m_dtype, v_dtype), ams, offset, n_items in launches:
+            wide = block_dtype((dtype, m_dtype, v_dtype))
             kernels.adamw_kernel[(n_items,)](
                 meta,
                 buf[offset:],
@@ -215,14 +236,16 @@ def launch(
                 fi,
                 **COLUMN_ARGS,
                 DTYPE=_tl_dtype(dtype),
+                M_DTYPE=_tl_dtype(m_dtype),
+                V_DTYPE=_tl_dtype(v_dtype),
                 COMPUTE=tl.float64 if dtype == torch.float64 else tl.float32,
                 INDEPENDENT_WD=bool(independent_wd),
                 HAS_GRAD_SCALE=grad_scale is not None,
                 HAS_FOUND_INF=found_inf is not None,
                 AMSGRAD=ams,
-                BLOCK=kernels.BLOCK[dtype],
-                CHUNK=kernels.CHUNK_BLOCKS * kernels.BLOCK[dtype],
-                SUB=_sub_block(kernels.BLOCK[dtype]),
+                BLOCK=kernels.BLOCK[wide],
+                CHUNK=kernels.CHUNK_BLOCKS * kernels.BLOCK[wide],
+                SUB=_sub_block(kernels.BLOCK[wide]),
                 num_warps=kernels.NUM_WARPS,
                 enable_fp_fusion=kernels.FP_FUSION,
             )
@@ -251,7 +274,8 @@ def launch_clip(
     dev = partials.device
     total = 0
     with _on_device(dev):
-        for dtype, _, offset, n_items in launches:
+        for dtypes, _, offset, n_items in launches:
+            dtype, wide = dtypes[0], block_dtype(dtypes)  # the update's work items: its CHUNK
             clip_kernels.norm_kernel[(n_items,)](
                 buf,
                 buf[offset:],
@@ -262,8 +286,8 @@ def launch_clip(
                 DTYPE=_tl_dtype(dtype),
                 COMPUTE=tl.float64 if dtype == torch.float64 else tl.float32,
                 INF=inf,
-                BLOCK=kernels.BLOCK[dtype],
-                CHUNK=kernels.CHUNK_BLOCKS * kernels.BLOCK[dtype],
+                BLOCK=kernels.BLOCK[wide],
+                CHUNK=kernels.CHUNK_BLOCKS * kernels.BLOCK[wide],
                 num_warps=kernels.NUM_WARPS,
                 enable_fp_fusion=kernels.FP_FUSION,
             )
@@ -368,7 +392,7 @@ class TritonStepHolder:
         status, hp = step_device_holder(self._holder, self._refused, work)
         if status == StepStatus.APPLIED and self._holder.version != self._version:  # new metadata: its layout
             self._buf = self._holder.metadata.view(torch.int64)
-            self._launches = [(_DTYPE_CODES[d], ams, off, n) for d, ams, off, n in self._holder.launches]
+            self._launches = [(_dtypes_of(d), ams, off, n) for d, ams, off, n in self._holder.launches]
             self._version = self._holder.version
         return status, hp
 
