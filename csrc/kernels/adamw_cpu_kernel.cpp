@@ -17,36 +17,15 @@ using Item = CpuItems::Item;
 
 // The scalars by value: a reference could alias the arrays written, and the compiler would then
 // reload them each iteration and not vectorise (1 x 16M fp32: 43 ms instead of ~15 ms).
-template <int D, bool kFma, bool kAms>
+// D: the storage of p and g; M: of m, v and vmax (D, or for lean moments another of fp32/bf16/fp16:
+// one pass, vectorised over the mixed widths, 8 fp32 p, g with 8 bf16 m, v per AVX2 vector, given
+// kLow = 1: GCC 12 does not vectorise mixed widths around the lerp's invariant select).
+template <int D, int M, bool kFma, bool kAms, int kLow = -1>
 __attribute__((always_inline)) inline void cpu_loop(const CpuTensor& ct, int64_t b, int64_t e,
                                                     const ScalarsOf<typename Storage<D>::compute> s) {
   using T = typename Storage<D>::type;
-  using C = typename Storage<D>::compute;
-  using S = Storage<D>;
-  T* __restrict__ p = static_cast<T*>(ct.p);
-  const T* __restrict__ g = static_cast<const T*>(ct.g);
-  T* __restrict__ m = static_cast<T*>(ct.m);
-  T* __restrict__ v = static_cast<T*>(ct.v);
-  T* __restrict__ x = static_cast<T*>(ct.vmax);
-  for (int64_t i = b; i < e; ++i) {
-    C fp = S::load(p[i]), fm = S::load(m[i]), fv = S::load(v[i]);
-    C fx = kAms ? S::load(x[i]) : C(0);
-    adamw_element<kFma, kAms>(fp, S::load(g[i]), fm, fv, fx, s);
-    p[i] = S::store(fp);
-    m[i] = S::store(fm);
-    v[i] = S::store(fv);
-    if (kAms) x[i] = S::store(fx);
-  }
-}
-
-// Moments in one other dtype M than the parameter's D (exp_avg_dtype = exp_avg_sq_dtype, beta1 > 0.5:
-// the usual modes): one pass, vectorised over the mixed widths (8 fp32 p, g with 8 bf16 m, v per
-// AVX2 vector).
-template <int D, int M, bool kFma, bool kAms>
-__attribute__((always_inline)) inline void cpu_loop_mixed(const CpuTensor& ct, int64_t b, int64_t e,
-                                                          const ElemScalars s) {
-  using T = typename Storage<D>::type;
   using TM = typename Storage<M>::type;
+  using C = typename Storage<D>::compute;
   using S = Storage<D>;
   using SM = Storage<M>;
   T* __restrict__ p = static_cast<T*>(ct.p);
@@ -55,9 +34,9 @@ __attribute__((always_inline)) inline void cpu_loop_mixed(const CpuTensor& ct, i
   TM* __restrict__ v = static_cast<TM*>(ct.v);
   TM* __restrict__ x = static_cast<TM*>(ct.vmax);
   for (int64_t i = b; i < e; ++i) {
-    float fp = S::load(p[i]), fm = SM::load(m[i]), fv = SM::load(v[i]);
-    float fx = kAms ? SM::load(x[i]) : 0.0f;
-    adamw_element<kFma, kAms, float, 1>(fp, S::load(g[i]), fm, fv, fx, s);
+    C fp = S::load(p[i]), fm = SM::load(m[i]), fv = SM::load(v[i]);
+    C fx = kAms ? SM::load(x[i]) : C(0);
+    adamw_element<kFma, kAms, C, kLow>(fp, S::load(g[i]), fm, fv, fx, s);
     p[i] = S::store(fp);
     m[i] = SM::store(fm);
     v[i] = SM::store(fv);
@@ -65,10 +44,10 @@ __attribute__((always_inline)) inline void cpu_loop_mixed(const CpuTensor& ct, i
   }
 }
 
-template <int D, int M, bool kFma>
-__attribute__((always_inline)) inline void cpu_loop_mixed_ams(const CpuTensor& ct, int64_t b, int64_t e,
-                                                              const ElemScalars s) {
-  ct.vmax != nullptr ? cpu_loop_mixed<D, M, kFma, true>(ct, b, e, s) : cpu_loop_mixed<D, M, kFma, false>(ct, b, e, s);
+template <int D, int M, bool kFma, int kLow = -1>
+__attribute__((always_inline)) inline void cpu_loop_ams(const CpuTensor& ct, int64_t b, int64_t e,
+                                                        const ScalarsOf<typename Storage<D>::compute> s) {
+  ct.vmax != nullptr ? cpu_loop<D, M, kFma, true, kLow>(ct, b, e, s) : cpu_loop<D, M, kFma, false, kLow>(ct, b, e, s);
 }
 
 // Moments stored in another dtype than their parameter's (exp_avg_dtype): a tile at a time, the
@@ -149,11 +128,11 @@ __attribute__((always_inline)) inline void cpu_item(const CpuTensor& ct, int64_t
   if (ct.m_dtype == ct.v_dtype && ct.m_dtype != ct.dtype && s.lerp_low && ct.dtype != kF16) {
     const bool to_bf16 = ct.m_dtype == kBF16;  // fp32 parameters with bf16 or fp16 moments, bf16 with fp32
     if (ct.dtype == kF32) {
-      to_bf16 ? cpu_loop_mixed_ams<kF32, kBF16, kFma>(ct, b, e, s) : cpu_loop_mixed_ams<kF32, kF16, kFma>(ct, b, e, s);
+      to_bf16 ? cpu_loop_ams<kF32, kBF16, kFma, 1>(ct, b, e, s) : cpu_loop_ams<kF32, kF16, kFma, 1>(ct, b, e, s);
       return;
     }
     if (ct.m_dtype == kF32) {
-      cpu_loop_mixed_ams<kBF16, kF32, kFma>(ct, b, e, s);
+      cpu_loop_ams<kBF16, kF32, kFma, 1>(ct, b, e, s);
       return;
     }
   }
@@ -169,16 +148,16 @@ __attribute__((always_inline)) inline void cpu_item(const CpuTensor& ct, int64_t
   }
   switch (ct.dtype) {
     case kF32:
-      ams ? cpu_loop<kF32, kFma, true>(ct, b, e, s) : cpu_loop<kF32, kFma, false>(ct, b, e, s);
+      cpu_loop_ams<kF32, kF32, kFma>(ct, b, e, s);
       break;
     case kF64:
-      ams ? cpu_loop<kF64, kFma, true>(ct, b, e, sd) : cpu_loop<kF64, kFma, false>(ct, b, e, sd);
+      cpu_loop_ams<kF64, kF64, kFma>(ct, b, e, sd);
       break;
     case kBF16:
-      ams ? cpu_loop<kBF16, kFma, true>(ct, b, e, s) : cpu_loop<kBF16, kFma, false>(ct, b, e, s);
+      cpu_loop_ams<kBF16, kBF16, kFma>(ct, b, e, s);
       break;
     default:
-      ams ? cpu_loop<kF16, kFma, true>(ct, b, e, s) : cpu_loop<kF16, kFma, false>(ct, b, e, s);
+      cpu_loop_ams<kF16, kF16, kFma>(ct, b, e, s);
       break;
   }
 }
