@@ -10,7 +10,8 @@ schedule through ``LambdaLR``. The reference (``d2z_optim.reference.Fp64AdamW``)
 starts from the same (rounded) initial parameters and sees the same gradients in
 float64. Reported per dtype: max and mean absolute and relative error at the
 last step, and the worst max-abs error over all steps; a PNG plots max-abs
-error against the step.
+error against the step. Rows "+ bf16 moments" (and "+ fp16 m, fp32 v"): the moments stored in
+that dtype (``exp_avg_dtype``, ``exp_avg_sq_dtype``) while the parameters keep theirs.
 """
 
 from __future__ import annotations
@@ -41,13 +42,31 @@ def grad_scales(dtype: torch.dtype) -> list[float]:
     return [10.0 ** exps[j % len(exps)] for j in range(len(SHAPES))]
 
 
-def competitors(sched, device):
+# moments stored in another dtype than the parameters' (exp_avg_dtype = exp_avg_sq_dtype), per dtype
+# (exp_avg_dtype, exp_avg_sq_dtype) per parameter dtype. fp16 second moments underflow for small
+# gradients (g^2 (1 - beta2) < 6e-8 flushes to 0 and the step becomes m / eps): the fp16 rows show it
+LEAN = {
+    torch.float32: ((torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32), (torch.float16, torch.float16)),
+    torch.bfloat16: ((torch.float32, torch.float32),),
+    torch.float16: ((torch.float32, torch.float32),),
+}
+
+
+def _short(d: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[d]
+
+
+def competitors(sched, device, dtype=torch.float32):
     out = {}
     for name, why in d2z_optim.available_backends().items():
         if why is None and name in ("torch", "cpu") + (("cuda", "triton") if device.type == "cuda" else ()):
             out[f"d2z {name}"] = lambda p, n=name: (AdamW(p, backend=n, schedule=sched, **HP), None)
         elif why is not None:
             print(f"skipped: d2z {name} ({why})", file=sys.stderr)
+    for m, v in LEAN.get(dtype, ()):
+        kw = dict(exp_avg_dtype=m, exp_avg_sq_dtype=v)
+        label = f"d2z auto + {_short(m)} moments" if m == v else f"d2z auto + {_short(m)} m, {_short(v)} v"
+        out[label] = lambda p, kw=kw: (AdamW(p, schedule=sched, **HP, **kw), None)
     for label, kw in (
         ("torch fused", dict(fused=True)),
         ("torch foreach", dict(foreach=True)),
@@ -68,7 +87,7 @@ def run(dtype: torch.dtype, steps: int, device: torch.device):
     init = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in SHAPES]
     ref = Fp64AdamW(init, mult=sched.multiplier, **HP)
     comps = {}
-    for name, make in competitors(sched, device).items():
+    for name, make in competitors(sched, device, dtype).items():
         params = [torch.nn.Parameter(t.clone().to(device)) for t in init]
         try:
             opt, lam = make(params)

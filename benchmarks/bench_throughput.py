@@ -55,6 +55,7 @@ BASELINE = "torch fused + LambdaLR"
 SCHEDULE_ROW = "d2z auto, constant schedule"
 SKIP_ROW = "d2z auto + skip_nonfinite"
 CLIP_ROW = "d2z auto + max_grad_norm=1.0"
+LEAN_ROW = "d2z auto + bf16 moments"  # exp_avg_dtype = exp_avg_sq_dtype = bfloat16
 TORCH_CLIP_ROW = "torch clip_grad_norm_ + fused + LambdaLR"
 # paired ratios printed as speedups (the others as costs, +x%)
 SPEEDUPS = ("d2z clip over torch clip (x)",)
@@ -94,8 +95,33 @@ def workloads(full: bool, device: torch.device) -> dict[str, list[tuple[int, ...
     return {k: v for k, v in out.items() if v is not None}
 
 
-def bytes_per_param(dtype: torch.dtype) -> int:
-    return 7 * torch.tensor([], dtype=dtype).element_size()  # read p, g, m, v; write p, m, v
+def bytes_per_param(dtype: torch.dtype, moments: torch.dtype | None = None) -> int:
+    """Traffic per parameter and step: read p, g, m, v; write p, m, v (moments in their own dtype)."""
+    p, m = dtype.itemsize, (moments or dtype).itemsize
+    return 3 * p + 4 * m
+
+
+def storage_per_param(dtype: torch.dtype, moments: torch.dtype | None = None) -> int:
+    """Bytes kept per parameter between steps: p, m, v (the gradient is the model's)."""
+    return dtype.itemsize + 2 * (moments or dtype).itemsize
+
+
+# the modes of lean moments (exp_avg_dtype = exp_avg_sq_dtype), per parameter dtype
+MODES = [
+    (torch.float32, None),
+    (torch.float32, torch.bfloat16),
+    (torch.bfloat16, None),
+    (torch.bfloat16, torch.float32),
+]
+ROW_MOMENTS = {LEAN_ROW: torch.bfloat16}  # rows whose moments are not in the parameters' dtype
+
+
+def modes_table() -> list[str]:
+    name = lambda d: str(d).removeprefix("torch.")
+    lines = ["| parameters | moments | storage B/param (p, m, v) | traffic B/param/step |", "|---|---|---|---|"]
+    for p, m in MODES:
+        lines.append(f"| {name(p)} | {name(m or p)} | {storage_per_param(p, m)} | {bytes_per_param(p, m)} |")
+    return lines
 
 
 # -------------------------------------------------------------------- timing
@@ -193,6 +219,9 @@ def competitors(device: torch.device, with_compile: bool) -> tuple[dict, dict]:
     # clipping by the global norm inside the step (one read of the gradients for the norm) against
     # torch's clip_grad_norm_ (a read for the norm, a read and a write to scale .grad) before its step
     out[CLIP_ROW] = lambda p: AdamW(p, total_steps=TOTAL_STEPS, max_grad_norm=1.0).step
+    # moments stored in bf16 (fp32 workloads: 20 bytes per parameter and step instead of 28)
+    lean = dict(exp_avg_dtype=torch.bfloat16, exp_avg_sq_dtype=torch.bfloat16)
+    out[LEAN_ROW] = lambda p: AdamW(p, total_steps=TOTAL_STEPS, **lean).step
 
     def with_lambdalr(**kw):
         def make(p):
@@ -364,10 +393,13 @@ def bench_workload(wname, shapes, dtype, device, comps, reps, warmup, extra, pai
             opt = optimizer_of(step)
             if opt is not None:
                 step()
+                own = [(opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"]) for p in params]
                 if moments is None:
-                    moments = [(opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"]) for p in params]
-                for p, (m, v) in zip(params, moments):
-                    opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"] = m, v
+                    moments = own
+                if own[0][0].dtype == moments[0][0].dtype:  # lean moments (another dtype): its own
+                    for p, (m, v) in zip(params, moments):
+                        opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"] = m, v
+                del own
                 step()  # a step holder lets go of the replaced moments only when it next steps
             steps[cname] = (step, params)
         except Exception as e:  # a competitor that cannot take this workload
@@ -400,7 +432,7 @@ def bench_workload(wname, shapes, dtype, device, comps, reps, warmup, extra, pai
     for c, ts in times.items():
         med = statistics.median(ts)
         q = statistics.quantiles(ts, n=5) if len(ts) > 1 else [med] * 4
-        gbs = numel * bytes_per_param(dtype) / med / 1e9
+        gbs = numel * bytes_per_param(dtype, ROW_MOMENTS.get(c)) / med / 1e9
         rows.append(
             dict(
                 workload=wname,
@@ -470,6 +502,7 @@ def main() -> None:
         "linear-d2z vs constant": (auto, SCHEDULE_ROW),
         "skip_nonfinite": (SKIP_ROW, auto),
         "max_grad_norm": (CLIP_ROW, auto),
+        "bf16 moments": (LEAN_ROW, auto),
         SPEEDUPS[0]: (TORCH_CLIP_ROW, CLIP_ROW),
     }
     costs: list[tuple[str, str, str, float]] = []
@@ -505,7 +538,8 @@ def main() -> None:
             f"Paired costs against `{auto}`: the median over more rounds of just these rows (about "
             f"{PAIR_SECONDS:.0f} s, {PAIR_ROUNDS[0]} to {PAIR_ROUNDS[1]} rounds per workload) of the two steps' "
             "time ratio in the same round, minus 1: linear-d2z over a constant table, skip_nonfinite's "
-            "check, and clipping by the global norm (max_grad_norm=1.0, d2z over d2z); the last column is the "
+            "check, clipping by the global norm (max_grad_norm=1.0, d2z over d2z) and bf16 moments (negative: "
+            "faster); the last column is the "
             f"ratio itself: `{TORCH_CLIP_ROW}` over `{CLIP_ROW}`. Two identical optimizers differ by up to "
             "about 1% this way (their memory differs).",
             "",
@@ -518,6 +552,13 @@ def main() -> None:
             lines.append(
                 f"| {w} | {d} | {n} | " + " | ".join(_cost(k, by_label.get(k, float("nan"))) for k in pairs) + " |"
             )
+    lines += [
+        "",
+        f"Bytes per parameter of each storage mode (`{LEAN_ROW}`: exp_avg_dtype = exp_avg_sq_dtype = "
+        "bfloat16; GB/s above counts each row's own traffic):",
+        "",
+        *modes_table(),
+    ]
     lines += ["", "Skipped:"] + [f"- {k}: {v}" for k, v in skipped.items()]
     table = "\n".join(lines)
     print(table)
@@ -534,7 +575,8 @@ def main() -> None:
         f"# Throughput, {device.type} ({device_name(device)}), {threads} threads, {stamp}\n\n"
         f"torch {torch.__version__}, d2z_optim {d2z_optim.__version__}, python {platform.python_version()}, "
         f"{os.cpu_count()} CPUs. Median of {reps} interleaved steps (one of each competitor per round, in "
-        "a new random order each round) after 2 warm-up steps. Bytes per parameter: 7 x element size. "
+        "a new random order each round) after 2 warm-up steps. Bytes per parameter: 7 x element size "
+        "(moments in their own dtype: see the modes table). "
         "'of roofline': the roofline row's median time over the row's (the roofline: an in-place add_ "
         "moving the step's bytes, timed in the same rounds). Peak stream bandwidth at the start (best of "
         f"{max(reps, 10)}): copy_ {copy_gbs:.1f} GB/s, in-place add_ {add_gbs:.1f} GB/s (bytes as counted). "

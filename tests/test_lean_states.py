@@ -65,21 +65,9 @@ def lean_case(mode, sizes=(1, 5, 1023, 65537, 16389), offsets=(0, 1, 0, 3, 2)) -
 
 
 def _reference(case: Case, mode, steps: int) -> Case:
+    """The float64 reference, each array rounded to its own storage dtype every step."""
     ref = case.clone()
-    # run_reference rounds every array to its parameter's dtype: here each to its own
-    from d2z_optim.reference import Fp64AdamW
-
-    orig = Fp64AdamW.__init__
-
-    def init(self, *a, **kw):
-        kw["storage_dtypes"] = [mode] * len(case.params)
-        orig(self, *a, **kw)
-
-    Fp64AdamW.__init__ = init
-    try:
-        ref.run_reference(steps)
-    finally:
-        Fp64AdamW.__init__ = orig
+    ref.run_reference(steps, storage=[mode] * len(case.params))
     return ref
 
 
