@@ -227,11 +227,8 @@ def clip_results(rank, world, backend):
     return out
 
 
-def main(rank, world, init_file, out_dir, backend):
-    # a collective one rank never joins (a case that raised on the other) fails after 2 minutes
-    # instead of gloo's 30
-    timeout = datetime.timedelta(seconds=120)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timeout)
+def run_backend(rank, world, out_dir, backend):
+    """Every check on one d2z backend; the results in out_dir/rank<rank>.pt."""
     results = {}
 
     # single-process reference on the whole batch
@@ -280,13 +277,27 @@ def main(rank, world, init_file, out_dir, backend):
     results["clip"] = clip_results(rank, world, backend)
 
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.barrier()
+
+
+def main(rank, world, init_file, out_dir, backends):
+    """Each of ``backends`` (comma-separated) in turn, in one process group: its results in
+    out_dir/<backend>/. (One launch for all of them: starting the two processes, importing torch
+    and setting up gloo took about as long as one backend's checks.)"""
+    # a collective one rank never joins (a case that raised on the other) fails after 2 minutes
+    # instead of gloo's 30
+    timeout = datetime.timedelta(seconds=120)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timeout)
+    for backend in backends.split(","):
+        folder = os.path.join(out_dir, backend)
+        os.makedirs(folder, exist_ok=True)
+        run_backend(rank, world, folder, backend)
+        dist.barrier()
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    rank, world, init_file, out_dir, backend = sys.argv[1:6]
-    main(int(rank), int(world), init_file, out_dir, backend)
+    rank, world, init_file, out_dir, backends = sys.argv[1:6]
+    main(int(rank), int(world), init_file, out_dir, backends)
     # Skip interpreter finalisation: FSDP2 keeps the gloo group alive past destroy_process_group,
     # and its worker thread can free a finished all-gather's tensors (taking the GIL) while Python
     # is being torn down, which aborts ("terminate called without an active exception"; its core dump,

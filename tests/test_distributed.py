@@ -14,15 +14,17 @@ from .conftest import BACKENDS
 WORKER = Path(__file__).with_name("_dist_worker.py")
 
 
-@pytest.fixture(scope="module", params=BACKENDS)
-def ranks(request, tmp_path_factory):
+@pytest.fixture(scope="module")
+def workers(tmp_path_factory):
+    """One launch of the two gloo workers for every backend (each backend's checks in turn, in one
+    process group): {backend: [rank 0's results, rank 1's]}."""
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("this torch build has no gloo backend")
-    out = tmp_path_factory.mktemp(f"dist-{request.param}")
+    out = tmp_path_factory.mktemp("dist")
     env = {**os.environ, "PYTHONPATH": str(WORKER.parents[1]), "OMP_NUM_THREADS": "1"}
     procs = [
         subprocess.Popen(
-            [sys.executable, str(WORKER), str(r), "2", str(out / "init"), str(out), request.param],
+            [sys.executable, str(WORKER), str(r), "2", str(out / "init"), str(out), ",".join(BACKENDS)],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -30,16 +32,22 @@ def ranks(request, tmp_path_factory):
         )
         for r in range(2)
     ]
+    limit = 300 * len(BACKENDS)  # 300 s per backend, as when each had its own launch
     try:
-        logs = [p.communicate(timeout=300)[0] for p in procs]
+        logs = [p.communicate(timeout=limit)[0] for p in procs]
     except subprocess.TimeoutExpired:
         for p in procs:
             p.kill()
         tails = "\n".join(p.communicate()[0][-2000:] for p in procs)
-        pytest.fail(f"the gloo workers did not finish in 300 s:\n{tails}")
+        pytest.fail(f"the gloo workers did not finish in {limit} s:\n{tails}")
     for p, log in zip(procs, logs):
         assert p.returncode == 0, log[-4000:]
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return {b: [torch.load(out / b / f"rank{r}.pt", weights_only=False) for r in range(2)] for b in BACKENDS}
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def ranks(request, workers):
+    return workers[request.param]
 
 
 def assert_params(a, b, exact=False):

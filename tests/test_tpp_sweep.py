@@ -41,11 +41,13 @@ def test_sweep_resumes_from_its_csv_and_reports(tmp_path, monkeypatch):
 
     def counted(*a, **k):
         calls.append(a)
-        return real(*a, **k)
+        # what is tested is which runs the sweep makes and keeps, not their losses: 2,048 validation
+        # tokens (the smoke tests' budget, not the default 65,536) and 2 steps each halve this test
+        return real(*a, **{"val_budget": 2048, **k})
 
     monkeypatch.setattr(tpp_sweep, "run_one", counted)
     monkeypatch.setattr(tpp_sweep, "ModelCfg", lambda **kw: TINY)
-    argv = ["--quick", "--max-steps", "10", "--out", str(tmp_path)]
+    argv = ["--quick", "--max-steps", "2", "--out", str(tmp_path)]
     tpp_sweep.main(argv)
     first = len(calls)
     assert first == 2 * 5 * 3 + 2 * 3  # schedules x LRs x TPPs, then a second seed at each best LR
