@@ -22,7 +22,7 @@ from . import arguments, backends, checkpoint, dual, tracked
 from .device_schedule import OutsideLrWatch, RunEndWatch, ScheduleTables, as_schedule, check_warmup
 from .grad_clip import SPIKE_DEFAULTS, GradClip, check_settings
 from .schedules import Schedule
-from .state_dtypes import StateDtypes, check_state_dtypes
+from .state_dtypes import StateDtypes, check_rounding, check_state_dtypes, rounds_any
 from .step_cache import StepCache, choose_backends
 
 __all__ = ["AdamW"]
@@ -82,6 +82,15 @@ class AdamW(torch.optim.Optimizer):
             registers; the moments are rounded to nearest even when stored. For fp32, bf16 and fp16
             parameters; float64 and complex ones keep their own dtype. Fixed at construction;
             ``load_state_dict`` converts saved moments into them.
+        stochastic_rounding: round every bfloat16/float16 value the step writes (bf16/fp16
+            parameters, 16-bit moments) stochastically: up with probability (the bits dropped) /
+            (their unit), so an update smaller than half an ulp still moves the weight on average
+            (round to nearest even loses it, as at the end of a decay to zero). The random bits are
+            a hash of (``rounding_seed``, the schedule position, the tensor's position among the
+            step's tensors, the element): no RNG state, the same bits on every backend, the same
+            after a resume. float32/float64 values are unaffected; refused (ValueError) when no
+            parameter or moment is 16-bit. Fixed at construction.
+        rounding_seed: the generator's seed, an int in ``[0, 2**32)``.
 
     Example:
         >>> opt = AdamW(model.parameters(), lr=3e-3, weight_decay=0.1, total_steps=10_000)
@@ -121,6 +130,8 @@ class AdamW(torch.optim.Optimizer):
         spike_sigma: float = SPIKE_DEFAULTS["spike_sigma"],
         exp_avg_dtype: torch.dtype | str | None = None,
         exp_avg_sq_dtype: torch.dtype | str | None = None,
+        stochastic_rounding: bool = False,
+        rounding_seed: int = 0,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -140,6 +151,7 @@ class AdamW(torch.optim.Optimizer):
         self.skip_nonfinite = skip_nonfinite
         self._clip = GradClip(check_settings(max_grad_norm, norm_type, spike_skip, spike_window, spike_sigma))
         self._state_dtypes = check_state_dtypes(exp_avg_dtype, exp_avg_sq_dtype)
+        self._rounding = check_rounding(stochastic_rounding, rounding_seed)
         self._selection = backends.resolve(backend, fused=defaults["fused"])
         if schedule is None and total_steps is not None:
             schedule = "linear-d2z"
@@ -155,11 +167,17 @@ class AdamW(torch.optim.Optimizer):
         defaults["betas"] = arguments.scalar_betas(betas)
         super().__init__(params, dict(defaults, decoupled_weight_decay=True))
         self.state = tracked.OptimizerState(self._changes)
+        dtypes = [p.dtype for g in self.param_groups for p in g["params"]]
+        if self._rounding and not rounds_any(dtypes, self._state_dtypes):
+            raise ValueError(
+                "stochastic_rounding=True rounds nothing here: no parameter is bfloat16 or float16 and no "
+                "moment is asked in one (exp_avg_dtype / exp_avg_sq_dtype); float32 values are never rounded"
+            )
         real = [p.device for g in self.param_groups for p in g["params"] if p.device.type != "meta"]
         self._tables.use(real[:1])  # the first parameter's device holds the position from the start
 
     def _new_cache(self) -> StepCache:
-        return StepCache(self._init_state, self._state_dtypes)
+        return StepCache(self._init_state, self._state_dtypes, self.__dict__.get("_rounding", 0.0))
 
     @property
     def exp_avg_dtype(self) -> torch.dtype | None:
@@ -170,6 +188,16 @@ class AdamW(torch.optim.Optimizer):
     def exp_avg_sq_dtype(self) -> torch.dtype | None:
         """The storage dtype of ``exp_avg_sq`` and ``max_exp_avg_sq`` asked for (None: each parameter's own)."""
         return self._state_dtypes.exp_avg_sq
+
+    @property
+    def stochastic_rounding(self) -> bool:
+        """Whether 16-bit values are rounded stochastically (fixed at construction)."""
+        return self._rounding != 0.0
+
+    @property
+    def rounding_seed(self) -> int:
+        """The stochastic rounding's seed (0 when it is off)."""
+        return max(int(self._rounding) - 1, 0)
 
     @property
     def weight_decay_mode(self) -> str:
@@ -402,6 +430,8 @@ class AdamW(torch.optim.Optimizer):
             sd[checkpoint.SAVE_KEY]["state_dtypes"] = self._state_dtypes.describe()
         if self._clip.settings.active:
             sd[checkpoint.SAVE_KEY]["clip"] = self._clip.state()
+        if self._rounding:
+            sd[checkpoint.SAVE_KEY]["rounding"] = {"stochastic": True, "seed": self.rounding_seed}
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -442,6 +472,7 @@ class AdamW(torch.optim.Optimizer):
         super().__setstate__(state)  # also called by load_state_dict
         if "_state_dtypes" not in self.__dict__:  # pickled before lean states existed
             self._state_dtypes = StateDtypes()
+        self.__dict__.setdefault("_rounding", 0.0)
         if "_changes" not in self.__dict__:
             self._changes = tracked.Counter()
         for group in self.param_groups:  # flags a checkpoint of an older torch lacks: torch's defaults

@@ -10,7 +10,12 @@ Rules, in one place (the optimizer, its step cache and the checkpoint code ask h
 * allowed: ``float32``, ``bfloat16``, ``float16`` (a ``torch.dtype`` or its name), or None;
 * they apply to fp32, bf16 and fp16 parameters; float64 and complex parameters keep their
   moments in their own dtype (a documented no-op: 16-bit moments would undo what float64 is for);
-* ``max_exp_avg_sq`` (amsgrad) is stored as ``exp_avg_sq`` is.
+* ``max_exp_avg_sq`` (amsgrad) is stored as ``exp_avg_sq`` is;
+* ``stochastic_rounding``: every bfloat16/float16 value a step writes (parameters, moments) is
+  rounded stochastically instead of to nearest even, with bits that depend on (``rounding_seed``,
+  the schedule position, the tensor, the element) only (``backends/stochastic.py``); float32 and
+  float64 values are written as they are (a no-op for them). Asked for where nothing is 16-bit
+  (no such parameter, no such moment dtype), it is refused: it would round nothing.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["AS_PARAMS", "LEAN_DTYPES", "MOMENTS", "StateDtypes", "check_state_dtypes"]
+__all__ = ["AS_PARAMS", "LEAN_DTYPES", "MOMENTS", "StateDtypes", "check_rounding", "check_state_dtypes", "rounds_any"]
 
 LEAN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _NAMES = {str(d).removeprefix("torch."): d for d in LEAN_DTYPES}
@@ -70,3 +75,23 @@ def _dtype(value: Any, arg: str) -> torch.dtype | None:
 def check_state_dtypes(exp_avg_dtype: Any = None, exp_avg_sq_dtype: Any = None) -> StateDtypes:
     """The constructor's ``exp_avg_dtype`` / ``exp_avg_sq_dtype``, checked (ValueError naming the argument)."""
     return StateDtypes(_dtype(exp_avg_dtype, "exp_avg_dtype"), _dtype(exp_avg_sq_dtype, "exp_avg_sq_dtype"))
+
+
+NARROW = (torch.bfloat16, torch.float16)
+
+
+def check_rounding(stochastic_rounding: Any, rounding_seed: Any) -> float:
+    """The constructor's ``stochastic_rounding`` / ``rounding_seed``, checked (ValueError naming the
+    argument), as the hparams column ROUNDING takes them: 0.0 (to nearest even) or seed + 1."""
+    if not isinstance(stochastic_rounding, bool):
+        raise ValueError(f"stochastic_rounding must be a bool, got {stochastic_rounding!r}")
+    if isinstance(rounding_seed, bool) or not isinstance(rounding_seed, int) or not 0 <= rounding_seed < 2**32:
+        raise ValueError(f"rounding_seed must be an int in [0, 2**32), got {rounding_seed!r}")
+    return float(rounding_seed + 1) if stochastic_rounding else 0.0
+
+
+def rounds_any(param_dtypes: list[torch.dtype], dtypes: StateDtypes) -> bool:
+    """Some value a step writes is 16-bit: a bf16/fp16 parameter, or a moment asked in bf16/fp16 of
+    an fp32/bf16/fp16 parameter (what stochastic rounding would round)."""
+    lean = [d for d in (dtypes.exp_avg, dtypes.exp_avg_sq) if d is not None]
+    return any(d in NARROW or (d in LEAN_DTYPES and any(x in NARROW for x in lean)) for d in param_dtypes)

@@ -230,15 +230,17 @@ class CachedLists:
         schedules: ScheduleTables,
         independent_wd: bool,
         grads: list[list[Tensor | None]] | None = None,
+        rounding: float = 0.0,
     ) -> dict[torch.device, DeviceWork]:
         """This step's work per device: the cached lists, this step's gradients (none for a
-        holder, which reads them itself) and hyperparameters."""
+        holder, which reads them itself) and hyperparameters (``rounding``: every group's, the
+        hparams column ROUNDING)."""
         out = {}
         for dev in self.backends:
             ds = schedules.devices[dev]
             out[dev] = DeviceWork(ds.lr_table, ds.wd_table, ds.step_count, independent_wd)
         for s in self.slots:
-            gw = group_work(groups[s.group], s.device)
+            gw = group_work(groups[s.group], s.device, rounding)
             gw.params, gw.exp_avgs, gw.exp_avg_sqs = s.params, s.exp_avgs, s.exp_avg_sqs
             gw.max_exp_avg_sqs, gw.steps = s.max_exp_avg_sqs, s.steps
             if self.dtensor:  # the kernels run on local shards, taken anew each step (swap_tensors and
@@ -333,9 +335,10 @@ class StepCache:
     """One optimizer's step: through its backend's step holder when the lists are settled, else
     through the lists (built anew when they changed), with every check before any write."""
 
-    def __init__(self, init_state: InitState, state_dtypes: StateDtypes = AS_PARAMS) -> None:
+    def __init__(self, init_state: InitState, state_dtypes: StateDtypes = AS_PARAMS, rounding: float = 0.0) -> None:
         self.init_state = init_state
         self.state_dtypes = state_dtypes  # what each moment is stored in (check_states)
+        self.rounding = rounding  # how 16-bit values are stored: 0 to nearest even, seed + 1 stochastically
         self.independent_wd = False  # this step's options (step() sets them: the optimizer's may change)
         self.skip_nonfinite = False
         self.clip: GradClip | None = None
@@ -393,7 +396,7 @@ class StepCache:
         return self._lists_step(groups, state, selection, schedules, grad_scale, found_inf)
 
     def _works(self, lists, groups, schedules, grads=None) -> dict[torch.device, DeviceWork]:
-        works = lists.works(groups, schedules, self.independent_wd, grads)
+        works = lists.works(groups, schedules, self.independent_wd, grads, self.rounding)
         for dev, work in works.items():
             if lists.backends[dev] is not TORCH:
                 work.hparams = self.hparams.setdefault(dev, HparamsTable()).get(work)
@@ -524,7 +527,7 @@ def _fused_check(p: Tensor) -> None:
 
 
 # ------------------------------------------------------------------ pieces of a step
-def group_work(group: dict, device: torch.device) -> GroupWork:
+def group_work(group: dict, device: torch.device, rounding: float = 0.0) -> GroupWork:
     """A parameter group's hyperparameters, as the backends take them (no tensors yet)."""
     lr = group["lr"]
     if isinstance(lr, Tensor):  # any shape with one element, as torch takes it
@@ -539,6 +542,7 @@ def group_work(group: dict, device: torch.device) -> GroupWork:
         amsgrad=group["amsgrad"],
         maximize=group["maximize"],
         foreach=group["foreach"] is not False,
+        rounding=rounding,
     )
 
 

@@ -174,6 +174,7 @@ class Case:
                         [self.exp_avg_sqs[k] for k in ids],
                         [self.max_sqs[k] for k in ids] if ams else [],
                         [self.steps[k] for k in ids],
+                        float(self.hp[gi, 7]),  # HpCol.ROUNDING
                     )
                 )
             torch_backend.step(

@@ -21,7 +21,7 @@ def _work(case: Case) -> DeviceWork:
     for gi in range(len(case.groups)):
         ids = [k for k in range(len(case.params)) if case.group_index[k] == gi]
         row = case.hp[gi].tolist()
-        g = GroupWork(row[0], row[1], row[2], row[3], row[4], bool(row[5]), bool(row[6]))
+        g = GroupWork(row[0], row[1], row[2], row[3], row[4], bool(row[5]), bool(row[6]), rounding=row[7])
         g.params = [case.params[k] for k in ids]
         g.grads = [case.grads[k] for k in ids]
         g.exp_avgs = [case.exp_avgs[k] for k in ids]

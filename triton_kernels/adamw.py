@@ -15,6 +15,9 @@ metadata and hyperparameter tables come in as constexpr arguments. Semantics are
         g = grad (negated if maximize, divided by grad_scale); p = p * (1 - decay)
         m = lerp(m, g, 1 - beta1); v = beta2 * v + (1 - beta2) * g * g; vmax = max(vmax, v)
         p = p - step_size * m / (sqrt(amsgrad ? vmax : v) / bc2_sqrt + eps)
+    stored: 16-bit values rounded to nearest even, or stochastically (the hparams column ROUNDING:
+    seed + 1) with the counter-based bits of adamw_math.h (sr_key, sr_word): the same bits as the
+    C++ kernels and the torch backend.
 
 Why float64 scalars: ``1 - beta2^t`` at t = 1 is 1e-3 for beta2 = 0.999; computed in
 float32 it carries a relative error of ~3e-5 (the rounding of beta2 itself), which
@@ -96,20 +99,54 @@ def _update(p, g, m, v, gmul, neg_decay, lerp_w, lerp_low, beta2, omb2):
 
 
 @triton.jit
-def _round_bf16(x):
-    """float32 -> bfloat16, to nearest even, from the bits (as ``float_to_bf16`` in adamw_math.h):
-    what the GPU's conversion gives, and what the interpreter (which truncates) then gives too."""
-    u = x.to(tl.uint32, bitcast=True)
-    r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
-    r = tl.where((u & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, r)  # a NaN: the quiet one
-    return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+def _sr_mix(x):
+    """``sr_mix`` (adamw_math.h): the 32-bit hash of stochastic rounding's generator (uint32)."""
+    x = x ^ (x >> 16)
+    x = x * 0x21F0AAAD
+    x = x ^ (x >> 15)
+    x = x * 0x735A2D97
+    return x ^ (x >> 15)
 
 
 @triton.jit
-def _stored(x, DTYPE: tl.constexpr):
-    """A moment's value rounded into its storage dtype (to nearest even)."""
+def _sr_word(key, offs):
+    """``sr_word``: element ``offs``' random word of the tensor's ``key``."""
+    return _sr_mix(key + offs.to(tl.uint32))
+
+
+@triton.jit
+def _round_f16_sr(x, r16):
+    """float32 -> float16 bits rounded stochastically (``float_to_f16_sr``), as uint32."""
+    u = x.to(tl.uint32, bitcast=True)
+    sign = u & 0x80000000
+    u = u ^ sign
+    o_norm = (u + 0xC8000000 + (r16 >> 3)) >> 13
+    e = u >> 23
+    mant = (u & 0x7FFFFF) | tl.where(e != 0, 0x800000, 0).to(tl.uint32)
+    s = 126 - tl.where(e != 0, e, 1).to(tl.uint32)
+    q = mant >> tl.minimum(s, 31)
+    hi = (mant >> tl.minimum(tl.maximum(s, 16) - 16, 31)) & 0xFFFF
+    lo = (mant << (16 - tl.minimum(s, 16))) & 0xFFFF
+    o_sub = q + ((tl.where(s >= 16, hi, lo) + r16) >> 16)
+    o_big = tl.where(u > 0x7F800000, 0x7E00, 0x7C00).to(tl.uint32)
+    o = tl.where(u >= 0x47800000, o_big, tl.where(u < 0x38800000, o_sub, o_norm))
+    return o | (sign >> 16)
+
+
+@triton.jit
+def _stored(x, DTYPE: tl.constexpr, sr, r16):
+    """``x`` (float32 registers) rounded into its storage dtype: to nearest even, or stochastically
+    where ``sr`` with the random 16 bits ``r16`` (16-bit dtypes). bfloat16 from the bits (as
+    ``float_to_bf16`` in adamw_math.h): what the GPU's conversion gives, and what the interpreter
+    (which truncates) then gives too."""
     if DTYPE == tl.bfloat16:
-        return _round_bf16(x)
+        u = x.to(tl.uint32, bitcast=True)
+        r = tl.where(sr, u + r16, u + 0x7FFF + ((u >> 16) & 1)) >> 16
+        r = tl.where((u & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, r)  # a NaN: the quiet one
+        return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    elif DTYPE == tl.float16:
+        rne = x.to(tl.float16)
+        return tl.where(sr, _round_f16_sr(x, r16).to(tl.uint16).to(tl.float16, bitcast=True), rne)
     else:
         return x.to(DTYPE)
 
@@ -124,6 +161,8 @@ def _elements(
     offs,
     mask,
     ams,
+    sr,
+    key,
     gmul,
     neg_decay,
     lerp_w,
@@ -141,21 +180,25 @@ def _elements(
 ):
     """The update of the elements ``offs`` (``mask``: which exist), loaded and stored once each.
     Moments stored in another dtype than the parameter's (M_DTYPE, V_DTYPE; vmax as v) are
-    rounded to nearest even into it."""
+    rounded into it; 16-bit values to nearest even, or stochastically (``sr``, with the tensor's
+    ``key``: the word's low 16 bits for the parameter, its high 16 for exp_avg, sr_second's for v)."""
     p = tl.load(p_ptr + offs, mask=mask).to(COMPUTE)
     g = tl.load(g_ptr + offs, mask=mask).to(COMPUTE)
     m = tl.load(m_ptr + offs, mask=mask).to(COMPUTE)
     v = tl.load(v_ptr + offs, mask=mask).to(COMPUTE)
     p, m, v = _update(p, g, m, v, gmul, neg_decay, lerp_w, lerp_low, beta2, omb2)
+    w0 = 0
+    w1 = 0
+    if (DTYPE == tl.bfloat16) | (DTYPE == tl.float16) | (M_DTYPE == tl.bfloat16) | (M_DTYPE == tl.float16):
+        w0 = _sr_word(key, offs)
+    if (V_DTYPE == tl.bfloat16) | (V_DTYPE == tl.float16):
+        w1 = (_sr_word(key, offs) * 0x5851F42D) >> 16  # sr_second
     vhat = v
     if AMSGRAD:
         if ams:
             x = tl.load(x_ptr + offs, mask=mask).to(COMPUTE)
             x = tl.maximum(x, v, propagate_nan=tl.PropagateNan.ALL)  # as torch.maximum
-            if V_DTYPE == DTYPE:
-                tl.store(x_ptr + offs, x.to(DTYPE), mask=mask)
-            else:
-                tl.store(x_ptr + offs, _stored(x, V_DTYPE), mask=mask)
+            tl.store(x_ptr + offs, _stored(x, V_DTYPE, sr, w1), mask=mask)
             vhat = x
     # IEEE sqrt and division (tl.sqrt and / may be approximate on the GPU in float32; in float64
     # they are the IEEE ones, and sqrt_rn/div_rn take float32 only)
@@ -165,15 +208,9 @@ def _elements(
     else:
         denom = tl.div_rn(tl.sqrt_rn(vhat), bc2_sqrt) + eps
         p = tl.fma(neg_step_size, tl.div_rn(m, denom), p)  # p - step_size * m / denom
-    tl.store(p_ptr + offs, p.to(DTYPE), mask=mask)
-    if M_DTYPE == DTYPE:
-        tl.store(m_ptr + offs, m.to(DTYPE), mask=mask)
-    else:
-        tl.store(m_ptr + offs, _stored(m, M_DTYPE), mask=mask)
-    if V_DTYPE == DTYPE:
-        tl.store(v_ptr + offs, v.to(DTYPE), mask=mask)
-    else:
-        tl.store(v_ptr + offs, _stored(v, V_DTYPE), mask=mask)
+    tl.store(p_ptr + offs, _stored(p, DTYPE, sr, w0 & 0xFFFF), mask=mask)
+    tl.store(m_ptr + offs, _stored(m, M_DTYPE, sr, w0 >> 16), mask=mask)
+    tl.store(v_ptr + offs, _stored(v, V_DTYPE, sr, w1), mask=mask)
 
 
 @triton.jit
@@ -182,6 +219,8 @@ def _block(
     off,
     n,
     ams,
+    sr,
+    key,
     gmul,
     neg_decay,
     lerp_w,
@@ -223,8 +262,8 @@ def _block(
         x_ptr = tl.multiple_of(x_ptr, 16)
         offs = off + tl.arange(0, BLOCK)
         _elements(
-            p_ptr, g_ptr, m_ptr, v_ptr, x_ptr, offs, None, ams, gmul, neg_decay, lerp_w, lerp_low, beta2, omb2,
-            bc2_sqrt, eps, neg_step_size, DTYPE, M_DTYPE, V_DTYPE, COMPUTE, AMSGRAD,
+            p_ptr, g_ptr, m_ptr, v_ptr, x_ptr, offs, None, ams, sr, key, gmul, neg_decay, lerp_w, lerp_low, beta2,
+            omb2, bc2_sqrt, eps, neg_step_size, DTYPE, M_DTYPE, V_DTYPE, COMPUTE, AMSGRAD,
         )  # fmt: skip
     else:
         # One element per thread and sub-block (SUB = the program's threads): the loads' and the
@@ -234,8 +273,8 @@ def _block(
         for j in tl.static_range(BLOCK // SUB):
             offs = off + j * SUB + tl.arange(0, SUB)
             _elements(
-                p_ptr, g_ptr, m_ptr, v_ptr, x_ptr, offs, offs < n, ams, gmul, neg_decay, lerp_w, lerp_low, beta2,
-                omb2, bc2_sqrt, eps, neg_step_size, DTYPE, M_DTYPE, V_DTYPE, COMPUTE, AMSGRAD,
+                p_ptr, g_ptr, m_ptr, v_ptr, x_ptr, offs, offs < n, ams, sr, key, gmul, neg_decay, lerp_w, lerp_low,
+                beta2, omb2, bc2_sqrt, eps, neg_step_size, DTYPE, M_DTYPE, V_DTYPE, COMPUTE, AMSGRAD,
             )  # fmt: skip
 
 
@@ -270,6 +309,7 @@ def adamw_kernel(
     HP_WEIGHT_DECAY: tl.constexpr,
     HP_AMSGRAD: tl.constexpr,
     HP_MAXIMIZE: tl.constexpr,
+    HP_ROUNDING: tl.constexpr,
     DTYPE: tl.constexpr,  # of the parameters and gradients
     M_DTYPE: tl.constexpr,  # of exp_avg: DTYPE, or (fp32/bf16/fp16) another of those (exp_avg_dtype)
     V_DTYPE: tl.constexpr,  # of exp_avg_sq and max_exp_avg_sq
@@ -321,6 +361,12 @@ def adamw_kernel(
     omb2 = (1.0 - beta2).to(COMPUTE)
     beta2 = beta2.to(COMPUTE)
     eps = tl.load(hp + HP_EPS).to(COMPUTE)
+    # stochastic rounding (16-bit values): the row holds seed + 1; the key of (seed, position, tensor)
+    rounding = tl.load(hp + HP_ROUNDING)
+    sr = rounding != 0.0
+    seed = tl.maximum(rounding - 1.0, 0.0).to(tl.int64).to(tl.uint32)
+    position = tl.load(step_count_ptr).to(tl.uint32)
+    key = _sr_mix(_sr_mix(_sr_mix(seed) ^ position) ^ tensor.to(tl.uint32))
 
     end = tl.minimum(start + CHUNK, n)
     iters = tl.cdiv(end - start, BLOCK)  # <= 0 when found_inf (n = 0): no iteration
@@ -328,13 +374,15 @@ def adamw_kernel(
         off = start + i * BLOCK
         if aligned & (off + BLOCK <= n):
             _block(
-                row, off, n, ams, gmul, neg_decay, lerp_w, lerp_low, beta2, omb2, bc2_sqrt, eps, neg_step_size,
-                COL_P, COL_G, COL_M, COL_V, COL_X, DTYPE, M_DTYPE, V_DTYPE, COMPUTE, AMSGRAD, True, BLOCK, SUB,
+                row, off, n, ams, sr, key, gmul, neg_decay, lerp_w, lerp_low, beta2, omb2, bc2_sqrt, eps,
+                neg_step_size, COL_P, COL_G, COL_M, COL_V, COL_X, DTYPE, M_DTYPE, V_DTYPE, COMPUTE, AMSGRAD, True,
+                BLOCK, SUB,
             )  # fmt: skip
         else:
             _block(
-                row, off, n, ams, gmul, neg_decay, lerp_w, lerp_low, beta2, omb2, bc2_sqrt, eps, neg_step_size,
-                COL_P, COL_G, COL_M, COL_V, COL_X, DTYPE, M_DTYPE, V_DTYPE, COMPUTE, AMSGRAD, False, BLOCK, SUB,
+                row, off, n, ams, sr, key, gmul, neg_decay, lerp_w, lerp_low, beta2, omb2, bc2_sqrt, eps,
+                neg_step_size, COL_P, COL_G, COL_M, COL_V, COL_X, DTYPE, M_DTYPE, V_DTYPE, COMPUTE, AMSGRAD, False,
+                BLOCK, SUB,
             )  # fmt: skip
 
 

@@ -20,9 +20,10 @@ using Item = CpuItems::Item;
 // D: the storage of p and g; M: of m, v and vmax (D, or for lean moments another of fp32/bf16/fp16:
 // one pass, vectorised over the mixed widths, 8 fp32 p, g with 8 bf16 m, v per AVX2 vector, given
 // kLow = 1: GCC 12 does not vectorise mixed widths around the lerp's invariant select).
-template <int D, int M, bool kFma, bool kAms, int kLow = -1>
+template <int D, int M, bool kFma, bool kAms, int kLow = -1, bool kSR = false>
 __attribute__((always_inline)) inline void cpu_loop(const CpuTensor& ct, int64_t b, int64_t e,
-                                                    const ScalarsOf<typename Storage<D>::compute> s) {
+                                                    const ScalarsOf<typename Storage<D>::compute> s,
+                                                    const uint32_t key = 0) {
   using T = typename Storage<D>::type;
   using TM = typename Storage<M>::type;
   using C = typename Storage<D>::compute;
@@ -33,21 +34,35 @@ __attribute__((always_inline)) inline void cpu_loop(const CpuTensor& ct, int64_t
   TM* __restrict__ m = static_cast<TM*>(ct.m);
   TM* __restrict__ v = static_cast<TM*>(ct.v);
   TM* __restrict__ x = static_cast<TM*>(ct.vmax);
-  for (int64_t i = b; i < e; ++i) {
+  // stochastic rounding's counter, key + i mod 2^32 (sr_word: adamw_math.h), as a 32-bit
+  // induction variable (a 64-bit one is narrowed per vector: measured slower)
+  uint32_t ctr = key + static_cast<uint32_t>(b);
+  for (int64_t i = b; i < e; ++i, ++ctr) {
     C fp = S::load(p[i]), fm = SM::load(m[i]), fv = SM::load(v[i]);
     C fx = kAms ? SM::load(x[i]) : C(0);
     adamw_element<kFma, kAms, C, kLow>(fp, S::load(g[i]), fm, fv, fx, s);
-    p[i] = S::store(fp);
-    m[i] = SM::store(fm);
-    v[i] = SM::store(fv);
-    if (kAms) x[i] = SM::store(fx);
+    if constexpr (kSR) {  // stochastic rounding of the 16-bit arrays
+      const uint32_t w0 = sr_mix(ctr);
+      p[i] = S::store_sr(fp, w0 & 0xffffu);
+      m[i] = SM::store_sr(fm, w0 >> 16);
+      const uint32_t w1 = SM::kNarrow ? sr_second(w0) : 0u;
+      v[i] = SM::store_sr(fv, w1);
+      if (kAms) x[i] = SM::store_sr(fx, w1);
+    } else {
+      p[i] = S::store(fp);
+      m[i] = SM::store(fm);
+      v[i] = SM::store(fv);
+      if (kAms) x[i] = SM::store(fx);
+    }
   }
 }
 
-template <int D, int M, bool kFma, int kLow = -1>
+template <int D, int M, bool kFma, int kLow = -1, bool kSR = false>
 __attribute__((always_inline)) inline void cpu_loop_ams(const CpuTensor& ct, int64_t b, int64_t e,
-                                                        const ScalarsOf<typename Storage<D>::compute> s) {
-  ct.vmax != nullptr ? cpu_loop<D, M, kFma, true, kLow>(ct, b, e, s) : cpu_loop<D, M, kFma, false, kLow>(ct, b, e, s);
+                                                        const ScalarsOf<typename Storage<D>::compute> s,
+                                                        const uint32_t key = 0) {
+  ct.vmax != nullptr ? cpu_loop<D, M, kFma, true, kLow, kSR>(ct, b, e, s, key)
+                     : cpu_loop<D, M, kFma, false, kLow, kSR>(ct, b, e, s, key);
 }
 
 // Moments stored in another dtype than their parameter's (exp_avg_dtype): a tile at a time, the
@@ -63,10 +78,16 @@ __attribute__((always_inline)) inline void load_tile(const void* src, int64_t b,
   for (int64_t i = 0; i < n; ++i) dst[i] = Storage<D>::load(x[i]);
 }
 
+// sr: stochastic rounding with element b + i's bits of array `stream` (sr_r16: adamw_math.h)
 template <int D>
-__attribute__((always_inline)) inline void store_tile(void* dst, int64_t b, int64_t n, const float* __restrict__ src) {
+__attribute__((always_inline)) inline void store_tile(void* dst, int64_t b, int64_t n, const float* __restrict__ src,
+                                                      bool sr, uint32_t key, int stream) {
   typename Storage<D>::type* __restrict__ x = static_cast<typename Storage<D>::type*>(dst) + b;
-  for (int64_t i = 0; i < n; ++i) x[i] = Storage<D>::store(src[i]);
+  if (Storage<D>::kNarrow && sr) {
+    for (int64_t i = 0; i < n; ++i) x[i] = Storage<D>::store_sr(src[i], sr_r16(sr_word(key, b + i), stream));
+  } else {
+    for (int64_t i = 0; i < n; ++i) x[i] = Storage<D>::store(src[i]);
+  }
 }
 
 __attribute__((always_inline)) inline void load_tile_as(Dtype d, const void* src, int64_t b, int64_t n, float* dst) {
@@ -79,19 +100,20 @@ __attribute__((always_inline)) inline void load_tile_as(Dtype d, const void* src
   }
 }
 
-__attribute__((always_inline)) inline void store_tile_as(Dtype d, void* dst, int64_t b, int64_t n, const float* src) {
+__attribute__((always_inline)) inline void store_tile_as(Dtype d, void* dst, int64_t b, int64_t n, const float* src,
+                                                         bool sr, uint32_t key, int stream) {
   if (d == kF32) {
-    store_tile<kF32>(dst, b, n, src);
+    store_tile<kF32>(dst, b, n, src, sr, key, stream);
   } else if (d == kBF16) {
-    store_tile<kBF16>(dst, b, n, src);
+    store_tile<kBF16>(dst, b, n, src, sr, key, stream);
   } else {
-    store_tile<kF16>(dst, b, n, src);
+    store_tile<kF16>(dst, b, n, src, sr, key, stream);
   }
 }
 
 template <int D, bool kFma, bool kAms>
-__attribute__((always_inline)) inline void cpu_loop_lean(const CpuTensor& ct, int64_t b, int64_t e,
-                                                         const ElemScalars s) {
+__attribute__((always_inline)) inline void cpu_loop_lean(const CpuTensor& ct, int64_t b, int64_t e, const ElemScalars s,
+                                                         const bool sr, const uint32_t key) {
   using T = typename Storage<D>::type;
   using S = Storage<D>;
   T* __restrict__ p = static_cast<T*>(ct.p);
@@ -108,24 +130,46 @@ __attribute__((always_inline)) inline void cpu_loop_lean(const CpuTensor& ct, in
       float fp = S::load(pt[i]), fm = mt[i], fv = vt[i];
       float fx = kAms ? xt[i] : 0.0f;
       adamw_element<kFma, kAms>(fp, S::load(gt[i]), fm, fv, fx, s);
-      pt[i] = S::store(fp);
+      pt[i] = sr ? S::store_sr(fp, sr_word(key, t0 + i) & 0xffffu) : S::store(fp);
       mt[i] = fm;
       vt[i] = fv;
       if (kAms) xt[i] = fx;
     }
-    store_tile_as(ct.m_dtype, ct.m, t0, n, mt);
-    store_tile_as(ct.v_dtype, ct.v, t0, n, vt);
-    if (kAms) store_tile_as(ct.v_dtype, ct.vmax, t0, n, xt);
+    store_tile_as(ct.m_dtype, ct.m, t0, n, mt, sr, key, 1);
+    store_tile_as(ct.v_dtype, ct.v, t0, n, vt, sr, key, 2);
+    if (kAms) store_tile_as(ct.v_dtype, ct.vmax, t0, n, xt, sr, key, 2);
   }
 }
 
+// Stochastic rounding (sr: the tensor's row asks it and some array is 16-bit) of one pass over
+// arrays of one dtype, or of fp32 parameters with 16-bit moments; the other mixes by tiles.
+template <bool kFma>
+__attribute__((always_inline)) inline bool cpu_item_sr(const CpuTensor& ct, int64_t b, int64_t e, const ElemScalars& s,
+                                                       uint32_t key) {
+  if (ct.m_dtype != ct.v_dtype || !s.lerp_low) return false;
+  if (ct.dtype == ct.m_dtype && ct.dtype == kBF16) {
+    cpu_loop_ams<kBF16, kBF16, kFma, 1, true>(ct, b, e, s, key);
+  } else if (ct.dtype == ct.m_dtype && ct.dtype == kF16) {
+    cpu_loop_ams<kF16, kF16, kFma, 1, true>(ct, b, e, s, key);
+  } else if (ct.dtype == kF32 && ct.m_dtype == kBF16) {
+    cpu_loop_ams<kF32, kBF16, kFma, 1, true>(ct, b, e, s, key);
+  } else if (ct.dtype == kBF16 && ct.m_dtype == kF32) {
+    cpu_loop_ams<kBF16, kF32, kFma, 1, true>(ct, b, e, s, key);
+  } else {
+    return false;
+  }
+  return true;
+}
+
 // The item's scalars come in double (cheap to round again per item) and are rounded to the
-// compute type of the tensor's dtype here.
+// compute type of the tensor's dtype here. sr: round the 16-bit arrays stochastically with `key`.
 template <bool kFma>
 __attribute__((always_inline)) inline void cpu_item(const CpuTensor& ct, int64_t b, int64_t e,
-                                                    const ScalarsOf<double>& sd, const ElemScalars& s) {
+                                                    const ScalarsOf<double>& sd, const ElemScalars& s, bool sr,
+                                                    uint32_t key) {
   const bool ams = ct.vmax != nullptr;
-  if (ct.m_dtype == ct.v_dtype && ct.m_dtype != ct.dtype && s.lerp_low && ct.dtype != kF16) {
+  if (sr && cpu_item_sr<kFma>(ct, b, e, s, key)) return;
+  if (!sr && ct.m_dtype == ct.v_dtype && ct.m_dtype != ct.dtype && s.lerp_low && ct.dtype != kF16) {
     const bool to_bf16 = ct.m_dtype == kBF16;  // fp32 parameters with bf16 or fp16 moments, bf16 with fp32
     if (ct.dtype == kF32) {
       to_bf16 ? cpu_loop_ams<kF32, kBF16, kFma, 1>(ct, b, e, s) : cpu_loop_ams<kF32, kF16, kFma, 1>(ct, b, e, s);
@@ -136,13 +180,16 @@ __attribute__((always_inline)) inline void cpu_item(const CpuTensor& ct, int64_t
       return;
     }
   }
-  if (ct.m_dtype != ct.dtype || ct.v_dtype != ct.dtype) {  // the other mixes: by tiles
+  if (sr || ct.m_dtype != ct.dtype || ct.v_dtype != ct.dtype) {  // the other mixes: by tiles
     if (ct.dtype == kF32) {
-      ams ? cpu_loop_lean<kF32, kFma, true>(ct, b, e, s) : cpu_loop_lean<kF32, kFma, false>(ct, b, e, s);
+      ams ? cpu_loop_lean<kF32, kFma, true>(ct, b, e, s, sr, key)
+          : cpu_loop_lean<kF32, kFma, false>(ct, b, e, s, sr, key);
     } else if (ct.dtype == kBF16) {
-      ams ? cpu_loop_lean<kBF16, kFma, true>(ct, b, e, s) : cpu_loop_lean<kBF16, kFma, false>(ct, b, e, s);
+      ams ? cpu_loop_lean<kBF16, kFma, true>(ct, b, e, s, sr, key)
+          : cpu_loop_lean<kBF16, kFma, false>(ct, b, e, s, sr, key);
     } else {
-      ams ? cpu_loop_lean<kF16, kFma, true>(ct, b, e, s) : cpu_loop_lean<kF16, kFma, false>(ct, b, e, s);
+      ams ? cpu_loop_lean<kF16, kFma, true>(ct, b, e, s, sr, key)
+          : cpu_loop_lean<kF16, kFma, false>(ct, b, e, s, sr, key);
     }
     return;
   }
@@ -153,11 +200,12 @@ __attribute__((always_inline)) inline void cpu_item(const CpuTensor& ct, int64_t
     case kF64:
       cpu_loop_ams<kF64, kF64, kFma>(ct, b, e, sd);
       break;
+    // 16-bit arrays with fp32 math are mixed widths: GCC vectorises them given kLow (as the lean loops)
     case kBF16:
-      cpu_loop_ams<kBF16, kBF16, kFma>(ct, b, e, s);
+      s.lerp_low ? cpu_loop_ams<kBF16, kBF16, kFma, 1>(ct, b, e, s) : cpu_loop_ams<kBF16, kBF16, kFma>(ct, b, e, s);
       break;
     default:
-      cpu_loop_ams<kF16, kF16, kFma>(ct, b, e, s);
+      s.lerp_low ? cpu_loop_ams<kF16, kF16, kFma, 1>(ct, b, e, s) : cpu_loop_ams<kF16, kF16, kFma>(ct, b, e, s);
       break;
   }
 }
@@ -182,12 +230,14 @@ inline void prefetch_item(const std::vector<CpuTensor>& ts, const Item& it) {
   }
 }
 
-using ItemFn = void (*)(const CpuTensor&, int64_t, int64_t, const ScalarsOf<double>&, const ElemScalars&);
+using ItemFn = void (*)(const CpuTensor&, int64_t, int64_t, const ScalarsOf<double>&, const ElemScalars&, bool,
+                        uint32_t);
 
 // Baseline x86-64 (SSE2) or any other architecture: no hardware FMA assumed, so a*b+c
 // (std::fma would be a libm call per element there).
-void item_baseline(const CpuTensor& ct, int64_t b, int64_t e, const ScalarsOf<double>& sd, const ElemScalars& s) {
-  cpu_item<false>(ct, b, e, sd, s);
+void item_baseline(const CpuTensor& ct, int64_t b, int64_t e, const ScalarsOf<double>& sd, const ElemScalars& s,
+                   bool sr, uint32_t key) {
+  cpu_item<false>(ct, b, e, sd, s, sr, key);
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -195,14 +245,16 @@ void item_baseline(const CpuTensor& ct, int64_t b, int64_t e, const ScalarsOf<do
 // run time with __builtin_cpu_supports (GCC's target attribute; the callee templates are
 // always_inline so they are compiled for the caller's ISA).
 __attribute__((target("avx2,fma,f16c,bmi,bmi2"))) void item_avx2(const CpuTensor& ct, int64_t b, int64_t e,
-                                                                 const ScalarsOf<double>& sd, const ElemScalars& s) {
-  cpu_item<true>(ct, b, e, sd, s);
+                                                                 const ScalarsOf<double>& sd, const ElemScalars& s,
+                                                                 bool sr, uint32_t key) {
+  cpu_item<true>(ct, b, e, sd, s, sr, key);
 }
 
 __attribute__((
     target("avx512f,avx512vl,avx512bw,avx512dq,avx512cd,avx2,fma,f16c,bmi,bmi2,prefer-vector-width=512"))) void
-item_avx512(const CpuTensor& ct, int64_t b, int64_t e, const ScalarsOf<double>& sd, const ElemScalars& s) {
-  cpu_item<true>(ct, b, e, sd, s);
+item_avx512(const CpuTensor& ct, int64_t b, int64_t e, const ScalarsOf<double>& sd, const ElemScalars& s, bool sr,
+            uint32_t key) {
+  cpu_item<true>(ct, b, e, sd, s, sr, key);
 }
 #endif
 
@@ -413,7 +465,14 @@ void cpu_update_items(const std::vector<CpuTensor>& ts, const CpuItems& work, co
       last_t = ct.t;
     }
     if (i + 1 < i1) prefetch_item(ts, items[i + 1]);
-    fn(ct, it.begin, it.end, sd, s);
+    // stochastic rounding: the row asks it (seed + 1) and some array of this tensor is 16-bit
+    const double rounding = ct.hp[kRounding];
+    const bool narrow = ct.dtype == kBF16 || ct.dtype == kF16 || ct.m_dtype == kBF16 || ct.m_dtype == kF16 ||
+                        ct.v_dtype == kBF16 || ct.v_dtype == kF16;
+    const bool sr = rounding != 0.0 && narrow;
+    const uint32_t key =
+        sr ? sr_key(static_cast<uint32_t>(rounding - 1.0), sc.position, static_cast<uint32_t>(it.tensor)) : 0u;
+    fn(ct, it.begin, it.end, sd, s, sr, key);
   }
 }
 

@@ -52,10 +52,12 @@ struct CpuStepScalars {
   float lr_mult, wd_mult;
   bool independent_wd;
   const float* grad_scale;  // nullptr when absent
+  uint32_t position;        // the step counter before this step, mod 2^32 (stochastic rounding's key)
 };
 
 // The update of items [i0, i1) (each tensor's scalars from its group row and new step).
-// `ts` is indexed by CpuItems::Item::tensor. Steps are not written here.
+// `ts` is indexed by CpuItems::Item::tensor, which is also the tensor's position in stochastic
+// rounding's key (its group row's kRounding: the seed + 1). Steps are not written here.
 void cpu_update_items(const std::vector<CpuTensor>& ts, const CpuItems& items, const CpuStepScalars& sc, size_t i0,
                       size_t i1);
 

@@ -226,17 +226,21 @@ D2Z_INLINE float load_moment(const void* base, int64_t e, int d) {
   return d == kBF16 ? bf16_to_float(h) : f16_to_float(h);
 }
 
-D2Z_INLINE void store_moment(void* base, int64_t e, int d, float x) {
+// sr: stochastically with the random 16 bits r16, else to nearest even
+D2Z_INLINE void store_moment(void* base, int64_t e, int d, float x, bool sr, uint32_t r16) {
   if (d == kF32) {
     static_cast<float*>(base)[e] = x;
+  } else if (d == kBF16) {
+    static_cast<uint16_t*>(base)[e] = sr ? float_to_bf16_sr(x, r16) : float_to_bf16(x);
   } else {
-    static_cast<uint16_t*>(base)[e] = d == kBF16 ? float_to_bf16(x) : float_to_f16(x);
+    static_cast<uint16_t*>(base)[e] = sr ? float_to_f16_sr(x, r16) : float_to_f16(x);
   }
 }
 
+// Also the path of stochastic rounding (sr, with the tensor's key; adamw_math.h's sr_word).
 template <int D, bool kAms>
 D2Z_INLINE void update_chunk_lean(const TensorMeta& t, const ElemScalars& s, int64_t start, int64_t end, int thread,
-                                  int block_dim) {
+                                  int block_dim, bool sr, uint32_t key) {
   using S = Storage<D>;
   using T = typename S::type;
   T* p = static_cast<T*>(t.p);
@@ -245,20 +249,22 @@ D2Z_INLINE void update_chunk_lean(const TensorMeta& t, const ElemScalars& s, int
     float fp = S::load(p[e]), fm = load_moment(t.m, e, t.m_dtype), fv = load_moment(t.v, e, t.v_dtype);
     float fx = kAms ? load_moment(t.vmax, e, t.v_dtype) : 0.0f;
     adamw_element<true, kAms>(fp, S::load(g[e]), fm, fv, fx, s);
-    p[e] = S::store(fp);
-    store_moment(t.m, e, t.m_dtype, fm);
-    store_moment(t.v, e, t.v_dtype, fv);
-    if (kAms) store_moment(t.vmax, e, t.v_dtype, fx);
+    const uint32_t w0 = sr ? sr_word(key, e) : 0u;
+    const uint32_t w1 = sr_second(w0);
+    p[e] = sr ? S::store_sr(fp, w0 & 0xffffu) : S::store(fp);
+    store_moment(t.m, e, t.m_dtype, fm, sr, w0 >> 16);
+    store_moment(t.v, e, t.v_dtype, fv, sr, w1);
+    if (kAms) store_moment(t.vmax, e, t.v_dtype, fx, sr, w1);
   }
 }
 
 template <int D>
 D2Z_INLINE void update_chunk_lean_dtype(const TensorMeta& t, bool ams, const ElemScalars& s, int64_t start, int64_t end,
-                                        int thread, int block_dim) {
+                                        int thread, int block_dim, bool sr, uint32_t key) {
   if (ams) {
-    update_chunk_lean<D, true>(t, s, start, end, thread, block_dim);
+    update_chunk_lean<D, true>(t, s, start, end, thread, block_dim, sr, key);
   } else {
-    update_chunk_lean<D, false>(t, s, start, end, thread, block_dim);
+    update_chunk_lean<D, false>(t, s, start, end, thread, block_dim, sr, key);
   }
 }
 
@@ -297,16 +303,21 @@ D2Z_HD inline void adamw_thread(int64_t block, int thread, int block_dim, const 
     }
   }
   const ElemScalars s = make_scalars<float>(hp, lr_mult, wd_mult, step, wd_mode, a.grad_scale);
-  if (t.m_dtype != t.dtype || t.v_dtype != t.dtype) {  // lean moments (never float64 parameters)
+  // stochastic rounding: the row asks it (seed + 1) and some array is 16-bit (never float64 ones)
+  const bool sr = hp[kRounding] != 0.0 && (t.dtype != kF32 || t.m_dtype != kF32 || t.v_dtype != kF32);
+  if (sr || t.m_dtype != t.dtype || t.v_dtype != t.dtype) {  // lean moments (never float64 parameters)
+    const uint32_t key = sr ? sr_key(static_cast<uint32_t>(hp[kRounding] - 1.0), static_cast<uint32_t>(*a.step_count),
+                                     static_cast<uint32_t>(w.tensor))
+                            : 0u;
     switch (t.dtype) {
       case kF32:
-        update_chunk_lean_dtype<kF32>(t, ams, s, start, end, thread, block_dim);
+        update_chunk_lean_dtype<kF32>(t, ams, s, start, end, thread, block_dim, sr, key);
         break;
       case kBF16:
-        update_chunk_lean_dtype<kBF16>(t, ams, s, start, end, thread, block_dim);
+        update_chunk_lean_dtype<kBF16>(t, ams, s, start, end, thread, block_dim, sr, key);
         break;
       default:
-        update_chunk_lean_dtype<kF16>(t, ams, s, start, end, thread, block_dim);
+        update_chunk_lean_dtype<kF16>(t, ams, s, start, end, thread, block_dim, sr, key);
         break;
     }
     return;

@@ -34,8 +34,9 @@ namespace d2z {
 // in float for the first three and in double for kF64 (as torch's fused kernels do: opmath).
 enum Dtype : int32_t { kF32 = 0, kBF16 = 1, kF16 = 2, kF64 = 3 };
 
-// Columns of the hparams [G, 8] float64 tensor.
-enum HpCol : int { kLr = 0, kBeta1, kBeta2, kEps, kWeightDecay, kAmsgrad, kMaximize, kHpCols = 8 };
+// Columns of the hparams [G, 8] float64 tensor. kRounding: 0 rounds every 16-bit value the step
+// writes to nearest even; seed + 1 (seed an integer in [0, 2^32)) rounds it stochastically.
+enum HpCol : int { kLr = 0, kBeta1, kBeta2, kEps, kWeightDecay, kAmsgrad, kMaximize, kRounding, kHpCols = 8 };
 
 // Per-tensor scalars of one step, rounded once from double to the compute type T (float, or
 // double for float64 parameters).
@@ -229,6 +230,67 @@ D2Z_INLINE uint16_t float_to_f16(float f) {
 #endif
 }
 
+// ---- stochastic rounding: a counter-based generator and the roundings that take its bits ----
+// Random bits are a function of (seed, schedule position, tensor, element) only: no generator
+// state, the same bits on every backend (d2z_optim/backends/torch_backend.py and the Triton kernel
+// compute the same functions). sr_mix is a 32-bit integer hash (xor-shift-multiply; multipliers
+// below 2^31 so that int64 tensor arithmetic computes it exactly).
+D2Z_INLINE uint32_t sr_mix(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x21f0aaadu;
+  x ^= x >> 15;
+  x *= 0x735a2d97u;
+  x ^= x >> 15;
+  return x;
+}
+
+// One tensor's key at one step: the seed, the schedule position (the step counter before this step,
+// mod 2^32) and the tensor's position among the step's tensors on its device (groups in order).
+D2Z_INLINE uint32_t sr_key(uint32_t seed, uint32_t position, uint32_t tensor) {
+  return sr_mix(sr_mix(sr_mix(seed) ^ position) ^ tensor);
+}
+
+// Element e's random word (e: its offset, mod 2^32): the parameter takes its low 16 bits, exp_avg
+// its high 16, exp_avg_sq (and max_exp_avg_sq, so that equal values round alike) sr_second's.
+D2Z_INLINE uint32_t sr_word(uint32_t key, int64_t e) { return sr_mix(key + static_cast<uint32_t>(e)); }
+
+// exp_avg_sq's 16 bits: the high half of the word times an odd constant, which depends on all 32
+// bits (one multiply instead of a second hash: the CPU kernel is compute-bound in bf16, where a
+// second hash per element measured +28% on 1 x 64M against +x% for this).
+D2Z_INLINE uint32_t sr_second(uint32_t w) { return (w * 0x5851f42du) >> 16; }
+
+// The 16 random bits of array `stream` (0: the parameter, 1: exp_avg, 2: exp_avg_sq and its max).
+D2Z_INLINE uint32_t sr_r16(uint32_t w, int stream) {
+  return stream == 0 ? w & 0xffffu : (stream == 1 ? w >> 16 : sr_second(w));
+}
+
+// float32 -> bfloat16 rounded up with probability (the 16 bits dropped) / 2^16: r16 in [0, 2^16).
+D2Z_INLINE uint16_t float_to_bf16_sr(float f, uint32_t r16) {
+  const uint32_t u = float_to_bits(f);
+  const bool is_nan = (u & 0x7fffffffu) > 0x7f800000u;
+  return static_cast<uint16_t>(is_nan ? 0x7fc0u : (u + r16) >> 16);
+}
+
+// float32 -> float16 rounded up with probability (the dropped bits, to 16 of them) / their unit.
+D2Z_INLINE uint16_t float_to_f16_sr(float f, uint32_t r16) {
+  uint32_t u = float_to_bits(f);
+  const uint32_t sign = u & 0x80000000u;
+  u ^= sign;
+  // normal results: rebias, 13 bits dropped (a carry may reach the next binade, or Inf)
+  const uint32_t o_norm = (u + 0xc8000000u + (r16 >> 3)) >> 13;
+  // subnormal results, in units of 2^-24: M * 2^-s with s = 126 - exponent (>= 14); the integer
+  // part q and the next 16 bits f (shifts capped at 31: M < 2^24)
+  const uint32_t e = u >> 23;
+  const uint32_t mant = (u & 0x7fffffu) | (e != 0u ? 0x800000u : 0u);
+  const uint32_t s = 126u - (e != 0u ? e : 1u);
+  const uint32_t q = mant >> (s < 31u ? s : 31u);
+  const uint32_t fr = s >= 16u ? (mant >> (s - 16u < 31u ? s - 16u : 31u)) & 0xffffu : (mant << (16u - s)) & 0xffffu;
+  const uint32_t o_sub = q + ((fr + r16) >> 16);
+  const uint32_t o_big = u > 0x7f800000u ? 0x7e00u : 0x7c00u;
+  const uint32_t o = u >= 0x47800000u ? o_big : (u < 0x38800000u ? o_sub : o_norm);
+  return static_cast<uint16_t>(o | (sign >> 16));
+}
+
 // How a storage dtype is loaded into its compute type and stored back.
 template <int kDtype>
 struct Storage;
@@ -238,6 +300,8 @@ struct Storage<kF32> {
   using compute = float;
   static D2Z_INLINE float load(float x) { return x; }
   static D2Z_INLINE float store(float x) { return x; }
+  static D2Z_INLINE float store_sr(float x, uint32_t) { return x; }
+  static constexpr bool kNarrow = false;  // 16 bits: stochastic rounding applies
 };
 template <>
 struct Storage<kF64> {
@@ -245,6 +309,8 @@ struct Storage<kF64> {
   using compute = double;
   static D2Z_INLINE double load(double x) { return x; }
   static D2Z_INLINE double store(double x) { return x; }
+  static D2Z_INLINE double store_sr(double x, uint32_t) { return x; }
+  static constexpr bool kNarrow = false;
 };
 template <>
 struct Storage<kBF16> {
@@ -252,6 +318,8 @@ struct Storage<kBF16> {
   using compute = float;
   static D2Z_INLINE float load(uint16_t x) { return bf16_to_float(x); }
   static D2Z_INLINE uint16_t store(float x) { return float_to_bf16(x); }
+  static D2Z_INLINE uint16_t store_sr(float x, uint32_t r16) { return float_to_bf16_sr(x, r16); }
+  static constexpr bool kNarrow = true;
 };
 template <>
 struct Storage<kF16> {
@@ -259,6 +327,8 @@ struct Storage<kF16> {
   using compute = float;
   static D2Z_INLINE float load(uint16_t x) { return f16_to_float(x); }
   static D2Z_INLINE uint16_t store(float x) { return float_to_f16(x); }
+  static D2Z_INLINE uint16_t store_sr(float x, uint32_t r16) { return float_to_f16_sr(x, r16); }
+  static constexpr bool kNarrow = true;
 };
 
 }  // namespace d2z

@@ -71,7 +71,8 @@ CpuStepResult cpu_step(const std::vector<CpuTensor>& ts, const CpuItems& items, 
   int64_t* count = step_count.data_ptr<int64_t>();
   const int64_t idx = std::clamp<int64_t>(*count, 0, lr_table.numel() - 1);
   const CpuStepScalars sc{lr_table.data_ptr<float>()[idx], wd_table.data_ptr<float>()[idx], independent_wd,
-                          grad_scale.has_value() ? grad_scale->data_ptr<float>() : nullptr};
+                          grad_scale.has_value() ? grad_scale->data_ptr<float>() : nullptr,
+                          static_cast<uint32_t>(*count)};
   cpu_update(ts, items, sc);
   *count += 1;
   return CpuStepResult::kApplied;

@@ -1,7 +1,7 @@
 // Schema of the d2z ops, and the Python module d2z_optim._C. Implementations: adamw_cpu.cpp (CPU),
 // adamw_test_ops.cpp (test only: the CUDA grid replayed on the CPU, the conversions),
 // adamw_cuda_glue.cpp (CUDA builds). The step holders: adamw_step_holder.cpp.
-#include <torch/extension.h>
+#include <torch/csrc/utils/pybind.h>
 #include <torch/library.h>
 
 #define D2Z_STEP_ARGS                                                                                           \
@@ -32,6 +32,11 @@ TORCH_LIBRARY(d2z, m) {
   m.def("adamw_step_grid_replay_" D2Z_STEP_ARGS);
   // Test only: dst.copy_(src) through the kernels' own float <-> bf16/fp16 conversions (CPU).
   m.def("_test_cast_(Tensor src, Tensor(a!) dst) -> ()");
+  // Test only: dst = src (float32) rounded stochastically into dst's dtype with bits' low 16 bits
+  // (int64), and out[e] = (sr_word(key, e), sr_second of it) for key = sr_key(seed, position,
+  // tensor): the kernels' generator (CPU).
+  m.def("_test_round_sr_(Tensor src, Tensor bits, Tensor(a!) dst) -> ()");
+  m.def("_test_sr_words_(int seed, int position, int tensor, Tensor(a!) out) -> ()");
 }
 
 namespace d2z {

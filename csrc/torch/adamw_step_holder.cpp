@@ -32,7 +32,7 @@
 
 #include <ATen/Parallel.h>
 #include <torch/csrc/autograd/python_variable.h>
-#include <torch/extension.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <array>
 #include <atomic>

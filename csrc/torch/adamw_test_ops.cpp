@@ -6,6 +6,7 @@
 // its multiply-adds are fused (std::fma) as on the GPU.
 //
 // d2z::_test_cast_: dst.copy_(src) through the kernels' own float <-> bf16/fp16 conversions.
+// d2z::_test_round_sr_, d2z::_test_sr_words_: the stochastic rounding and its generator.
 #include "adamw_worklist.h"
 
 namespace d2z {
@@ -66,10 +67,42 @@ void test_cast(const at::Tensor& src, const at::Tensor& dst) {
   }
 }
 
+void test_round_sr(const at::Tensor& src, const at::Tensor& bits, const at::Tensor& dst) {
+  TORCH_CHECK(src.is_contiguous() && bits.is_contiguous() && dst.is_contiguous() && src.is_cpu() && dst.is_cpu() &&
+                  bits.is_cpu() && src.numel() == dst.numel() && bits.numel() == src.numel(),
+              "_test_round_sr_: contiguous CPU tensors of one size");
+  TORCH_CHECK(src.scalar_type() == at::kFloat && bits.scalar_type() == at::kLong &&
+                  (dst.scalar_type() == at::kBFloat16 || dst.scalar_type() == at::kHalf),
+              "_test_round_sr_: float32 src, int64 bits, bfloat16 or float16 dst");
+  const float* s = src.data_ptr<float>();
+  const int64_t* r = bits.data_ptr<int64_t>();
+  auto* out = static_cast<uint16_t*>(dst.data_ptr());
+  const bool bf16 = dst.scalar_type() == at::kBFloat16;
+  for (int64_t i = 0; i < src.numel(); ++i) {
+    const uint32_t r16 = static_cast<uint32_t>(r[i]) & 0xffffu;
+    out[i] = bf16 ? float_to_bf16_sr(s[i], r16) : float_to_f16_sr(s[i], r16);
+  }
+}
+
+void test_sr_words(int64_t seed, int64_t position, int64_t tensor, const at::Tensor& out) {
+  TORCH_CHECK(
+      out.is_cpu() && out.is_contiguous() && out.scalar_type() == at::kLong && out.dim() == 2 && out.size(1) == 2,
+      "_test_sr_words_: a contiguous int64 [n, 2] CPU tensor");
+  const uint32_t key =
+      sr_key(static_cast<uint32_t>(seed), static_cast<uint32_t>(position), static_cast<uint32_t>(tensor));
+  int64_t* o = out.data_ptr<int64_t>();
+  for (int64_t e = 0; e < out.size(0); ++e) {
+    o[2 * e] = sr_word(key, e);
+    o[2 * e + 1] = sr_second(sr_word(key, e));
+  }
+}
+
 }  // namespace
 }  // namespace d2z
 
 TORCH_LIBRARY_IMPL(d2z, CPU, m) {
+  m.impl("_test_round_sr_", &d2z::test_round_sr);
+  m.impl("_test_sr_words_", &d2z::test_sr_words);
   m.impl("adamw_step_grid_replay_", &d2z::adamw_step_grid_replay);
   m.impl("_test_cast_", &d2z::test_cast);
 }

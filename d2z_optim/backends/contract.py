@@ -46,11 +46,12 @@ class HpCol(enum.IntEnum):
     WEIGHT_DECAY = 4
     AMSGRAD = 5
     MAXIMIZE = 6
+    ROUNDING = 7  # 0: to nearest even; seed + 1: stochastic (every 16-bit value the step writes)
 
 
 HP_COLS = 8  # the table's width (``kHpCols``): the columns above and spare ones, zero
 # plain ints for the step's own code (torch.compile cannot trace a list indexed by an IntEnum)
-_LR, _BETA1, _BETA2, _EPS, _WD, _AMSGRAD, _MAXIMIZE = (int(c) for c in HpCol)
+_LR, _BETA1, _BETA2, _EPS, _WD, _AMSGRAD, _MAXIMIZE, _ROUNDING = (int(c) for c in HpCol)
 
 
 def capturing(device: torch.device) -> bool:
@@ -99,6 +100,7 @@ class GroupWork:
     exp_avg_sqs: list[Tensor] = field(default_factory=list)
     max_exp_avg_sqs: list[Tensor] = field(default_factory=list)  # empty unless amsgrad
     steps: list[Tensor] = field(default_factory=list)  # float32 0-d, on the device
+    rounding: float = 0.0  # 0: to nearest even; seed + 1: stochastic rounding with that seed
 
     def row(self) -> tuple[float, ...]:
         """This group's row of the hyperparameter table (a tensor LR: 0, filled in on the device)."""
@@ -107,6 +109,7 @@ class GroupWork:
         row[_BETA1], row[_BETA2] = self.beta1, self.beta2
         row[_EPS], row[_WD] = self.eps, self.weight_decay
         row[_AMSGRAD], row[_MAXIMIZE] = float(self.amsgrad), float(self.maximize)
+        row[_ROUNDING] = float(self.rounding)
         return tuple(row)
 
 

@@ -9,7 +9,8 @@ to the compute dtype, just as torch's for-loop AdamW rounds its Python floats.
 Reduced-precision parameters (bf16, fp16) are updated in float32 copies and
 rounded once on the way back, as the fused kernels do ("all math in fp32"); so are moments
 stored in another dtype than their parameter's (``exp_avg_dtype``): each array is loaded into the
-compute dtype and rounded to nearest even into its own storage dtype.
+compute dtype and rounded to nearest even into its own storage dtype, or stochastically where the
+group's ``rounding`` asks (every 16-bit value the step writes: :mod:`.stochastic`, the kernels' bits).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import stochastic
 from .contract import DeviceWork, GroupWork
 
 name = "torch"
@@ -39,13 +41,15 @@ def step(work: DeviceWork) -> None:
             ok = (work.found_inf.reshape(()) == 0).to(torch.float64)
         inv_scale = None if work.grad_scale is None else 1.0 / work.grad_scale.reshape(()).to(torch.float64)
         amp = (ok, inv_scale, work.clip_coef)
+    first = 0  # each tensor's position among the step's tensors (the kernels' order: stochastic rounding)
     for g in work.groups:
         if g.params:
-            _group_step(g, m, wm, independent_wd=work.independent_wd, amp=amp)
+            _group_step(g, m, wm, independent_wd=work.independent_wd, amp=amp, sr=(work.step_count, first))
+            first += len(g.params)
     work.step_count.add_(1 if amp is None else amp[0].to(torch.int64))
 
 
-def _group_step(g: GroupWork, m: Tensor, wm: Tensor, *, independent_wd: bool, amp=None) -> None:
+def _group_step(g: GroupWork, m: Tensor, wm: Tensor, *, independent_wd: bool, amp=None, sr=None) -> None:
     lr_t = m * g.lr  # effective LR of this step, float64 0-d
     # decoupled decay: coupled follows the LR (torch's AdamW), independent only its shape
     decay = (m if independent_wd else lr_t) * (g.weight_decay * wm)
@@ -67,7 +71,10 @@ def _group_step(g: GroupWork, m: Tensor, wm: Tensor, *, independent_wd: bool, am
         cd = _compute_dtype(g.params[ids[0]])
         bc = bc2_sqrt.to(cd).unbind()
         ss = neg_step_size.to(cd).unbind()
-        _update(g, ids, cd, (1.0 - decay).to(cd), [bc[i] for i in ids], [ss[i] for i in ids], amp)
+        keys = None
+        if g.rounding != 0 and sr is not None:  # stochastic rounding: seed = rounding - 1
+            keys = [stochastic.key(int(g.rounding) - 1, sr[0], sr[1] + i) for i in ids]
+        _update(g, ids, cd, (1.0 - decay).to(cd), [bc[i] for i in ids], [ss[i] for i in ids], amp, keys)
 
 
 def _compute_view(t: Tensor) -> Tensor:
@@ -94,8 +101,10 @@ def _update(
     bc2_sqrt: list[Tensor],
     neg_step_size: list[Tensor],
     amp: tuple[Tensor, Tensor | None, Tensor | None] | None = None,
+    keys: list[Tensor] | None = None,
 ) -> None:
-    """The AdamW update of tensors ``ids`` (one storage dtype), computed in dtype ``cd``."""
+    """The AdamW update of tensors ``ids`` (one storage dtype), computed in dtype ``cd``; ``keys``:
+    each tensor's stochastic-rounding key (None: round to nearest even)."""
     states = [g.params, g.exp_avgs, g.exp_avg_sqs] + ([g.max_exp_avg_sqs] if g.amsgrad else [])
     stored = [[_compute_view(x[i]) for i in ids] for x in states]
     grad = [_compute_view(g.grads[i]).to(cd) for i in ids]
@@ -137,6 +146,16 @@ def _update(
         upd = [torch.where(okb, u, 0.0) for u in upd]
     torch._foreach_add_(p, upd)
 
-    for dst, src, up in zip(stored, work, upcast):  # round once back to the storage dtype
-        if up:
+    names = ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    for name, dst, src, up in zip(names, stored, work, upcast):  # round once back to the storage dtype
+        if not up:
+            continue
+        if keys is None:
             torch._foreach_copy_(dst, src)
+            continue
+        for d, s, k, p in zip(dst, src, keys, stored[0]):
+            if stochastic.narrow(d.dtype) and s.dtype == torch.float32:
+                r16 = stochastic.bits(stochastic.word(k, p), name)  # by the parameter's element offsets
+                d.copy_(stochastic.round_stochastic(s, d.dtype, r16))
+            else:
+                d.copy_(s)
