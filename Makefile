@@ -69,6 +69,7 @@ test: lint $(FRAMEWORKS)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_throughput.py $(ARGS)
 	$(PY) benchmarks/bench_host_overhead.py
+	$(PY) benchmarks/bench_rounding.py
 	$(PY) benchmarks/bench_numerics.py $(if $(findstring --full,$(ARGS)),--steps 1000,)
 
 reproduce: $(STAMP)

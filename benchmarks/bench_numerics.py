@@ -67,6 +67,13 @@ def competitors(sched, device, dtype=torch.float32):
         kw = dict(exp_avg_dtype=m, exp_avg_sq_dtype=v)
         label = f"d2z auto + {_short(m)} moments" if m == v else f"d2z auto + {_short(m)} m, {_short(v)} v"
         out[label] = lambda p, kw=kw: (AdamW(p, schedule=sched, **HP, **kw), None)
+    # stochastic rounding of every 16-bit value the step writes (the parameters' dtype, or bf16 moments)
+    sr = dict(stochastic_rounding=True)
+    if dtype != torch.float32:
+        out["d2z auto + stochastic rounding"] = lambda p: (AdamW(p, schedule=sched, **HP, **sr), None)
+    else:
+        bf16 = dict(exp_avg_dtype=torch.bfloat16, exp_avg_sq_dtype=torch.bfloat16, **sr)
+        out["d2z auto + bf16 moments, stochastic rounding"] = lambda p: (AdamW(p, schedule=sched, **HP, **bf16), None)
     for label, kw in (
         ("torch fused", dict(fused=True)),
         ("torch foreach", dict(foreach=True)),

@@ -3,6 +3,7 @@ stochastically (``stochastic_rounding=True``), side by side on the same gradient
 
     python benchmarks/bench_rounding.py           # make bench
     python benchmarks/bench_rounding.py --rounds 40
+    python benchmarks/bench_rounding.py --quick --rounds 2 --out /tmp/x   # a smoke test
 
 The two optimizers step their own copies of the same bf16 parameters, interleaved round after
 round in a random order (as bench_throughput.py times its competitors); reported: each one's
@@ -65,12 +66,16 @@ def bench(name, shapes, device, rounds):
     return rows, ratio
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=20)
-    args = ap.parse_args()
+    ap.add_argument("--quick", action="store_true", help="small workloads (a smoke test)")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loads = {"1 x 64M": [(64 * 2**20,)], "GPT-2 small": gpt2_small_shapes()}
+    if args.quick:
+        loads = {"1 x 64K": [(65536,)], "100 x 1K": [(1024,)] * 100}
     lines = ["| workload | rounding | median ms | GB/s (14 B/param) |", "|---|---|---|---|"]
     ratios = []
     for name, shapes in loads.items():
@@ -93,7 +98,7 @@ def main() -> None:
     ]
     text = "\n".join(out) + "\n"
     print(text)
-    folder = device_folder(RESULTS, device)
+    folder = device_folder(args.out, device)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"rounding-{dt.date.today()}.md").write_text(text)
 

@@ -111,8 +111,23 @@ class GPT(nn.Module):
 
 
 def loss_on(model: GPT, batch: torch.Tensor) -> torch.Tensor:
-    logits = model(batch[:, :-1].long())
+    x = batch[:, :-1].long()
+    if next(model.parameters()).dtype != torch.float32:  # 16-bit weights: the forward in fp32 from them
+        weights = {n: p.float() for n, p in model.named_parameters()}
+        logits = torch.func.functional_call(model, weights, (x,))
+    else:
+        logits = model(x)
     return F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].long().flatten())
+
+
+# How the weights and the optimizer's states are stored (precision_sweep.py compares them): the
+# parameters' dtype and AdamW's options. The forward and backward run in fp32 either way.
+PRECISIONS = {
+    "fp32": (torch.float32, {}),
+    "fp32 + bf16 states": (torch.float32, dict(exp_avg_dtype=torch.bfloat16, exp_avg_sq_dtype=torch.bfloat16)),
+    "bf16 round-to-nearest": (torch.bfloat16, {}),
+    "bf16 stochastic rounding": (torch.bfloat16, dict(stochastic_rounding=True)),
+}
 
 
 def n_params(cfg: ModelCfg) -> int:
@@ -140,15 +155,18 @@ def run_one(
     *,
     val_budget: int = 65536,
     max_steps: int | None = None,
+    precision: str = "fp32",
 ) -> dict:
-    """Train one model for ``tpp`` tokens per parameter and return its row."""
+    """Train one model for ``tpp`` tokens per parameter and return its row (``precision``: a key of
+    :data:`PRECISIONS`)."""
     torch.manual_seed(seed)
-    model = GPT(cfg)
+    dtype, opt_kw = PRECISIONS[precision]
+    model = GPT(cfg).to(dtype)
     params = sum(p.numel() for p in model.parameters())
     steps = max(10, math.ceil(tpp * params / (cfg.batch * cfg.ctx)))
     if max_steps is not None:
         steps = min(steps, max_steps)
-    opt = AdamW(model.parameters(), lr=lr, weight_decay=0.1, schedule=schedule, total_steps=steps, warmup=0.1)
+    opt = AdamW(model.parameters(), lr=lr, weight_decay=0.1, schedule=schedule, total_steps=steps, warmup=0.1, **opt_kw)
     data = tokens("train")
     gen = torch.Generator().manual_seed(10_000 + seed)
     t0 = time.perf_counter()

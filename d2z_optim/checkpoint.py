@@ -148,7 +148,6 @@ def check_loadable(
         raise ValueError(
             f"loaded state dict has {len(saved_groups)} parameter groups, this optimizer has {len(param_groups)}"
         )
-    params = {}
     for gi, (g, sg) in enumerate(zip(param_groups, saved_groups)):
         if not isinstance(sg, dict) or "params" not in sg:
             raise ValueError(f"parameter group {gi} of the loaded state dict is not a dict with 'params'")
@@ -162,7 +161,7 @@ def check_loadable(
             check_group(merged)
         except (ValueError, TypeError) as e:
             raise ValueError(f"parameter group {gi} of the loaded state dict: {e}") from None
-        params.update(zip(sg["params"], g["params"]))
+    params = _saved_params(param_groups, state_dict)
     for idx, st in state_dict["state"].items():
         p = params.get(idx)
         if p is None:

@@ -98,3 +98,13 @@ def test_slow_rows_are_timed_in_the_first_rounds_only(monkeypatch):
     assert by["slow"]["speedup_vs_torch_fused"] == 0.2  # paired over the two rounds it ran in
     rows = bench("tiny", [(4,)], torch.float32, cpu, comps, 3, 1, {}, {}, [], {})
     assert all(r["rounds"] == 3 for r in rows)  # slow_rounds=0 (--full): every row, every round
+
+
+def test_rounding_script_times_both_roundings_and_writes_its_table(tmp_path, capsys):
+    import bench_rounding
+
+    bench_rounding.main(["--quick", "--rounds", "2", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "| 1 x 64K | stochastic rounding |" in out and "| 100 x 1K | round to nearest even |" in out
+    (table,) = tmp_path.glob("*/rounding-*.md")
+    assert "SR / RNE" in table.read_text()

@@ -225,9 +225,9 @@ class Case:
         self.step_count.fill_(ref.k)
 
 
-def _clone_view(t):
-    """A copy that keeps t's storage offset (so alignment is kept too)."""
-    base = torch.empty(t.untyped_storage().nbytes() // t.element_size(), dtype=t.dtype)
+def _clone_view(t, dtype=None):
+    """A copy (in ``dtype``, default t's) that keeps t's storage offset (so alignment is kept too)."""
+    base = torch.empty(t.untyped_storage().nbytes() // t.element_size(), dtype=dtype or t.dtype)
     out = base.as_strided(t.shape, t.stride(), t.storage_offset())
     out.copy_(t)
     return out

@@ -25,7 +25,7 @@ from d2z_optim.backends import cpp_backend
 from d2z_optim.backends.contract import StepStatus
 
 from .conftest import make_params, roundtrip
-from .test_csrc_op import Case, assert_same_state
+from .test_csrc_op import Case, _clone_view, assert_same_state
 from .test_no_sync import HOST_READS, recorded_step
 from .test_step_holders import _grouped, _work
 
@@ -42,23 +42,12 @@ MODES = [
 mode_id = lambda m: "-".join(str(d).removeprefix("torch.") for d in m)
 
 
-def _moved(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """t's values in ``dtype``, at t's storage offset (so the case's alignment is kept)."""
-    if t.numel() == 0:
-        return torch.empty(0, dtype=dtype)
-    off = t.storage_offset()
-    base = torch.zeros(off + t.numel() + 3, dtype=dtype)
-    out = base[off : off + t.numel()]
-    out.copy_(t)
-    return out
-
-
 def lean_case(mode, sizes=(1, 5, 1023, 65537, 16389), offsets=(0, 1, 0, 3, 2)) -> Case:
     p_dt, m_dt, v_dt = mode
     case = Case(list(sizes), dtypes=(p_dt,), groups=("plain", "amsgrad", "maximize"), offsets=offsets)
-    case.exp_avgs = [_moved(t, m_dt) for t in case.exp_avgs]
-    case.exp_avg_sqs = [_moved(t, v_dt) for t in case.exp_avg_sqs]
-    case.max_sqs = [_moved(t, v_dt) for t in case.max_sqs]
+    case.exp_avgs = [_clone_view(t, m_dt) for t in case.exp_avgs]
+    case.exp_avg_sqs = [_clone_view(t, v_dt) for t in case.exp_avg_sqs]
+    case.max_sqs = [_clone_view(t, v_dt) for t in case.max_sqs]
     return case
 
 

@@ -55,3 +55,24 @@ def test_sweep_resumes_from_its_csv_and_reports(tmp_path, monkeypatch):
     assert len(calls) == first
     report = (tmp_path / f"report-{TINY.name}.md").read_text()
     assert "## Findings at this scale" in report and "| peak LR |" in report
+
+
+@pytest.mark.parametrize("precision", list(tpp_sweep.PRECISIONS))
+def test_every_precision_mode_trains_and_stores_as_it_says(precision):
+    r = tpp_sweep.run_one(TINY, "linear-d2z", 1e-2, 0.5, 0, val_budget=2048, max_steps=8, precision=precision)
+    assert r["steps"] == 8 and 0 < r["val_loss"] < 6.0
+
+
+def test_precision_sweep_runs_resumes_and_reports(tmp_path, monkeypatch):
+    import precision_sweep
+
+    monkeypatch.setattr(precision_sweep.tpp_sweep, "ModelCfg", lambda **kw: TINY)
+    calls = []
+    real = tpp_sweep.run_one
+    monkeypatch.setattr(tpp_sweep, "run_one", lambda *a, **kw: calls.append(a) or real(*a, **kw, val_budget=1024))
+    precision_sweep.main(["--max-steps", "3", "--out", str(tmp_path)])
+    assert len(calls) == 2 * 2 * 2 * 2 * len(tpp_sweep.PRECISIONS)
+    precision_sweep.main(["--max-steps", "3", "--out", str(tmp_path)])  # everything is in the CSV already
+    assert len(calls) == 2 * 2 * 2 * 2 * len(tpp_sweep.PRECISIONS)
+    report = next(tmp_path.glob("report-*.md")).read_text()
+    assert "bf16 stochastic rounding" in report and "Not run: bf16 + remainders" in report
