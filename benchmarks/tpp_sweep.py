@@ -161,6 +161,8 @@ def run_one(
     :data:`PRECISIONS`)."""
     torch.manual_seed(seed)
     dtype, opt_kw = PRECISIONS[precision]
+    if opt_kw.get("stochastic_rounding"):  # the run's seed seeds the rounding too: its noise is in the spread
+        opt_kw = dict(opt_kw, rounding_seed=seed)
     model = GPT(cfg).to(dtype)
     params = sum(p.numel() for p in model.parameters())
     steps = max(10, math.ceil(tpp * params / (cfg.batch * cfg.ctx)))

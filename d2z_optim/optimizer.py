@@ -431,8 +431,11 @@ class AdamW(torch.optim.Optimizer):
         if self._clip.settings.active:
             sd[checkpoint.SAVE_KEY]["clip"] = self._clip.state()
         if self._rounding:
-            sd[checkpoint.SAVE_KEY]["rounding"] = {"stochastic": True, "seed": self.rounding_seed}
+            sd[checkpoint.SAVE_KEY]["rounding"] = self._rounding_entry()
         return sd
+
+    def _rounding_entry(self) -> dict[str, Any] | None:
+        return {"stochastic": True, "seed": self.rounding_seed} if self._rounding else None
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state_dict of this class or of :class:`torch.optim.AdamW`, all or nothing: every
@@ -459,6 +462,14 @@ class AdamW(torch.optim.Optimizer):
         position, skipped = checkpoint.position_after_load(saved, self.state, self._tables, self.weight_decay_mode)
         self._tables.set_position(position, skipped)
         self._clip.load((saved or {}).get("clip"))  # a torch state_dict, or one saved without clipping: an empty window
+        if isinstance(saved, dict) and saved.get("rounding") != self._rounding_entry():
+            was, now = saved.get("rounding") or "to nearest even", self._rounding_entry() or "to nearest even"
+            warnings.warn(
+                f"d2z_optim.AdamW: the checkpoint was saved with rounding {was}, "
+                f"this optimizer rounds {now} (its constructor's setting, "
+                "which it keeps): the run continues, but not bit for bit as the saved one would have",
+                stacklevel=2,
+            )
         for hook in post.values():  # as torch runs them: last, on the loaded optimizer
             hook(self)
 

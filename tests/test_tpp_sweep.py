@@ -67,12 +67,14 @@ def test_precision_sweep_runs_resumes_and_reports(tmp_path, monkeypatch):
     import precision_sweep
 
     monkeypatch.setattr(precision_sweep.tpp_sweep, "ModelCfg", lambda **kw: TINY)
+    monkeypatch.setattr(precision_sweep, "TPPS", [20.0])  # one TPP and schedule: the machinery, not the grid
+    monkeypatch.setattr(precision_sweep, "SCHEDULES", ["linear-d2z"])
     calls = []
     real = tpp_sweep.run_one
     monkeypatch.setattr(tpp_sweep, "run_one", lambda *a, **kw: calls.append(a) or real(*a, **kw, val_budget=1024))
     precision_sweep.main(["--max-steps", "3", "--out", str(tmp_path)])
-    assert len(calls) == 2 * 2 * 2 * 2 * len(tpp_sweep.PRECISIONS)
+    assert len(calls) == 2 * 2 * len(tpp_sweep.PRECISIONS)  # two LRs, two seeds
     precision_sweep.main(["--max-steps", "3", "--out", str(tmp_path)])  # everything is in the CSV already
-    assert len(calls) == 2 * 2 * 2 * 2 * len(tpp_sweep.PRECISIONS)
+    assert len(calls) == 2 * 2 * len(tpp_sweep.PRECISIONS)  # two LRs, two seeds
     report = next(tmp_path.glob("report-*.md")).read_text()
     assert "bf16 stochastic rounding" in report and "Not run: bf16 + remainders" in report

@@ -478,12 +478,15 @@ if __name__ == "__main__":
 
 # the backend-parametrised optimizer tests (fidelity, checkpoints, no sync, errors, reliability, parity
 # with torch, lean states, stochastic rounding) on the triton backend, run by the interpreter in a
-# child process. The kernel writes bf16 from the bits, so the interpreter rounds as the GPU does and
-# the bf16 tests run here too (they were left out while the interpreter truncated fp32 -> bf16).
+# child process. The kernel writes bf16 from the bits, so the interpreter rounds as the GPU does
+# (it truncated fp32 -> bf16 before). Three bf16 tests stay out for time (24 s interpreted; they
+# pass here): test_lean_states and test_stochastic_rounding check the interpreted kernel's bf16
+# parameters and moments bit for bit against the CPU kernel's.
 SUITE = ["test_fidelity.py", "test_state_dict.py", "test_reliability.py", "test_errors.py", "test_no_sync.py"]
 SUITE += ["test_optimizer.py", "test_clip.py", "test_lean_states.py", "test_stochastic_rounding.py"]
 # (compiling under the interpreter is not what the GPU runs)
-NOT_UNDER_THE_INTERPRETER = "compiled_clipped"
+NOT_UNDER_THE_INTERPRETER = "compiled_clipped or lerp_bit_for_bit and dtype1 or low_precision_is_no_worse and dtype0"
+NOT_UNDER_THE_INTERPRETER += " or reduced_precision_matches and bf16"
 
 
 def test_the_optimizer_suite_on_the_triton_backend_under_the_interpreter():

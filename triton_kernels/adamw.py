@@ -145,8 +145,11 @@ def _stored(x, DTYPE: tl.constexpr, sr, r16):
         r = tl.where((u & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, r)  # a NaN: the quiet one
         return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
     elif DTYPE == tl.float16:
-        rne = x.to(tl.float16)
-        return tl.where(sr, _round_f16_sr(x, r16).to(tl.uint16).to(tl.float16, bitcast=True), rne)
+        if sr:  # a branch, not a select: round-to-nearest launches skip the stochastic conversion
+            out = _round_f16_sr(x, r16).to(tl.uint16).to(tl.float16, bitcast=True)
+        else:
+            out = x.to(tl.float16)
+        return out
     else:
         return x.to(DTYPE)
 
@@ -187,12 +190,16 @@ def _elements(
     m = tl.load(m_ptr + offs, mask=mask).to(COMPUTE)
     v = tl.load(v_ptr + offs, mask=mask).to(COMPUTE)
     p, m, v = _update(p, g, m, v, gmul, neg_decay, lerp_w, lerp_low, beta2, omb2)
-    w0 = 0
-    w1 = 0
+    # the random bits, drawn only when this tensor rounds stochastically (a branch: the hash costs
+    # round-to-nearest steps nothing) and only for the 16-bit arrays
+    w0 = tl.zeros_like(offs).to(tl.uint32)
+    w1 = tl.zeros_like(offs).to(tl.uint32)
     if (DTYPE == tl.bfloat16) | (DTYPE == tl.float16) | (M_DTYPE == tl.bfloat16) | (M_DTYPE == tl.float16):
-        w0 = _sr_word(key, offs)
+        if sr:
+            w0 = _sr_word(key, offs)
     if (V_DTYPE == tl.bfloat16) | (V_DTYPE == tl.float16):
-        w1 = (_sr_word(key, offs) * 0x5851F42D) >> 16  # sr_second
+        if sr:
+            w1 = (_sr_word(key, offs) * 0x5851F42D) >> 16  # sr_second
     vhat = v
     if AMSGRAD:
         if ams:
