@@ -57,6 +57,11 @@ def main() -> int:
             print(f"FAIL: expected one d2z_optim/_C*.so in the wheel, found {exts}")
             return 1
         archs = fatbin_archs(z.read(exts[0]))
+        # the torch the kernel was compiled against ships beside it (setup.py writes it as it builds)
+        info = z.read("d2z_optim/build_info.py").decode() if "d2z_optim/build_info.py" in z.namelist() else ""
+    if "TORCH_CUDA = '" not in info:
+        print(f"FAIL: d2z_optim/build_info.py is missing from the wheel or names no CUDA torch: {info!r}")
+        return 1
     print(f"{exts[0]}: cubins for sm_{sorted(archs['cubin'])}, PTX for compute_{sorted(archs['ptx'])}")
     for a in args.arch:
         if a not in archs["cubin"]:
