@@ -19,6 +19,14 @@ into the dtype this optimizer stores it in (:mod:`d2z_optim.state_dtypes`), roun
 even: fp32 moments into an optimizer with bf16 ones and back, or a torch checkpoint. torch's AdamW
 loads ours as it loads any floating state: cast to the parameter's dtype (exact from bf16/fp16
 into fp32 parameters). A moment that is not floating, or complex for a real parameter, is refused.
+
+A bf16 parameter's remainder (``master_weights="remainders"``: state ``"param_remainder"``, int16
+of the parameter's shape) is saved as it is and loaded as it is into an optimizer that keeps one;
+a checkpoint without one (fp32-free, or torch's) loads with a zero remainder (the master is the
+saved bf16 value); an optimizer without remainders drops it, with a warning (the parameters keep
+their bf16 values: the low bits of the masters are lost). torch's AdamW loads our checkpoint but
+casts the remainder to the parameter's dtype as it casts any state of a floating parameter: an
+unused entry there, which it does not read.
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ from .backends import fills_block
 from .backends.contract import same_layout
 from .device_schedule import ScheduleTables
 from .schedules import Schedule
-from .state_dtypes import AS_PARAMS, StateDtypes
+from .state_dtypes import AS_PARAMS, REMAINDER, StateDtypes
 
 __all__ = [
     "GROUP_DEFAULTS",
@@ -173,8 +181,15 @@ def check_loadable(
             if key == "step":
                 _step_value(value, what)
                 continue
-            if key in _TENSOR_STATES and not isinstance(value, Tensor):
+            if key in (*_TENSOR_STATES, REMAINDER) and not isinstance(value, Tensor):
                 raise ValueError(f"{what} is {value!r}, not a tensor")
+            if key == REMAINDER:
+                if value.dtype != torch.int16 or value.shape != p.shape or value.layout != torch.strided:
+                    raise ValueError(
+                        f"{what} must be a dense int16 tensor of the parameter's shape {tuple(p.shape)}, "
+                        f"got {value.layout} {value.dtype} {tuple(value.shape)}"
+                    )
+                continue
             if not isinstance(value, Tensor):
                 continue
             if value.layout != torch.strided:
@@ -203,7 +218,7 @@ def take_moments(
     """The moments stored in another dtype than their parameter's, taken out of (a copy of)
     ``state_dict`` before torch's load casts them to the parameter's dtype: (parameter, key, saved
     tensor) each, for :func:`put_moments`. Nothing is taken when no moment dtype was asked for."""
-    if not dtypes.lean:
+    if not dtypes.lean and not any(isinstance(st, dict) and REMAINDER in st for st in state_dict["state"].values()):
         return state_dict, []
     params = _saved_params(param_groups, state_dict)
     taken, state = [], {}
@@ -213,15 +228,32 @@ def take_moments(
         for key in _TENSOR_STATES:
             if isinstance(st.get(key), Tensor) and dtypes.of(key, p.dtype) != p.dtype:
                 taken.append((p, key, keep.pop(key)))
+        if REMAINDER in keep:  # never cast by torch's load
+            taken.append((p, REMAINDER, keep.pop(REMAINDER)))
         state[idx] = keep
     return {**state_dict, "state": state}, taken
 
 
 def put_moments(state: dict, taken: list[tuple[Tensor, str, Tensor]], dtypes: StateDtypes) -> None:
     """After torch's load: each taken moment converted (round to nearest even) into its storage
-    dtype on its parameter's device, as torch's load puts a state (a copy only when either differs)."""
+    dtype on its parameter's device, as torch's load puts a state (a copy only when either differs).
+    A remainder goes back as it is where this optimizer keeps one for the parameter, else it is
+    dropped, with a warning."""
+    dropped = 0
     for p, key, value in taken:
-        state.setdefault(p, {})[key] = value.to(device=p.device, dtype=dtypes.of(key, p.dtype))
+        if key != REMAINDER:
+            state.setdefault(p, {})[key] = value.to(device=p.device, dtype=dtypes.of(key, p.dtype))
+        elif dtypes.has_remainder(p.dtype):
+            state.setdefault(p, {})[key] = value.to(device=p.device)
+        else:
+            dropped += 1
+    if dropped:
+        warnings.warn(
+            f"d2z_optim.AdamW: the checkpoint keeps {REMAINDER!r} for {dropped} parameter(s) (master_weights="
+            "'remainders') and this optimizer does not: they continue from their bf16 values, and the low "
+            "16 bits of their fp32 masters are dropped",
+            stacklevel=3,
+        )
 
 
 def convert_loaded(param_groups: list[dict], state: dict, *, scheduled: bool, ours: Any) -> None:

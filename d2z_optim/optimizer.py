@@ -9,6 +9,7 @@ backends that hold the update math (``backends/``).
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import warnings
 from collections import OrderedDict
@@ -22,7 +23,14 @@ from . import arguments, backends, checkpoint, dual, tracked
 from .device_schedule import OutsideLrWatch, RunEndWatch, ScheduleTables, as_schedule, check_warmup
 from .grad_clip import SPIKE_DEFAULTS, GradClip, check_settings
 from .schedules import Schedule
-from .state_dtypes import StateDtypes, check_rounding, check_state_dtypes, rounds_any
+from .state_dtypes import (
+    REMAINDER,
+    StateDtypes,
+    check_master_weights,
+    check_rounding,
+    check_state_dtypes,
+    rounds_any,
+)
 from .step_cache import StepCache, choose_backends
 
 __all__ = ["AdamW"]
@@ -91,6 +99,15 @@ class AdamW(torch.optim.Optimizer):
             after a resume. float32/float64 values are unaffected; refused (ValueError) when no
             parameter or moment is 16-bit. Fixed at construction.
         rounding_seed: the generator's seed, an int in ``[0, 2**32)``.
+        master_weights: ``None`` (each parameter is its own master value, as torch) or
+            ``"remainders"``: each bfloat16 parameter keeps an int16 remainder (state
+            ``"param_remainder"``) that with it gives back an fp32 master value exactly, 2 bytes
+            per parameter instead of a 4-byte fp32 copy; the step updates that fp32 value and
+            writes the bf16 parameter (its nearest, ties away from zero) and the remainder. The
+            moments of such a parameter follow its master: float32 unless ``exp_avg_dtype`` /
+            ``exp_avg_sq_dtype`` ask otherwise. float32/float64 parameters are their own masters
+            (a no-op for them) and float16 ones step as without; refused (ValueError) when no
+            parameter is bfloat16. Fixed at construction.
 
     Example:
         >>> opt = AdamW(model.parameters(), lr=3e-3, weight_decay=0.1, total_steps=10_000)
@@ -132,6 +149,7 @@ class AdamW(torch.optim.Optimizer):
         exp_avg_sq_dtype: torch.dtype | str | None = None,
         stochastic_rounding: bool = False,
         rounding_seed: int = 0,
+        master_weights: str | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -168,10 +186,14 @@ class AdamW(torch.optim.Optimizer):
         super().__init__(params, dict(defaults, decoupled_weight_decay=True))
         self.state = tracked.OptimizerState(self._changes)
         dtypes = [p.dtype for g in self.param_groups for p in g["params"]]
+        if check_master_weights(master_weights, dtypes):
+            self._state_dtypes = dataclasses.replace(self._state_dtypes, remainders=True)
+            self._cache = self._new_cache()
         if self._rounding and not rounds_any(dtypes, self._state_dtypes):
             raise ValueError(
-                "stochastic_rounding=True rounds nothing here: no parameter is bfloat16 or float16 and no "
-                "moment is asked in one (exp_avg_dtype / exp_avg_sq_dtype); float32 values are never rounded"
+                "stochastic_rounding=True rounds nothing here: no parameter is bfloat16 or float16 (without "
+                "master_weights='remainders', whose parameters are exact) and no moment is stored in one "
+                "(exp_avg_dtype / exp_avg_sq_dtype); float32 values are never rounded"
             )
         real = [p.device for g in self.param_groups for p in g["params"] if p.device.type != "meta"]
         self._tables.use(real[:1])  # the first parameter's device holds the position from the start
@@ -188,6 +210,11 @@ class AdamW(torch.optim.Optimizer):
     def exp_avg_sq_dtype(self) -> torch.dtype | None:
         """The storage dtype of ``exp_avg_sq`` and ``max_exp_avg_sq`` asked for (None: each parameter's own)."""
         return self._state_dtypes.exp_avg_sq
+
+    @property
+    def master_weights(self) -> str | None:
+        """``"remainders"`` (bf16 parameters keep an int16 remainder: fp32 master values) or None."""
+        return "remainders" if self._state_dtypes.remainders else None
 
     @property
     def stochastic_rounding(self) -> bool:
@@ -306,6 +333,8 @@ class AdamW(torch.optim.Optimizer):
         )
         if amsgrad:
             state["max_exp_avg_sq"] = zeros("max_exp_avg_sq")
+        if self._state_dtypes.has_remainder(p.dtype):  # the master is the bf16 value, exactly
+            state[REMAINDER] = torch.zeros_like(p, dtype=torch.int16, memory_format=torch.preserve_format)
         return state
 
     # ------------------------------------------------------------------ reading

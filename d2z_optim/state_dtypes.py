@@ -16,6 +16,14 @@ Rules, in one place (the optimizer, its step cache and the checkpoint code ask h
   the schedule position, the tensor, the element) only (``backends/stochastic.py``); float32 and
   float64 values are written as they are (a no-op for them). Asked for where nothing is 16-bit
   (no such parameter, no such moment dtype), it is refused: it would round nothing.
+* ``master_weights="remainders"``: each bfloat16 parameter keeps an int16 remainder (state
+  ``param_remainder``) that with the parameter gives back its fp32 master value exactly
+  (``backends/remainders.py``); the step computes from that value and writes both. Such a
+  parameter's moments follow the master's dtype: float32 unless asked otherwise. It applies to
+  bfloat16 parameters only (float32 and float64 ones are their own masters, a documented no-op; a
+  float16 parameter is not the high half of a float32 and steps as without); asked for where no
+  parameter is bfloat16, it is refused. With it, stochastic rounding rounds the 16-bit moments
+  only: the parameter's bits come from the split, exactly.
 """
 
 from __future__ import annotations
@@ -25,12 +33,23 @@ from typing import Any
 
 import torch
 
-__all__ = ["AS_PARAMS", "LEAN_DTYPES", "MOMENTS", "StateDtypes", "check_rounding", "check_state_dtypes", "rounds_any"]
+__all__ = [
+    "AS_PARAMS",
+    "LEAN_DTYPES",
+    "MOMENTS",
+    "REMAINDER",
+    "StateDtypes",
+    "check_master_weights",
+    "check_rounding",
+    "check_state_dtypes",
+    "rounds_any",
+]
 
 LEAN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _NAMES = {str(d).removeprefix("torch."): d for d in LEAN_DTYPES}
 MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 _FOLLOWS = {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq", "max_exp_avg_sq": "exp_avg_sq"}
+REMAINDER = "param_remainder"  # the state key of a bf16 parameter's remainder (int16, its shape)
 
 
 @dataclass(frozen=True)
@@ -39,21 +58,28 @@ class StateDtypes:
 
     exp_avg: torch.dtype | None = None
     exp_avg_sq: torch.dtype | None = None
+    remainders: bool = False  # master_weights="remainders"
+
+    def has_remainder(self, param_dtype: torch.dtype) -> bool:
+        """A parameter of ``param_dtype`` keeps a remainder (state :data:`REMAINDER`)."""
+        return self.remainders and param_dtype == torch.bfloat16
 
     def of(self, key: str, param_dtype: torch.dtype) -> torch.dtype:
         """The dtype state ``key`` (a name of :data:`MOMENTS`) is stored in for a parameter of ``param_dtype``."""
         asked = getattr(self, _FOLLOWS[key])
-        return param_dtype if asked is None or param_dtype not in LEAN_DTYPES else asked
+        own = torch.float32 if self.has_remainder(param_dtype) else param_dtype  # the master's dtype
+        return own if asked is None or param_dtype not in LEAN_DTYPES else asked
 
     @property
     def lean(self) -> bool:
         """Some moment may be stored in another dtype than its parameter's."""
-        return self.exp_avg is not None or self.exp_avg_sq is not None
+        return self.exp_avg is not None or self.exp_avg_sq is not None or self.remainders
 
     def describe(self) -> dict[str, str | None]:
         """For ``state_dict()``: the names of the dtypes asked for (None: the parameter's)."""
         name = lambda d: None if d is None else str(d).removeprefix("torch.")
-        return {"exp_avg": name(self.exp_avg), "exp_avg_sq": name(self.exp_avg_sq)}
+        out = {"exp_avg": name(self.exp_avg), "exp_avg_sq": name(self.exp_avg_sq)}
+        return {**out, "master_weights": "remainders"} if self.remainders else out
 
 
 AS_PARAMS = StateDtypes()  # every moment in its parameter's dtype (torch's behaviour, the default)
@@ -77,6 +103,22 @@ def check_state_dtypes(exp_avg_dtype: Any = None, exp_avg_sq_dtype: Any = None) 
     return StateDtypes(_dtype(exp_avg_dtype, "exp_avg_dtype"), _dtype(exp_avg_sq_dtype, "exp_avg_sq_dtype"))
 
 
+def check_master_weights(master_weights: Any, param_dtypes: list[torch.dtype]) -> bool:
+    """The constructor's ``master_weights`` (None or ``"remainders"``), checked against the
+    parameters (ValueError naming the argument): True for remainders."""
+    if master_weights is None:
+        return False
+    if master_weights != "remainders":
+        raise ValueError(f"master_weights must be None or 'remainders', got {master_weights!r}")
+    if torch.bfloat16 not in param_dtypes:
+        found = sorted({str(d).removeprefix("torch.") for d in param_dtypes}) or ["no parameters"]
+        raise ValueError(
+            "master_weights='remainders' keeps a remainder for bfloat16 parameters and there is none here "
+            f"({', '.join(found)}): float32 parameters are their own master weights"
+        )
+    return True
+
+
 NARROW = (torch.bfloat16, torch.float16)
 
 
@@ -91,7 +133,9 @@ def check_rounding(stochastic_rounding: Any, rounding_seed: Any) -> float:
 
 
 def rounds_any(param_dtypes: list[torch.dtype], dtypes: StateDtypes) -> bool:
-    """Some value a step writes is 16-bit: a bf16/fp16 parameter, or a moment asked in bf16/fp16 of
-    an fp32/bf16/fp16 parameter (what stochastic rounding would round)."""
-    lean = [d for d in (dtypes.exp_avg, dtypes.exp_avg_sq) if d is not None]
-    return any(d in NARROW or (d in LEAN_DTYPES and any(x in NARROW for x in lean)) for d in param_dtypes)
+    """Some value a step writes is 16-bit and rounded: a bf16/fp16 parameter (not one with a
+    remainder: its bits are exact), or a moment stored in bf16/fp16 (what stochastic rounding rounds)."""
+    return any(
+        (d in NARROW and not dtypes.has_remainder(d)) or any(dtypes.of(k, d) in NARROW for k in MOMENTS[:2])
+        for d in param_dtypes
+    )

@@ -29,10 +29,18 @@ from torch import Tensor
 from torch.optim import optimizer as _torch_optimizer
 
 from .backends import TORCH, Backend, Selection, fills_block, flag_nonfinite
-from .backends.contract import DeviceWork, GroupWork, HparamsTable, StepStatus, in_layout_of, same_layout
+from .backends.contract import (
+    DeviceWork,
+    GroupWork,
+    HparamsTable,
+    StepStatus,
+    in_layout_of,
+    no_remainder,
+    same_layout,
+)
 from .device_schedule import ScheduleTables
 from .grad_clip import GradClip
-from .state_dtypes import AS_PARAMS, StateDtypes
+from .state_dtypes import AS_PARAMS, REMAINDER, StateDtypes
 from .tracked import OptimizerState, ParamList
 
 __all__ = ["STATE_KEYS", "StepCache", "check_grads", "local"]
@@ -72,6 +80,7 @@ class _Slot:
     exp_avg_sqs: list[Tensor] = field(default_factory=list)
     max_exp_avg_sqs: list[Tensor] = field(default_factory=list)
     steps: list[Tensor] = field(default_factory=list)
+    remainders: list[Tensor] = field(default_factory=list)  # empty: none in this slot (GroupWork.remainders)
 
 
 class CachedLists:
@@ -84,6 +93,7 @@ class CachedLists:
         grads: list[list[Tensor | None]],
         backends: Mapping[torch.device, Backend],
         init_state: InitState,
+        state_dtypes: StateDtypes = AS_PARAMS,
     ) -> None:
         self.backends = dict(backends)
         self.idle = False  # no parameter had a gradient: the backends are a placeholder
@@ -111,9 +121,22 @@ class CachedLists:
                 if group["amsgrad"]:
                     slot.max_exp_avg_sqs.append(st["max_exp_avg_sq"])
                 slot.steps.append(st["step"])
+                rem = None
+                if state_dtypes.has_remainder(local(p).dtype):
+                    rem = st.get(REMAINDER)
+                    if rem is None:  # a state loaded without one (torch's, fp32 masters): the master is the bf16 value
+                        rem = st[REMAINDER] = torch.zeros_like(
+                            p, dtype=torch.int16, memory_format=torch.preserve_format
+                        )
+                slot.remainders.append(rem)
             for slot in per_dev.values():
                 if len(slot.indices) == len(params):
                     slot.indices = None
+                slot.remainders = (
+                    [no_remainder(local(p)) if r is None else r for p, r in zip(slot.params, slot.remainders)]
+                    if any(r is not None for r in slot.remainders)
+                    else []
+                )
                 self.slots.append(slot)
         # the state each step uses, to see a state dict or tensor replaced outside load_state_dict
         # (e.g. states moved to another device): ~0.1 us per parameter and key, C loops only
@@ -121,6 +144,7 @@ class CachedLists:
         chosen = [p for g in self.groups for p, m in zip(g.params, g.has_grad) if m]
         self.state_dicts = [state.get(p) for p in chosen]
         keys = STATE_KEYS if any(g["amsgrad"] for g in groups) else STATE_KEYS[:3]
+        keys += (REMAINDER,) if state_dtypes.remainders else ()
         self.state_tensors = {k: [d.get(k) for d in self.state_dicts] for k in keys}  # what the kernels use
         # what each present gradient must be: dense, with its parameter's size (read each step:
         # `p.data = ...` may change it), dtype and device
@@ -242,11 +266,11 @@ class CachedLists:
         for s in self.slots:
             gw = group_work(groups[s.group], s.device, rounding)
             gw.params, gw.exp_avgs, gw.exp_avg_sqs = s.params, s.exp_avgs, s.exp_avg_sqs
-            gw.max_exp_avg_sqs, gw.steps = s.max_exp_avg_sqs, s.steps
+            gw.max_exp_avg_sqs, gw.steps, gw.remainders = s.max_exp_avg_sqs, s.steps, s.remainders
             if self.dtensor:  # the kernels run on local shards, taken anew each step (swap_tensors and
                 # Module._apply give a DTensor another local tensor)
                 gw.params, gw.exp_avgs, gw.exp_avg_sqs = map(_locals, (s.params, s.exp_avgs, s.exp_avg_sqs))
-                gw.max_exp_avg_sqs = _locals(s.max_exp_avg_sqs)
+                gw.max_exp_avg_sqs, gw.remainders = _locals(s.max_exp_avg_sqs), _locals(s.remainders)
             if grads is not None:
                 gl = self.slot_grads(grads, s)
                 if self.relayout and self.backends[s.device] is not TORCH:  # fused kernels walk a grad like its param
@@ -310,6 +334,21 @@ def check_states(
     for gi, (group, gl) in enumerate(zip(groups, grads)):
         for i, (p, g) in enumerate(zip(group["params"], gl)):
             st = state.get(p) if g is not None else None
+            r = st.get(REMAINDER) if st and dtypes.has_remainder(local(p).dtype) else None
+            if r is not None and not (
+                isinstance(r, Tensor) and local(r).dtype == torch.int16 and local(r).shape == local(p).shape
+                and local(r).device == local(p).device
+            ):  # fmt: skip
+                what = (
+                    f"{tuple(local(r).shape)} {local(r).dtype} on {local(r).device}"
+                    if isinstance(r, Tensor)
+                    else repr(r)
+                )
+                raise ValueError(
+                    f"state {REMAINDER!r} of parameter {i} of group {gi} is {what}, but the parameter is "
+                    f"{tuple(local(p).shape)} {local(p).dtype} on {local(p).device}: it must be int16, "
+                    "of the parameter's shape and device"
+                )
             for key in STATE_KEYS[1:] if st else ():
                 t = st.get(key)
                 if key == "max_exp_avg_sq" and not group["amsgrad"]:
@@ -483,7 +522,7 @@ class StepCache:
         if not torch.compiler.is_compiling():  # addresses mean nothing to a trace
             check_disjoint(groups, grads, backends)
         schedules.use(backends)
-        lists = CachedLists(groups, state, grads, backends, self.init_state)
+        lists = CachedLists(groups, state, grads, backends, self.init_state, self.state_dtypes)
         lists.idle = idle
         # One device whose backend keeps a step holder: the lists are handed over once, and a step
         # passes only the schedule tensors (gradients are read in C++). Not for DTensor shards
@@ -493,6 +532,8 @@ class StepCache:
         make = next(iter(backends.values())).holder if lists.kernel_checks else None
         if make and self.skip_nonfinite and not make.scans_nonfinite:
             make = None  # the lists path's exact scan, then the op
+        if any(s.remainders for s in lists.slots):
+            make = None  # remainders (master_weights="remainders") go through the op: the holders do not take them
         if make and not (lists.relayout or lists.dtensor or torch.compiler.is_compiling()):
             (work,) = self._works(lists, groups, schedules).values()
             lists.holder = make(work)

@@ -55,6 +55,7 @@ RANKS = {
     "d2z_optim.backends.triton_backend": 1,
     "d2z_optim.backends.checks": 0.5,
     "d2z_optim.backends.stochastic": 0.45,
+    "d2z_optim.backends.remainders": 0.45,
     "d2z_optim.backends.contract": 0.4,
     "d2z_optim.triton_kernels": 0,
     "d2z_optim.triton_kernels.adamw": 0,

@@ -36,8 +36,9 @@ SIGNATURE = {
 }
 
 
-# parameters of one dtype with moments stored in another (exp_avg_dtype): "param+moments"
-LEAN = ("fp32+bf16", "bf16+fp32", "fp16+fp32")
+# parameters of one dtype with moments stored in another (exp_avg_dtype): "param+moments"; "bf16r":
+# bf16 parameters with remainders (master_weights="remainders", their own launch)
+LEAN = ("fp32+bf16", "bf16+fp32", "fp16+fp32", "bf16r+fp32")
 
 
 @functools.cache
@@ -52,8 +53,11 @@ def _compile(dtype: str, arch: int, amsgrad: bool = True):
     from d2z_optim.backends import triton_backend
 
     dtype, _, moments = dtype.partition("+")
+    remainder = dtype == "bf16r"
+    dtype = "bf16" if remainder else dtype
     names = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
-    torch_dtype = triton_backend.block_dtype((names[dtype], names[moments or dtype], names[moments or dtype]))
+    launch = (names[dtype], names[moments or dtype], names[moments or dtype]) + ((True,) if remainder else ())
+    torch_dtype = triton_backend.block_dtype(launch)
     tl_dtype = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16, "fp64": tl.float64}
     constexprs = dict(
         DTYPE=tl_dtype[dtype],
@@ -64,6 +68,7 @@ def _compile(dtype: str, arch: int, amsgrad: bool = True):
         HAS_GRAD_SCALE=True,
         HAS_FOUND_INF=True,
         AMSGRAD=amsgrad,
+        REMAINDER=remainder,
         BLOCK=adamw.BLOCK[torch_dtype],
         CHUNK=adamw.CHUNK_BLOCKS * adamw.BLOCK[torch_dtype],
         SUB=adamw.sub_block(adamw.BLOCK[torch_dtype]),

@@ -484,6 +484,7 @@ if __name__ == "__main__":
 # parameters and moments bit for bit against the CPU kernel's.
 SUITE = ["test_fidelity.py", "test_state_dict.py", "test_reliability.py", "test_errors.py", "test_no_sync.py"]
 SUITE += ["test_optimizer.py", "test_clip.py", "test_lean_states.py", "test_stochastic_rounding.py"]
+SUITE += ["test_master_remainders.py"]
 # (compiling under the interpreter is not what the GPU runs)
 NOT_UNDER_THE_INTERPRETER = "compiled_clipped or lerp_bit_for_bit and dtype1 or low_precision_is_no_worse and dtype0"
 NOT_UNDER_THE_INTERPRETER += " or reduced_precision_matches and bf16"

@@ -155,12 +155,37 @@ def _stored(x, DTYPE: tl.constexpr, sr, r16):
 
 
 @triton.jit
+def _join(p_bits, rem):
+    """The fp32 master value of bf16 parameter bits and their int16 remainder (adamw_math.h's
+    remainder_join; d2z_optim/backends/remainders.py)."""
+    hi = p_bits.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    lo = rem.to(tl.int32)
+    hi = (hi - (lo < 0).to(tl.int32)) & 0xFFFF
+    return ((hi << 16) | (lo & 0xFFFF)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _split(x):
+    """fp32 ``x`` as its bf16 parameter (nearest, ties away from zero) and int16 remainder
+    (adamw_math.h's remainder_split): a NaN keeps its high bits, quieted, and a zero remainder."""
+    u = x.to(tl.int32, bitcast=True)
+    lo = u & 0xFFFF
+    lo = tl.where(lo >= 0x8000, lo - 0x10000, lo)
+    hi = (u >> 16) & 0xFFFF
+    nan = (u & 0x7FFFFFFF) > 0x7F800000
+    hi = tl.where(nan, hi | 0x40, hi + (lo < 0).to(tl.int32))
+    lo = tl.where(nan, 0, lo)
+    return hi.to(tl.int16).to(tl.bfloat16, bitcast=True), lo.to(tl.int16)
+
+
+@triton.jit
 def _elements(
     p_ptr,
     g_ptr,
     m_ptr,
     v_ptr,
     x_ptr,
+    r_ptr,
     offs,
     mask,
     ams,
@@ -180,12 +205,18 @@ def _elements(
     V_DTYPE: tl.constexpr,
     COMPUTE: tl.constexpr,
     AMSGRAD: tl.constexpr,
+    REMAINDER: tl.constexpr,
 ):
     """The update of the elements ``offs`` (``mask``: which exist), loaded and stored once each.
     Moments stored in another dtype than the parameter's (M_DTYPE, V_DTYPE; vmax as v) are
     rounded into it; 16-bit values to nearest even, or stochastically (``sr``, with the tensor's
-    ``key``: the word's low 16 bits for the parameter, its high 16 for exp_avg, sr_second's for v)."""
-    p = tl.load(p_ptr + offs, mask=mask).to(COMPUTE)
+    ``key``: the word's low 16 bits for the parameter, its high 16 for exp_avg, sr_second's for v).
+    REMAINDER: bf16 parameters with an int16 remainder (``r_ptr``): the update of their fp32 master,
+    split back into both (never rounded stochastically)."""
+    if REMAINDER:
+        p = _join(tl.load(p_ptr + offs, mask=mask), tl.load(r_ptr + offs, mask=mask))
+    else:
+        p = tl.load(p_ptr + offs, mask=mask).to(COMPUTE)
     g = tl.load(g_ptr + offs, mask=mask).to(COMPUTE)
     m = tl.load(m_ptr + offs, mask=mask).to(COMPUTE)
     v = tl.load(v_ptr + offs, mask=mask).to(COMPUTE)
@@ -215,7 +246,12 @@ def _elements(
     else:
         denom = tl.div_rn(tl.sqrt_rn(vhat), bc2_sqrt) + eps
         p = tl.fma(neg_step_size, tl.div_rn(m, denom), p)  # p - step_size * m / denom
-    tl.store(p_ptr + offs, _stored(p, DTYPE, sr, w0 & 0xFFFF), mask=mask)
+    if REMAINDER:
+        p_hi, p_lo = _split(p)
+        tl.store(p_ptr + offs, p_hi, mask=mask)
+        tl.store(r_ptr + offs, p_lo, mask=mask)
+    else:
+        tl.store(p_ptr + offs, _stored(p, DTYPE, sr, w0 & 0xFFFF), mask=mask)
     tl.store(m_ptr + offs, _stored(m, M_DTYPE, sr, w0 >> 16), mask=mask)
     tl.store(v_ptr + offs, _stored(v, V_DTYPE, sr, w1), mask=mask)
 
@@ -242,11 +278,13 @@ def _block(
     COL_M: tl.constexpr,
     COL_V: tl.constexpr,
     COL_X: tl.constexpr,
+    COL_R: tl.constexpr,
     DTYPE: tl.constexpr,
     M_DTYPE: tl.constexpr,
     V_DTYPE: tl.constexpr,
     COMPUTE: tl.constexpr,
     AMSGRAD: tl.constexpr,
+    REMAINDER: tl.constexpr,
     FULL_ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
     SUB: tl.constexpr,
@@ -261,16 +299,18 @@ def _block(
     m_ptr = tl.load(row + COL_M).to(tl.pointer_type(M_DTYPE))
     v_ptr = tl.load(row + COL_V).to(tl.pointer_type(V_DTYPE))
     x_ptr = tl.load(row + COL_X).to(tl.pointer_type(V_DTYPE))
+    r_ptr = tl.load(row + COL_R).to(tl.pointer_type(tl.int16))
     if FULL_ALIGNED:  # the launcher checked every address of this tensor is 16-byte aligned
         p_ptr = tl.multiple_of(p_ptr, 16)
         g_ptr = tl.multiple_of(g_ptr, 16)
         m_ptr = tl.multiple_of(m_ptr, 16)
         v_ptr = tl.multiple_of(v_ptr, 16)
         x_ptr = tl.multiple_of(x_ptr, 16)
+        r_ptr = tl.multiple_of(r_ptr, 16)
         offs = off + tl.arange(0, BLOCK)
         _elements(
-            p_ptr, g_ptr, m_ptr, v_ptr, x_ptr, offs, None, ams, sr, key, gmul, neg_decay, lerp_w, lerp_low, beta2,
-            omb2, bc2_sqrt, eps, neg_step_size, DTYPE, M_DTYPE, V_DTYPE, COMPUTE, AMSGRAD,
+            p_ptr, g_ptr, m_ptr, v_ptr, x_ptr, r_ptr, offs, None, ams, sr, key, gmul, neg_decay, lerp_w, lerp_low,
+            beta2, omb2, bc2_sqrt, eps, neg_step_size, DTYPE, M_DTYPE, V_DTYPE, COMPUTE, AMSGRAD, REMAINDER,
         )  # fmt: skip
     else:
         # One element per thread and sub-block (SUB = the program's threads): the loads' and the
@@ -280,8 +320,9 @@ def _block(
         for j in tl.static_range(BLOCK // SUB):
             offs = off + j * SUB + tl.arange(0, SUB)
             _elements(
-                p_ptr, g_ptr, m_ptr, v_ptr, x_ptr, offs, offs < n, ams, sr, key, gmul, neg_decay, lerp_w, lerp_low,
-                beta2, omb2, bc2_sqrt, eps, neg_step_size, DTYPE, M_DTYPE, V_DTYPE, COMPUTE, AMSGRAD,
+                p_ptr, g_ptr, m_ptr, v_ptr, x_ptr, r_ptr, offs, offs < n, ams, sr, key, gmul, neg_decay, lerp_w,
+                lerp_low, beta2, omb2, bc2_sqrt, eps, neg_step_size, DTYPE, M_DTYPE, V_DTYPE, COMPUTE, AMSGRAD,
+                REMAINDER,
             )  # fmt: skip
 
 
@@ -307,6 +348,7 @@ def adamw_kernel(
     COL_NUMEL: tl.constexpr,
     COL_GROUP: tl.constexpr,
     COL_ALIGNED: tl.constexpr,
+    COL_R: tl.constexpr,
     # the hyperparameter table's columns
     HP_COLS: tl.constexpr,
     HP_LR: tl.constexpr,
@@ -325,6 +367,7 @@ def adamw_kernel(
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
     AMSGRAD: tl.constexpr,  # some tensor of this launch has a max_exp_avg_sq
+    REMAINDER: tl.constexpr,  # the launch's (bf16) parameters have remainders (master_weights="remainders")
     BLOCK: tl.constexpr,
     CHUNK: tl.constexpr,
     SUB: tl.constexpr,  # sub_block(BLOCK)
@@ -382,14 +425,14 @@ def adamw_kernel(
         if aligned & (off + BLOCK <= n):
             _block(
                 row, off, n, ams, sr, key, gmul, neg_decay, lerp_w, lerp_low, beta2, omb2, bc2_sqrt, eps,
-                neg_step_size, COL_P, COL_G, COL_M, COL_V, COL_X, DTYPE, M_DTYPE, V_DTYPE, COMPUTE, AMSGRAD, True,
-                BLOCK, SUB,
+                neg_step_size, COL_P, COL_G, COL_M, COL_V, COL_X, COL_R, DTYPE, M_DTYPE, V_DTYPE, COMPUTE, AMSGRAD,
+                REMAINDER, True, BLOCK, SUB,
             )  # fmt: skip
         else:
             _block(
                 row, off, n, ams, sr, key, gmul, neg_decay, lerp_w, lerp_low, beta2, omb2, bc2_sqrt, eps,
-                neg_step_size, COL_P, COL_G, COL_M, COL_V, COL_X, DTYPE, M_DTYPE, V_DTYPE, COMPUTE, AMSGRAD, False,
-                BLOCK, SUB,
+                neg_step_size, COL_P, COL_G, COL_M, COL_V, COL_X, COL_R, DTYPE, M_DTYPE, V_DTYPE, COMPUTE, AMSGRAD,
+                REMAINDER, False, BLOCK, SUB,
             )  # fmt: skip
 
 

@@ -141,6 +141,34 @@ __attribute__((always_inline)) inline void cpu_loop_lean(const CpuTensor& ct, in
   }
 }
 
+// A bf16 parameter with a remainder (master_weights="remainders"): by tiles, the fp32 master joined
+// from both halves, updated as an fp32 parameter, split back; the moments as in cpu_loop_lean.
+template <bool kFma, bool kAms>
+__attribute__((always_inline)) inline void cpu_loop_rem(const CpuTensor& ct, int64_t b, int64_t e, const ElemScalars s,
+                                                        const bool sr, const uint32_t key) {
+  uint16_t* __restrict__ p = static_cast<uint16_t*>(ct.p);
+  const uint16_t* __restrict__ g = static_cast<const uint16_t*>(ct.g);
+  int16_t* __restrict__ r = ct.rem;
+  alignas(64) float pt[kTile], mt[kTile], vt[kTile], xt[kTile];
+  for (int64_t t0 = b; t0 < e; t0 += kTile) {
+    const int64_t n = std::min(kTile, e - t0);
+    for (int64_t i = 0; i < n; ++i) pt[i] = remainder_join(p[t0 + i], r[t0 + i]);
+    load_tile_as(ct.m_dtype, ct.m, t0, n, mt);
+    load_tile_as(ct.v_dtype, ct.v, t0, n, vt);
+    if (kAms) load_tile_as(ct.v_dtype, ct.vmax, t0, n, xt);
+    const uint16_t* __restrict__ gt = g + t0;
+    for (int64_t i = 0; i < n; ++i) {
+      float fx = kAms ? xt[i] : 0.0f;
+      adamw_element<kFma, kAms>(pt[i], bf16_to_float(gt[i]), mt[i], vt[i], fx, s);
+      if (kAms) xt[i] = fx;
+    }
+    for (int64_t i = 0; i < n; ++i) remainder_split(pt[i], p[t0 + i], r[t0 + i]);
+    store_tile_as(ct.m_dtype, ct.m, t0, n, mt, sr, key, 1);
+    store_tile_as(ct.v_dtype, ct.v, t0, n, vt, sr, key, 2);
+    if (kAms) store_tile_as(ct.v_dtype, ct.vmax, t0, n, xt, sr, key, 2);
+  }
+}
+
 // Stochastic rounding (sr: the tensor's row asks it and some array is 16-bit) of one pass over
 // arrays of one dtype, or of fp32 parameters with 16-bit moments; the other mixes by tiles.
 template <bool kFma>
@@ -168,6 +196,10 @@ __attribute__((always_inline)) inline void cpu_item(const CpuTensor& ct, int64_t
                                                     const ScalarsOf<double>& sd, const ElemScalars& s, bool sr,
                                                     uint32_t key) {
   const bool ams = ct.vmax != nullptr;
+  if (ct.rem != nullptr) {
+    ams ? cpu_loop_rem<kFma, true>(ct, b, e, s, sr, key) : cpu_loop_rem<kFma, false>(ct, b, e, s, sr, key);
+    return;
+  }
   if (sr && cpu_item_sr<kFma>(ct, b, e, s, key)) return;
   if (!sr && ct.m_dtype == ct.v_dtype && ct.m_dtype != ct.dtype && s.lerp_low && ct.dtype != kF16) {
     const bool to_bf16 = ct.m_dtype == kBF16;  // fp32 parameters with bf16 or fp16 moments, bf16 with fp32

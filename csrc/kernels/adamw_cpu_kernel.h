@@ -27,6 +27,7 @@ struct CpuTensor {
   // of m and of v / vmax: dtype, or (fp32/bf16/fp16 parameters) another of those three
   // (exp_avg_dtype); unused by the gradient scans
   Dtype m_dtype = kF32, v_dtype = kF32;
+  int16_t* rem = nullptr;  // a bf16 parameter's remainder (master_weights="remainders"), or none
 };
 
 // The (tensor, chunk) work items of a list of tensor sizes, and their running cost (what the

@@ -30,7 +30,7 @@ namespace d2z {
 constexpr int kBlockThreads = 256;
 constexpr int64_t kChunk = 16384;  // elements per block: 16 x 128-bit accesses per thread (fp32)
 
-// One tensor of the call. 64 bytes.
+// One tensor of the call. 72 bytes.
 struct TensorMeta {
   void* p;
   const void* g;
@@ -43,7 +43,8 @@ struct TensorMeta {
   int8_t dtype;    // Dtype of p and g
   int8_t m_dtype;  // of m, and of v and vmax: dtype, or (fp32/bf16/fp16 parameters) another of those three
   int8_t v_dtype;
-  int8_t vec;  // 1 when every pointer of the tensor is 16-byte aligned: 128-bit accesses
+  int8_t vec;    // 1 when every pointer of the tensor is 16-byte aligned: 128-bit accesses
+  int16_t* rem;  // a bf16 parameter's remainder (master_weights="remainders"), or nullptr
 };
 
 struct BlockWork {
@@ -245,13 +246,24 @@ D2Z_INLINE void update_chunk_lean(const TensorMeta& t, const ElemScalars& s, int
   using T = typename S::type;
   T* p = static_cast<T*>(t.p);
   const T* g = static_cast<const T*>(t.g);
+  int16_t* r = D == kBF16 ? t.rem : nullptr;  // a remainder: the fp32 master joined, then split
   for (int64_t e = start + thread; e < end; e += block_dim) {
-    float fp = S::load(p[e]), fm = load_moment(t.m, e, t.m_dtype), fv = load_moment(t.v, e, t.v_dtype);
+    float fp = S::load(p[e]);
+    if constexpr (D == kBF16) fp = r != nullptr ? remainder_join(p[e], r[e]) : fp;
+    float fm = load_moment(t.m, e, t.m_dtype), fv = load_moment(t.v, e, t.v_dtype);
     float fx = kAms ? load_moment(t.vmax, e, t.v_dtype) : 0.0f;
     adamw_element<true, kAms>(fp, S::load(g[e]), fm, fv, fx, s);
     const uint32_t w0 = sr ? sr_word(key, e) : 0u;
     const uint32_t w1 = sr_second(w0);
-    p[e] = sr ? S::store_sr(fp, w0 & 0xffffu) : S::store(fp);
+    if constexpr (D == kBF16) {
+      if (r != nullptr) {
+        remainder_split(fp, p[e], r[e]);
+      } else {
+        p[e] = sr ? S::store_sr(fp, w0 & 0xffffu) : S::store(fp);
+      }
+    } else {
+      p[e] = sr ? S::store_sr(fp, w0 & 0xffffu) : S::store(fp);
+    }
     store_moment(t.m, e, t.m_dtype, fm, sr, w0 >> 16);
     store_moment(t.v, e, t.v_dtype, fv, sr, w1);
     if (kAms) store_moment(t.vmax, e, t.v_dtype, fx, sr, w1);
@@ -305,7 +317,7 @@ D2Z_HD inline void adamw_thread(int64_t block, int thread, int block_dim, const 
   const ElemScalars s = make_scalars<float>(hp, lr_mult, wd_mult, step, wd_mode, a.grad_scale);
   // stochastic rounding: the row asks it (seed + 1) and some array is 16-bit (never float64 ones)
   const bool sr = hp[kRounding] != 0.0 && (t.dtype != kF32 || t.m_dtype != kF32 || t.v_dtype != kF32);
-  if (sr || t.m_dtype != t.dtype || t.v_dtype != t.dtype) {  // lean moments (never float64 parameters)
+  if (sr || t.m_dtype != t.dtype || t.v_dtype != t.dtype || t.rem != nullptr) {  // lean (never float64 parameters)
     const uint32_t key = sr ? sr_key(static_cast<uint32_t>(hp[kRounding] - 1.0), static_cast<uint32_t>(*a.step_count),
                                      static_cast<uint32_t>(w.tensor))
                             : 0u;

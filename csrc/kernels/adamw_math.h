@@ -292,6 +292,24 @@ D2Z_INLINE uint16_t float_to_f16_sr(float f, uint32_t r16) {
   return static_cast<uint16_t>(o | (sign >> 16));
 }
 
+// ---- master weights as bf16 + remainder (master_weights="remainders") ----
+// An fp32 master value is its bf16 parameter (the nearest, ties away from zero: the high 16 bits,
+// plus one where the low 16 bits read as an int16 are negative) and that int16 remainder; the pair
+// gives back the fp32 bits exactly. A NaN keeps its high bits, quieted, and a zero remainder (the
+// carry would turn its sign or wrap). d2z_optim/backends/remainders.py is the same in torch.
+D2Z_INLINE float remainder_join(uint16_t hi, int16_t lo) {
+  const uint32_t h = static_cast<uint32_t>(hi) - (lo < 0 ? 1u : 0u);
+  return bits_to_float((h << 16) | static_cast<uint16_t>(lo));
+}
+
+D2Z_INLINE void remainder_split(float x, uint16_t& hi, int16_t& lo) {
+  const uint32_t u = float_to_bits(x);
+  const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
+  const int16_t l = static_cast<int16_t>(static_cast<uint16_t>(u & 0xffffu));
+  lo = nan ? int16_t(0) : l;
+  hi = static_cast<uint16_t>(nan ? ((u >> 16) | 0x40u) : (u >> 16) + (l < 0 ? 1u : 0u));
+}
+
 // How a storage dtype is loaded into its compute type and stored back.
 template <int kDtype>
 struct Storage;

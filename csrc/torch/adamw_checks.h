@@ -24,7 +24,17 @@ struct StepArgs {
   bool independent_wd;
   const std::optional<at::Tensor>& grad_scale;
   const std::optional<at::Tensor>& found_inf;
+  at::TensorList remainders = {};  // empty, or one per parameter (0 elements: none)
 };
+
+inline at::TensorList remainder_list(const std::optional<at::TensorList>& r) {
+  return r.has_value() ? *r : at::TensorList();
+}
+
+// Parameter k's remainder, nullptr when it has none.
+inline const at::Tensor* remainder_of(at::TensorList remainders, size_t k) {
+  return remainders.empty() || remainders[k].numel() == 0 ? nullptr : &remainders[k];
+}
 
 inline Dtype to_dtype(at::ScalarType t) {
   switch (t) {
@@ -164,6 +174,21 @@ inline void check_param(int64_t i, const at::Tensor& p, const at::Tensor& g, con
   check_on(st, dev, "steps", i);
 }
 
+// Parameter i's entry of remainders (a non-empty list): int16, 0 elements (none) or a bf16
+// parameter's shape and memory layout, on its device.
+inline void check_remainder(int64_t i, const at::Tensor& p, const at::Tensor& r, const at::Device& dev) {
+  TORCH_CHECK(r.defined() && is_dense(r) && r.scalar_type() == at::kShort, "d2z::adamw_step_: remainders[", i,
+              "] must be a dense int16 tensor (0 elements: none)");
+  check_on(r, dev, "remainders", i);
+  if (r.numel() == 0) return;
+  TORCH_CHECK(p.scalar_type() == at::kBFloat16, "d2z::adamw_step_: remainders[", i, "] is given but params[", i,
+              "] has dtype ", p.scalar_type(), " (a remainder completes a bfloat16 parameter)");
+  TORCH_CHECK(r.sizes() == p.sizes(), "d2z::adamw_step_: remainders[", i, "] has shape ", r.sizes(), " but params[", i,
+              "] has ", p.sizes());
+  TORCH_CHECK(same_layout(r, p), "d2z::adamw_step_: remainders[", i, "] has strides ", r.strides(), " but params[", i,
+              "] has ", p.strides(), " (the tensors of a parameter must share its memory layout)");
+}
+
 // Checks everything; `expected` is the device type of the implementation. Returns the device.
 inline at::Device check_step_args(const StepArgs& a, c10::DeviceType expected) {
   const size_t n = a.params.size();
@@ -177,6 +202,8 @@ inline at::Device check_step_args(const StepArgs& a, c10::DeviceType expected) {
   same_len(a.group_index.size(), "group_index");
   TORCH_CHECK(a.max_exp_avg_sqs.empty() || a.max_exp_avg_sqs.size() == n, "d2z::adamw_step_: max_exp_avg_sqs has ",
               a.max_exp_avg_sqs.size(), " entries: it must be empty or as long as params (", n, ")");
+  TORCH_CHECK(a.remainders.empty() || a.remainders.size() == n, "d2z::adamw_step_: remainders has ",
+              a.remainders.size(), " entries: it must be empty or as long as params (", n, ")");
   const at::Device dev =
       check_call_tensors(a.step_count, a.lr_table, a.wd_table, a.hparams, a.grad_scale, a.found_inf, expected);
   const int64_t groups = a.hparams.size(0);
@@ -184,6 +211,7 @@ inline at::Device check_step_args(const StepArgs& a, c10::DeviceType expected) {
     const at::Tensor* vmax = a.max_exp_avg_sqs.empty() ? nullptr : &a.max_exp_avg_sqs[k];
     check_param(static_cast<int64_t>(k), a.params[k], a.grads[k], a.exp_avgs[k], a.exp_avg_sqs[k], vmax, a.steps[k],
                 a.group_index[k], groups, dev);
+    if (!a.remainders.empty()) check_remainder(static_cast<int64_t>(k), a.params[k], a.remainders[k], dev);
   }
   return dev;
 }

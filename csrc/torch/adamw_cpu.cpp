@@ -84,9 +84,10 @@ void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                     at::TensorList max_exp_avg_sqs, at::TensorList steps, const at::Tensor& step_count,
                     const at::Tensor& lr_table, const at::Tensor& wd_table, const at::Tensor& hparams,
                     c10::IntArrayRef group_index, bool independent_wd, const std::optional<at::Tensor>& grad_scale,
-                    const std::optional<at::Tensor>& found_inf) {
-  const StepArgs a{params,   grads,    exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,      step_count,
-                   lr_table, wd_table, hparams,  group_index, independent_wd,  grad_scale, found_inf};
+                    const std::optional<at::Tensor>& found_inf, const std::optional<at::TensorList>& remainders) {
+  const StepArgs a{params,      grads,          exp_avgs,   exp_avg_sqs, max_exp_avg_sqs,
+                   steps,       step_count,     lr_table,   wd_table,    hparams,
+                   group_index, independent_wd, grad_scale, found_inf,   remainder_list(remainders)};
   check_step_args(a, c10::DeviceType::CPU);
   const double* hp = hparams.data_ptr<double>();
   check_amsgrad_states(a, hp);
@@ -96,7 +97,8 @@ void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   CpuItems items;
   for (size_t k = 0; k < n; ++k) {
     const at::Tensor* vmax = max_exp_avg_sqs.empty() ? nullptr : &max_exp_avg_sqs[k];
-    ts[k] = cpu_tensor(params[k], grads[k], exp_avgs[k], exp_avg_sqs[k], vmax, steps[k], hp + group_index[k] * kHpCols);
+    ts[k] = cpu_tensor(params[k], grads[k], exp_avgs[k], exp_avg_sqs[k], vmax, steps[k], hp + group_index[k] * kHpCols,
+                       remainder_of(a.remainders, k));
     items.add(static_cast<int32_t>(k), ts[k].n);
   }
   cpu_step(ts, items, step_count, lr_table, wd_table, independent_wd, grad_scale, found_inf, false);

@@ -12,7 +12,8 @@ namespace d2z {
 
 // Parameter k's pointers; vmax undefined or 0-element without amsgrad. Everything checked before.
 inline CpuTensor cpu_tensor(const at::Tensor& p, const at::Tensor& g, const at::Tensor& m, const at::Tensor& v,
-                            const at::Tensor* vmax, const at::Tensor& step, const double* hp_row) {
+                            const at::Tensor* vmax, const at::Tensor& step, const double* hp_row,
+                            const at::Tensor* rem = nullptr) {
   const bool ams = hp_row[kAmsgrad] != 0.0 && vmax != nullptr && vmax->numel() > 0;
   float* st = step.data_ptr<float>();
   return {p.data_ptr(),
@@ -26,7 +27,8 @@ inline CpuTensor cpu_tensor(const at::Tensor& p, const at::Tensor& g, const at::
           to_dtype(p.scalar_type()),
           *st + 1.0f,
           to_dtype(m.scalar_type()),
-          to_dtype(v.scalar_type())};
+          to_dtype(v.scalar_type()),
+          rem == nullptr ? nullptr : rem->data_ptr<int16_t>()};
 }
 
 // The reduction of every gradient element of `items` (`ts`' g pointers): the sum of squares, or

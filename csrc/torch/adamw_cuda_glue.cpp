@@ -39,7 +39,7 @@ constexpr size_t kCacheSize = 8;
 std::vector<int64_t> work_list_key(const StepArgs& a, const at::Device& dev) {
   std::vector<int64_t> key;
   const size_t n = a.params.size();
-  key.reserve(2 + n * 9);
+  key.reserve(2 + n * 10);
   key.push_back(dev.index());
   key.push_back(static_cast<int64_t>(n));
   for (size_t k = 0; k < n; ++k) {
@@ -55,6 +55,8 @@ std::vector<int64_t> work_list_key(const StepArgs& a, const at::Device& dev) {
     key.push_back(static_cast<int64_t>(a.params[k].scalar_type()) |
                   static_cast<int64_t>(a.exp_avgs[k].scalar_type()) << 8 |
                   static_cast<int64_t>(a.exp_avg_sqs[k].scalar_type()) << 16);
+    const at::Tensor* rem = remainder_of(a.remainders, k);
+    key.push_back(rem == nullptr ? 0 : reinterpret_cast<int64_t>(rem->data_ptr()));
   }
   return key;
 }
@@ -76,9 +78,10 @@ void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                      at::TensorList max_exp_avg_sqs, at::TensorList steps, const at::Tensor& step_count,
                      const at::Tensor& lr_table, const at::Tensor& wd_table, const at::Tensor& hparams,
                      c10::IntArrayRef group_index, bool independent_wd, const std::optional<at::Tensor>& grad_scale,
-                     const std::optional<at::Tensor>& found_inf) {
-  const StepArgs a{params,   grads,    exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,      step_count,
-                   lr_table, wd_table, hparams,  group_index, independent_wd,  grad_scale, found_inf};
+                     const std::optional<at::Tensor>& found_inf, const std::optional<at::TensorList>& remainders) {
+  const StepArgs a{params,      grads,          exp_avgs,   exp_avg_sqs, max_exp_avg_sqs,
+                   steps,       step_count,     lr_table,   wd_table,    hparams,
+                   group_index, independent_wd, grad_scale, found_inf,   remainder_list(remainders)};
   const at::Device dev = check_step_args(a, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(dev);
   const c10::cuda::CUDAStream current = at::cuda::getCurrentCUDAStream(dev.index());

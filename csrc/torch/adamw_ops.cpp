@@ -7,11 +7,14 @@
 #define D2Z_STEP_ARGS                                                                                           \
   "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "                     \
   "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, Tensor(f!) step_count, Tensor lr_table, Tensor wd_table, " \
-  "Tensor hparams, int[] group_index, bool independent_wd, Tensor? grad_scale, Tensor? found_inf) -> ()"
+  "Tensor hparams, int[] group_index, bool independent_wd, Tensor? grad_scale, Tensor? found_inf, "             \
+  "Tensor(g!)[]? remainders=None) -> ()"
 
 TORCH_LIBRARY(d2z, m) {
   // One AdamW step of every tensor: lr_table[step_count] and wd_table[step_count] scale the
   // group's lr and weight decay; steps and step_count advance (unless found_inf is nonzero).
+  // remainders (master_weights="remainders"): None, or one int16 tensor per parameter (a bf16
+  // parameter's remainder: the pair is its fp32 master value; 0 elements: none).
   m.def("adamw_step_" D2Z_STEP_ARGS);
   // found = 1 where any element of any tensor is a NaN or an Inf (exact: their bits; complex
   // tensors as their real and imaginary parts); found is left as it is otherwise.

@@ -467,6 +467,7 @@ struct DeviceStepHolder : HeldParams {
       row[kMetaNumel] = t.n;
       row[kMetaGroup] = t.group;
       row[kMetaAligned] = aligned ? 1 : 0;
+      row[kMetaR] = 0;  // remainders step through the op (d2z_optim/step_cache.py), never a holder
       flat.insert(flat.end(), row, row + kMetaCols);
       const int d = t.dtype + 4 * t.m_dtype + 16 * t.v_dtype;
       ams[d] = ams[d] || t.vmax != nullptr;

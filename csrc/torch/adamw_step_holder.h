@@ -33,6 +33,7 @@ enum TritonMetaCol : int64_t {
   kMetaNumel,
   kMetaGroup,
   kMetaAligned,
+  kMetaR,  // a bf16 parameter's remainder (master_weights="remainders"), 0 when none
   kMetaCols
 };
 

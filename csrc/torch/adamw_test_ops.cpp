@@ -16,9 +16,11 @@ void adamw_step_grid_replay(at::TensorList params, at::TensorList grads, at::Ten
                             at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
                             const at::Tensor& step_count, const at::Tensor& lr_table, const at::Tensor& wd_table,
                             const at::Tensor& hparams, c10::IntArrayRef group_index, bool independent_wd,
-                            const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  const StepArgs a{params,   grads,    exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,      step_count,
-                   lr_table, wd_table, hparams,  group_index, independent_wd,  grad_scale, found_inf};
+                            const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                            const std::optional<at::TensorList>& remainders) {
+  const StepArgs a{params,      grads,          exp_avgs,   exp_avg_sqs, max_exp_avg_sqs,
+                   steps,       step_count,     lr_table,   wd_table,    hparams,
+                   group_index, independent_wd, grad_scale, found_inf,   remainder_list(remainders)};
   check_step_args(a, c10::DeviceType::CPU);
   check_amsgrad_states(a, hparams.data_ptr<double>());
   const WorkList list = make_work_list(a);

@@ -10,7 +10,8 @@ namespace d2z {
 // One tensor's metadata (vec is set by build_work_list). vmax: nullptr or a 0-element placeholder
 // when it has no amsgrad state.
 inline TensorMeta tensor_meta(const at::Tensor& p, const at::Tensor& g, const at::Tensor& m, const at::Tensor& v,
-                              const at::Tensor* vmax, const at::Tensor& step, int64_t group) {
+                              const at::Tensor* vmax, const at::Tensor& step, int64_t group,
+                              const at::Tensor* rem = nullptr) {
   TensorMeta t;
   const bool has_max = vmax != nullptr && vmax->numel() > 0;
   t.p = p.data_ptr();
@@ -25,6 +26,7 @@ inline TensorMeta tensor_meta(const at::Tensor& p, const at::Tensor& g, const at
   t.m_dtype = static_cast<int8_t>(to_dtype(m.scalar_type()));
   t.v_dtype = static_cast<int8_t>(to_dtype(v.scalar_type()));
   t.vec = 0;
+  t.rem = rem == nullptr ? nullptr : rem->data_ptr<int16_t>();
   return t;
 }
 
@@ -38,8 +40,8 @@ inline WorkList make_work_list(const StepArgs& a) {
   list.tensors.resize(n);
   for (size_t k = 0; k < n; ++k) {
     const at::Tensor* vmax = a.max_exp_avg_sqs.empty() ? nullptr : &a.max_exp_avg_sqs[k];
-    list.tensors[k] =
-        tensor_meta(a.params[k], a.grads[k], a.exp_avgs[k], a.exp_avg_sqs[k], vmax, a.steps[k], a.group_index[k]);
+    list.tensors[k] = tensor_meta(a.params[k], a.grads[k], a.exp_avgs[k], a.exp_avg_sqs[k], vmax, a.steps[k],
+                                  a.group_index[k], remainder_of(a.remainders, k));
   }
   build_work_list(list);
   check_work_list(list);

@@ -67,6 +67,7 @@ def check_step_args(
     group_index: Sequence[int],
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
+    remainders: Sequence[Tensor] | None = None,
 ) -> torch.device:
     """Every check of the step schema's arguments; returns the call's device."""
     c = _Checker(op)
@@ -79,6 +80,8 @@ def check_step_args(
         c.fail(f"group_index has {len(group_index)} entries but params has {n}")
     if max_exp_avg_sqs and len(max_exp_avg_sqs) != n:
         c.fail(f"max_exp_avg_sqs has {len(max_exp_avg_sqs)} entries: it must be empty or as long as params ({n})")
+    if remainders and len(remainders) != n:
+        c.fail(f"remainders has {len(remainders)} entries: it must be empty or as long as params ({n})")
     c.scalar(step_count, dev, torch.int64, "step_count")
     for name, tab in (("lr_table", lr_table), ("wd_table", wd_table)):
         if tab.layout != torch.strided or tab.dim() != 1 or tab.dtype != torch.float32:
@@ -154,12 +157,35 @@ def check_step_args(
                 )
             if x.device != dev:
                 c.fail(f"max_exp_avg_sqs[{i}] is on {x.device} but the call is on {dev}")
+        if remainders:
+            _check_remainder(c, i, p, remainders[i], dev)
         st = steps[i]
         if st.layout != torch.strided or st.dtype != torch.float32 or st.numel() != 1:
             c.fail(f"steps[{i}] must be a float32 tensor with one element")
         if st.device != dev:
             c.fail(f"steps[{i}] is on {st.device} but the call is on {dev}")
     return dev
+
+
+def _check_remainder(c: _Checker, i: int, p: Tensor, r: Tensor, dev: torch.device) -> None:
+    """Parameter i's entry of remainders: int16, 0 elements (none) or a bf16 parameter's shape and layout."""
+    if not isinstance(r, Tensor) or r.layout != torch.strided or r.dtype != torch.int16:
+        c.fail(f"remainders[{i}] must be a dense int16 tensor (0 elements: none)")
+    if r.device != dev:
+        c.fail(f"remainders[{i}] is on {r.device} but the call is on {dev}")
+    if r.numel() == 0:
+        return
+    if p.dtype != torch.bfloat16:
+        c.fail(
+            f"remainders[{i}] is given but params[{i}] has dtype {p.dtype} (a remainder completes a bfloat16 parameter)"
+        )
+    if r.shape != p.shape:
+        c.fail(f"remainders[{i}] has shape {list(r.shape)} but params[{i}] has {list(p.shape)}")
+    if not same_layout(r, p):
+        c.fail(
+            f"remainders[{i}] has strides {list(r.stride())} but params[{i}] has {list(p.stride())} "
+            "(the tensors of a parameter must share its memory layout)"
+        )
 
 
 def check_device_work(op: str, work: DeviceWork) -> None:

@@ -32,6 +32,7 @@ __all__ = [
     "flatten",
     "hparams_tensor",
     "in_layout_of",
+    "no_remainder",
     "same_layout",
 ]
 
@@ -101,6 +102,9 @@ class GroupWork:
     max_exp_avg_sqs: list[Tensor] = field(default_factory=list)  # empty unless amsgrad
     steps: list[Tensor] = field(default_factory=list)  # float32 0-d, on the device
     rounding: float = 0.0  # 0: to nearest even; seed + 1: stochastic rounding with that seed
+    # master_weights="remainders": one int16 tensor per parameter (a bf16 one's remainder, or 0
+    # elements: none), or empty when no parameter of the group has one
+    remainders: list[Tensor] = field(default_factory=list)
 
     def row(self) -> tuple[float, ...]:
         """This group's row of the hyperparameter table (a tensor LR: 0, filled in on the device)."""
@@ -144,12 +148,13 @@ class FlatWork:
     steps: list[Tensor]
     group_index: list[int]
     hparams: Tensor
+    remainders: list[Tensor] = field(default_factory=list)  # empty when none; else 0-element placeholders
 
     def op_args(self, work: DeviceWork, grad_scale: Tensor | None, found_inf: Tensor | None) -> tuple:
         """The arguments of ``d2z::adamw_step_`` and ``d2z::adamw_step_triton`` (one schema)."""
         lists = (self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.max_exp_avg_sqs, self.steps)
         tables = (work.step_count, work.lr_table, work.wd_table, self.hparams)
-        return (*lists, *tables, self.group_index, work.independent_wd, grad_scale, found_inf)
+        return (*lists, *tables, self.group_index, work.independent_wd, grad_scale, found_inf, self.remainders)
 
 
 def flatten(work: DeviceWork) -> FlatWork:
@@ -158,6 +163,7 @@ def flatten(work: DeviceWork) -> FlatWork:
     hp = work.hparams if work.hparams is not None else hparams_tensor(work)
     flat = FlatWork([], [], [], [], [], [], [], hp)
     any_amsgrad = any(g.amsgrad for g in groups)
+    any_remainder = any(g.remainders for g in groups)
     for gi, g in enumerate(groups):
         flat.params += g.params
         flat.grads += g.grads
@@ -167,7 +173,14 @@ def flatten(work: DeviceWork) -> FlatWork:
         flat.group_index += [gi] * len(g.params)
         if any_amsgrad:
             flat.max_exp_avg_sqs += g.max_exp_avg_sqs if g.amsgrad else [_placeholder(v) for v in g.exp_avg_sqs]
+        if any_remainder:
+            flat.remainders += g.remainders or [no_remainder(p) for p in g.params]
     return flat
+
+
+def no_remainder(p: Tensor) -> Tensor:
+    """A parameter without a remainder: 0 int16 elements (the ops' placeholder)."""
+    return torch.empty(0, dtype=torch.int16, device=p.device)
 
 
 def _placeholder(v: Tensor) -> Tensor:

@@ -296,9 +296,9 @@ def _register_fake(op: str) -> None:
     @torch.library.register_fake(op)
     def _(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, step_count, lr_table, wd_table, hparams,
-        group_index, independent_wd, grad_scale, found_inf,
+        group_index, independent_wd, grad_scale, found_inf, remainders=None,
     ):  # fmt: skip
         check_step_args(
             op, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, step_count, lr_table, wd_table,
-            hparams, group_index, grad_scale, found_inf,
+            hparams, group_index, grad_scale, found_inf, remainders,
         )  # fmt: skip

@@ -11,6 +11,8 @@ rounded once on the way back, as the fused kernels do ("all math in fp32"); so a
 stored in another dtype than their parameter's (``exp_avg_dtype``): each array is loaded into the
 compute dtype and rounded to nearest even into its own storage dtype, or stochastically where the
 group's ``rounding`` asks (every 16-bit value the step writes: :mod:`.stochastic`, the kernels' bits).
+A bf16 parameter with a remainder (``master_weights="remainders"``) is joined with it into its fp32
+master value, updated as an fp32 parameter would be, and split back into both (:mod:`.remainders`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import stochastic
+from . import remainders, stochastic
 from .contract import DeviceWork, GroupWork
 
 name = "torch"
@@ -112,6 +114,10 @@ def _update(
     # a bf16 moment of an fp32 parameter), rounded back once at the end
     upcast = [any(x.dtype != cd for x in xs) for xs in stored]
     work = [[x.to(cd) for x in xs] if up else xs for xs, up in zip(stored, upcast)]
+    # a parameter with a remainder: its fp32 master value, split back at the end
+    rem = [g.remainders[i] if g.remainders and g.remainders[i].numel() else None for i in ids]
+    if any(r is not None for r in rem):
+        work[0] = [w if r is None else remainders.join(x, r) for w, x, r in zip(work[0], stored[0], rem)]
     p, m, v = work[:3]
     if g.maximize:
         grad = torch._foreach_neg(grad)
@@ -150,12 +156,17 @@ def _update(
     for name, dst, src, up in zip(names, stored, work, upcast):  # round once back to the storage dtype
         if not up:
             continue
-        if keys is None:
+        splits = rem if name == "param" else [None] * len(ids)
+        if keys is None and all(r is None for r in splits):
             torch._foreach_copy_(dst, src)
             continue
-        for d, s, k, p in zip(dst, src, keys, stored[0]):
-            if stochastic.narrow(d.dtype) and s.dtype == torch.float32:
-                r16 = stochastic.bits(stochastic.word(k, p), name)  # by the parameter's element offsets
+        for j, (d, s) in enumerate(zip(dst, src)):
+            if splits[j] is not None:  # the parameter's bits come from the split, exactly (never rounded)
+                hi, lo = remainders.split(s)
+                d.copy_(hi)
+                splits[j].copy_(lo)
+            elif keys is not None and stochastic.narrow(d.dtype) and s.dtype == torch.float32:
+                r16 = stochastic.bits(stochastic.word(keys[j], stored[0][j]), name)  # by the parameter's offsets
                 d.copy_(stochastic.round_stochastic(s, d.dtype, r16))
             else:
                 d.copy_(s)

@@ -60,6 +60,7 @@ class MetaCol(enum.IntEnum):
     NUMEL = 6
     GROUP = 7
     ALIGNED = 8
+    R = 9  # a bf16 parameter's remainder (master_weights="remainders"), 0 when none
 
 
 META_COLS = len(MetaCol)
@@ -137,9 +138,12 @@ def launch_code(dtypes: tuple[torch.dtype, torch.dtype, torch.dtype]) -> int:
 
 
 def block_dtype(dtypes: tuple[torch.dtype, torch.dtype, torch.dtype]) -> torch.dtype:
-    """The dtype whose BLOCK a launch takes: the widest of its arrays (the parameter's on a tie).
-    Every array then has the same elements per thread (16 bytes of the widest, 8 of a 2-byte
-    moment of fp32 parameters), so loads and stores share one layout (no shared-memory conversion)."""
+    """The dtype whose BLOCK a launch takes: the widest of its arrays (the parameter's on a tie; a
+    parameter with a remainder counts as float32, the width of the pair). Every array then has the
+    same elements per thread (16 bytes of the widest, 8 of a 2-byte moment of fp32 parameters), so
+    loads and stores share one layout (no shared-memory conversion)."""
+    if len(dtypes) > 3:  # (p, m, v, True): a remainder
+        return torch.float32
     return max(dtypes, key=lambda d: d.itemsize) if dtypes[0].itemsize < 8 else dtypes[0]
 
 
@@ -159,11 +163,15 @@ _TL_DTYPES = {
 }
 
 
-def _metadata(dev, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, group_index) -> TritonMeta:
-    """The cached metadata for these addresses and sizes; built and uploaded (no sync) on a change."""
+def _metadata(
+    dev, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, group_index, remainders=None
+) -> TritonMeta:
+    """The cached metadata for these addresses and sizes; built and uploaded (no sync) on a change.
+    A launch's key is its (p, m, v) dtypes, and True for the tensors with a remainder (their own launch)."""
     rows = []
     for i, p in enumerate(params):
         x = max_exp_avg_sqs[i] if max_exp_avg_sqs and max_exp_avg_sqs[i].numel() != 0 else None
+        r = remainders[i] if remainders and remainders[i].numel() != 0 else None
         rows.append(
             (
                 p.data_ptr(),
@@ -174,7 +182,8 @@ def _metadata(dev, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
                 steps[i].data_ptr(),
                 p.numel(),
                 group_index[i],
-                (p.dtype, exp_avgs[i].dtype, exp_avg_sqs[i].dtype),
+                (p.dtype, exp_avgs[i].dtype, exp_avg_sqs[i].dtype) + ((True,) if r is not None else ()),
+                0 if r is None else r.data_ptr(),
             )
         )
     sizes = {d: (kernels.BLOCK[d], kernels.CHUNK_BLOCKS * kernels.BLOCK[d]) for d in DTYPES}  # tests change them
@@ -182,16 +191,18 @@ def _metadata(dev, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
     found = _CAPTURED.get(key) or _METAS.get(key)
     if found is None:
         meta, work = [], {}
-        for i, (pa, ga, ma, va, xa, sa, n, gi, dtypes) in enumerate(rows):
-            aligned = all(a % 16 == 0 for a in (pa, ga, ma, va, xa))
-            meta.append((pa, ga, ma, va, xa, sa, n, gi, int(aligned)))
+        for i, (pa, ga, ma, va, xa, sa, n, gi, dtypes, ra) in enumerate(rows):
+            aligned = all(a % 16 == 0 for a in (pa, ga, ma, va, xa, ra))
+            meta.append((pa, ga, ma, va, xa, sa, n, gi, int(aligned), ra))
             items, ams = work.setdefault(dtypes, ([], [False]))
             ams[0] = ams[0] or xa != 0
             for s in range(0, n, sizes[block_dtype(dtypes)][1]):
                 items.append((i, s))
         flat = [v for r in meta for v in r]
         launches = []
-        for dtypes in sorted(work, key=launch_code):  # the step holder's order
+        for dtypes in sorted(
+            work, key=lambda d: (len(d), launch_code(d[:3]))
+        ):  # the step holder's order, remainders last
             items, ams = work[dtypes]
             if items:
                 launches.append((dtypes, ams[0], len(flat), len(items)))
@@ -222,8 +233,9 @@ def launch(
     gs = grad_scale if grad_scale is not None else dummy
     fi = found_inf if found_inf is not None else dummy
     with _on_device(dev):
-        for (dtype, m_dtype, v_dtype), ams, offset, n_items in launches:
-            wide = block_dtype((dtype, m_dtype, v_dtype))
+        for dtypes, ams, offset, n_items in launches:
+            dtype, m_dtype, v_dtype = dtypes[:3]
+            wide = block_dtype(dtypes)
             kernels.adamw_kernel[(n_items,)](
                 meta,
                 buf[offset:],
@@ -243,6 +255,7 @@ def launch(
                 HAS_GRAD_SCALE=grad_scale is not None,
                 HAS_FOUND_INF=found_inf is not None,
                 AMSGRAD=ams,
+                REMAINDER=len(dtypes) > 3,
                 BLOCK=kernels.BLOCK[wide],
                 CHUNK=kernels.CHUNK_BLOCKS * kernels.BLOCK[wide],
                 SUB=_sub_block(kernels.BLOCK[wide]),
@@ -319,7 +332,7 @@ def launch_clip(
 
 # ------------------------------------------------------------------------ the op
 @torch.library.custom_op(
-    OP, mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps", "step_count")
+    OP, mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps", "step_count", "remainders")
 )
 def adamw_step_triton(
     params: list[Tensor],
@@ -336,11 +349,12 @@ def adamw_step_triton(
     independent_wd: bool,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
+    remainders: list[Tensor],  # empty: none (the C++ schema's Tensor[]? remainders=None)
 ) -> None:
     """One AdamW step of every tensor (the C++ op's arguments); see the module docstring."""
     args = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)
-    dev = _check(*args, step_count, lr_table, wd_table, hparams, group_index, grad_scale, found_inf)
-    md = _metadata(dev, *args, group_index)
+    dev = _check(*args, step_count, lr_table, wd_table, hparams, group_index, grad_scale, found_inf, remainders)
+    md = _metadata(dev, *args, group_index, remainders)
     launch(md.buf, md.n_tensors, md.launches, hparams, lr_table, wd_table, step_count, grad_scale, found_inf,
            independent_wd)  # fmt: skip
 
@@ -348,11 +362,11 @@ def adamw_step_triton(
 @adamw_step_triton.register_fake
 def _(
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, step_count, lr_table, wd_table, hparams,
-    group_index, independent_wd, grad_scale, found_inf,
+    group_index, independent_wd, grad_scale, found_inf, remainders=None,
 ) -> None:  # fmt: skip
     _check(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, step_count, lr_table, wd_table, hparams,
-        group_index, grad_scale, found_inf,
+        group_index, grad_scale, found_inf, remainders,
     )  # fmt: skip
 
 

@@ -1,0 +1,235 @@
+"""``master_weights="remainders"``: bf16 parameters whose int16 remainder completes an fp32 master.
+
+What holds (exactly, no tolerance):
+
+* the split and the join are inverses on every fp32 bit pattern but NaNs (a NaN stays a NaN), and
+  the bf16 half is the nearest bf16, ties away from zero (``Tensor.to`` rounds ties to even: they
+  differ on exact ties only);
+* on every backend (torch, cpu, the CUDA grid replayed on the host, and the Triton kernel in the
+  interpreter child: tests/test_triton_interpret.py runs this file), a run with bf16 parameters and
+  remainders ends with the same fp32 master values, bit for bit, as the same run with fp32
+  parameters on that backend: the update is computed from the joined fp32 value and nothing is
+  lost in between (amsgrad, bf16 moments, weight decay, several groups);
+* refusals leave everything as it was; checkpoints keep the remainders exactly.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from d2z_optim import AdamW
+from d2z_optim.backends import remainders
+from d2z_optim.backends.contract import DeviceWork, GroupWork, flatten
+
+BF16, F32 = torch.bfloat16, torch.float32
+SHAPES = [(33, 37), (4099,), (5,), (1,)]  # small: the interpreter child runs them too
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int32) if t.dtype == F32 else t.view(torch.int16)
+
+
+def test_split_join_round_trip_every_bit_pattern_class():
+    g = torch.Generator().manual_seed(0)
+    u = torch.randint(-(2**31), 2**31 - 1, (1 << 18,), generator=g, dtype=torch.int64).to(torch.int32)
+    special = torch.tensor([0, -(2**31), 0x7F800000, -8388608, 0x7F7FFFFF, 0x00000001, 0x3F808000, 0x7FC00000])
+    u = torch.cat([u, special.to(torch.int32)])
+    x = u.view(F32)
+    p, r = remainders.split(x)
+    back = remainders.join(p, r)
+    finite = ~torch.isnan(x)
+    assert torch.equal(_bits(back[finite]), _bits(x[finite]))
+    assert torch.isnan(back[~finite]).all() and torch.isnan(p[~finite].float()).all()
+    nearest = x.to(BF16)
+    differ = (_bits(nearest) != _bits(p)) & finite
+    assert ((u & 0xFFFF) == 0x8000)[differ].all()  # ties only (away from zero here, to even there)
+    m = finite & torch.isfinite(x) & torch.isfinite(nearest.float())
+    dist = lambda b: (b.double() - x.double()).abs()[m]  # exact in float64
+    assert torch.equal(dist(p), dist(nearest))  # the nearest bf16 (on a tie: the other nearest one)
+
+
+def _run(backend, rem: bool, steps=8, amsgrad=False, moments=None, seed=0, **kw):
+    g = torch.Generator().manual_seed(seed)
+    init = [torch.randn(s, generator=g).to(BF16) for s in SHAPES]
+    params = [torch.nn.Parameter(x if rem else x.float()) for x in init]
+    groups = [{"params": params[:2]}, {"params": params[2:], "weight_decay": 0.0, "lr": 3e-3}]
+    opt = AdamW(
+        groups, lr=1e-2, weight_decay=0.1, backend=backend, amsgrad=amsgrad, total_steps=16,
+        master_weights="remainders" if rem else None, exp_avg_dtype=moments, exp_avg_sq_dtype=moments, **kw,
+    )  # fmt: skip
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g).to(BF16).to(p.dtype)  # the same values either way
+        opt.step()
+    return params, opt
+
+
+def _masters(params, opt):
+    return [remainders.join(p.detach(), opt.state[p]["param_remainder"]) if p.dtype == BF16 else p for p in params]
+
+
+@pytest.mark.parametrize("amsgrad,moments", [(False, None), (True, None), (False, BF16)], ids=["fp32m", "ams", "bf16m"])
+def test_bf16_with_remainders_steps_as_fp32_parameters_bit_for_bit(backend, amsgrad, moments):
+    a, oa = _run(backend, True, amsgrad=amsgrad, moments=moments)
+    b, ob = _run(backend, False, amsgrad=amsgrad, moments=moments)
+    assert oa.backend_name == ob.backend_name == backend
+    for x, y in zip(_masters(a, oa), b):
+        assert torch.equal(_bits(x.detach()), _bits(y.detach()))
+    for x, y in zip(a, b):
+        assert torch.equal(_bits(x.detach()), _bits(remainders.split(y.detach())[0]))  # the bf16 half
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(oa.state[x][key], ob.state[y][key])
+
+
+def test_the_cuda_grid_replayed_steps_remainders_as_fp32_parameters():
+    ops = torch.ops.d2z
+    if not hasattr(ops, "adamw_step_grid_replay_"):
+        pytest.skip("no extension")  # test_backends.py fails loudly when it is missing
+
+    def work(rem: bool, amsgrad: bool):
+        g = torch.Generator().manual_seed(3)
+        gw = GroupWork(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, amsgrad=amsgrad, maximize=False)
+        for n in (1, 37, 4099, 16390, 70001):
+            p = torch.randn(n, generator=g).to(BF16)
+            gw.params.append(p if rem else p.float())
+            gw.grads.append(torch.randn(n, generator=g).to(BF16).to(gw.params[-1].dtype))
+            gw.exp_avgs.append(torch.zeros(n))
+            gw.exp_avg_sqs.append(torch.zeros(n))
+            if amsgrad:
+                gw.max_exp_avg_sqs.append(torch.zeros(n))
+            gw.steps.append(torch.zeros(()))
+            if rem:
+                gw.remainders.append(torch.zeros(n, dtype=torch.int16))
+        return DeviceWork(torch.ones(4), torch.ones(4), torch.zeros((), dtype=torch.int64), False, [gw])
+
+    for amsgrad in (False, True):
+        a, b = work(True, amsgrad), work(False, amsgrad)
+        for w in (a, b):
+            for _ in range(3):
+                ops.adamw_step_grid_replay_(*flatten(w).op_args(w, None, None))
+        (ga,), (gb,) = a.groups, b.groups
+        for p, r, q in zip(ga.params, ga.remainders, gb.params):
+            assert torch.equal(_bits(remainders.join(p, r)), _bits(q))
+        # and the CPU op (its FMA path is the device's operations in the device's order)
+        c = work(True, amsgrad)
+        for _ in range(3):
+            ops.adamw_step_(*flatten(c).op_args(c, None, None))
+        for x, y in zip(c.groups[0].remainders, ga.remainders):
+            if torch.ops.d2z._cpu_isa() != "baseline":
+                assert torch.equal(x, y)
+
+
+def test_states_bytes_and_properties():
+    p = torch.nn.Parameter(torch.randn(100, 10).to(BF16))
+    q = torch.nn.Parameter(torch.randn(7))  # fp32: its own master, no remainder
+    opt = AdamW([p, q], master_weights="remainders", backend="torch")
+    assert opt.master_weights == "remainders" and AdamW([q]).master_weights is None
+    p.grad, q.grad = torch.ones_like(p), torch.ones_like(q)
+    opt.step()
+    st = opt.state[p]
+    assert st["param_remainder"].dtype == torch.int16 and st["param_remainder"].shape == p.shape
+    assert st["exp_avg"].dtype == st["exp_avg_sq"].dtype == F32  # the master's dtype
+    assert "param_remainder" not in opt.state[q]
+    lean = AdamW([p], master_weights="remainders", exp_avg_dtype=BF16, exp_avg_sq_dtype="bfloat16")
+    p.grad = torch.ones_like(p)
+    lean.step()
+    st = lean.state[p]
+    per_param = sum(st[k].element_size() for k in ("exp_avg", "exp_avg_sq", "param_remainder")) + p.element_size()
+    assert per_param == 8  # bf16 weight + remainder + two bf16 moments: fp32 master values in 8 bytes
+
+
+def test_bad_arguments_are_refused_naming_them():
+    p = torch.nn.Parameter(torch.randn(4).to(BF16))
+    with pytest.raises(ValueError, match="master_weights must be None or 'remainders'"):
+        AdamW([p], master_weights="fp32")
+    with pytest.raises(ValueError, match="master_weights='remainders' keeps a remainder for bfloat16"):
+        AdamW([torch.nn.Parameter(torch.randn(4))], master_weights="remainders")
+    with pytest.raises(ValueError, match="master_weights='remainders' keeps a remainder for bfloat16"):
+        AdamW([torch.nn.Parameter(torch.randn(4).half())], master_weights="remainders")
+    # stochastic rounding with exact parameters and fp32 moments would round nothing
+    with pytest.raises(ValueError, match="stochastic_rounding=True rounds nothing"):
+        AdamW([p], master_weights="remainders", stochastic_rounding=True)
+    AdamW([p], master_weights="remainders", stochastic_rounding=True, exp_avg_dtype=BF16)  # rounds the moments
+
+
+def test_stochastic_rounding_leaves_the_parameter_exact(backend):
+    a, oa = _run(backend, True, moments=BF16, stochastic_rounding=True, rounding_seed=5)
+    b, _ = _run(backend, False, moments=BF16, stochastic_rounding=True, rounding_seed=5)
+    for x, y in zip(_masters(a, oa), b):  # fp32 parameters are never rounded: the same masters
+        assert torch.equal(_bits(x.detach()), _bits(y.detach()))
+
+
+def test_a_checkpoint_keeps_the_remainders_and_converts(backend):
+    full, of = _run(backend, True, steps=8)
+    half, oh = _run(backend, True, steps=8)
+    # a new optimizer loading the checkpoint holds the remainders exactly, in int16
+    sd = oh.state_dict()
+    assert sd["d2z"]["state_dtypes"]["master_weights"] == "remainders"
+    assert all(s["param_remainder"].dtype == torch.int16 for k, s in sd["state"].items() if k in (0, 1))
+    fresh = AdamW(
+        [{"params": half[:2]}, {"params": half[2:], "weight_decay": 0.0, "lr": 3e-3}], lr=1e-2, weight_decay=0.1,
+        backend=backend, total_steps=16, master_weights="remainders",
+    )  # fmt: skip
+    fresh.load_state_dict(sd)
+    for p, q in zip(half, full):
+        assert torch.equal(fresh.state[p]["param_remainder"], of.state[q]["param_remainder"])
+        assert fresh.state[p]["exp_avg"].dtype == F32
+    # an optimizer without remainders drops them, saying so; nothing else changes
+    plain = AdamW([{"params": half[:2]}, {"params": half[2:]}], backend=backend, total_steps=16)
+    with pytest.warns(UserWarning, match="low 16 bits of their fp32 masters are dropped"):
+        plain.load_state_dict(sd)
+    assert all("param_remainder" not in plain.state[p] for p in half)
+    # a checkpoint without remainders (torch's AdamW): the masters start at the bf16 values
+    ps = [torch.nn.Parameter(torch.randn(3).to(BF16))]
+    ref = torch.optim.AdamW(ps)
+    ps[0].grad = torch.ones_like(ps[0])
+    ref.step()
+    ours = AdamW(ps, master_weights="remainders", backend=backend)
+    ours.load_state_dict(ref.state_dict())
+    before = ps[0].detach().clone()
+    ps[0].grad = torch.zeros_like(ps[0])
+    ours.step()
+    assert ours.state[ps[0]]["param_remainder"].dtype == torch.int16
+    assert ours.state[ps[0]]["exp_avg"].dtype == F32
+    assert torch.isfinite(ps[0].float()).all() and before.shape == ps[0].shape
+
+
+def test_a_bad_remainder_in_a_checkpoint_is_refused_with_nothing_changed(backend):
+    params, opt = _run(backend, True, steps=2)
+    sd = opt.state_dict()
+    bad = {**sd, "state": {k: dict(v) for k, v in sd["state"].items()}}
+    bad["state"][0]["param_remainder"] = bad["state"][0]["param_remainder"].float()
+    before = {k: v.clone() for k, v in opt.state[params[0]].items()}
+    with pytest.raises(ValueError, match=r"param_remainder.*must be a dense int16 tensor"):
+        opt.load_state_dict(bad)
+    for k, v in before.items():
+        assert torch.equal(opt.state[params[0]][k], v)
+    # a remainder of the wrong dtype put into the state by hand: the step refuses it before any write
+    opt.state[params[0]]["param_remainder"] = torch.zeros(params[0].shape, dtype=torch.int32)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    snapshot = [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match="param_remainder"):
+        opt.step()
+    assert all(torch.equal(_bits(p.detach()), _bits(s)) for p, s in zip(params, snapshot))
+
+
+def test_a_compiled_step_with_remainders_is_the_eager_step(backend):
+    """torch.compile keeps the step's op opaque: the same bits as the eager step, every step."""
+    a, oa = _run(backend, True, steps=1)
+    b, ob = _run(backend, True, steps=1)
+    compiled = torch.compile(ob.step, backend="aot_eager")
+    for i in range(3):
+        for p, q in zip(a, b):
+            p.grad = torch.full_like(p, 0.5 - i)
+            q.grad = torch.full_like(q, 0.5 - i)
+        oa.step()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            compiled()
+    for p, q in zip(a, b):
+        assert torch.equal(_bits(p.detach()), _bits(q.detach()))
+        assert torch.equal(oa.state[p]["param_remainder"], ob.state[q]["param_remainder"])
