@@ -218,7 +218,7 @@ def take_moments(
     """The moments stored in another dtype than their parameter's, taken out of (a copy of)
     ``state_dict`` before torch's load casts them to the parameter's dtype: (parameter, key, saved
     tensor) each, for :func:`put_moments`. Nothing is taken when no moment dtype was asked for."""
-    if not dtypes.lean and not any(isinstance(st, dict) and REMAINDER in st for st in state_dict["state"].values()):
+    if not dtypes.converts and not any(isinstance(st, dict) and REMAINDER in st for st in state_dict["state"].values()):
         return state_dict, []
     params = _saved_params(param_groups, state_dict)
     taken, state = [], {}
@@ -238,7 +238,7 @@ def put_moments(state: dict, taken: list[tuple[Tensor, str, Tensor]], dtypes: St
     """After torch's load: each taken moment converted (round to nearest even) into its storage
     dtype on its parameter's device, as torch's load puts a state (a copy only when either differs).
     A remainder goes back as it is where this optimizer keeps one for the parameter, else it is
-    dropped, with a warning."""
+    dropped, with a warning; a bf16 parameter's state saved without one gets a zero remainder."""
     dropped = 0
     for p, key, value in taken:
         if key != REMAINDER:
@@ -247,6 +247,11 @@ def put_moments(state: dict, taken: list[tuple[Tensor, str, Tensor]], dtypes: St
             state.setdefault(p, {})[key] = value.to(device=p.device)
         else:
             dropped += 1
+    # a bf16 parameter's state saved without a remainder (torch's AdamW, fp32 masters elsewhere):
+    # its master is the saved bf16 value, exactly, so its remainder is zero
+    for p, st in state.items():
+        if st and dtypes.has_remainder(p.dtype) and REMAINDER not in st:
+            st[REMAINDER] = torch.zeros_like(p, dtype=torch.int16, memory_format=torch.preserve_format)
     if dropped:
         warnings.warn(
             f"d2z_optim.AdamW: the checkpoint keeps {REMAINDER!r} for {dropped} parameter(s) (master_weights="
@@ -271,10 +276,10 @@ def convert_loaded(param_groups: list[dict], state: dict, *, scheduled: bool, ou
             st["step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(()).to(p.device).clone()
             if not fills_block(p):
                 continue
-            for key in _TENSOR_STATES:
+            for key in (*_TENSOR_STATES, REMAINDER):
                 t = st.get(key)
                 if isinstance(t, Tensor) and not (fills_block(t) and same_layout(t, p)):
-                    st[key] = torch.empty_like(p, memory_format=torch.preserve_format).copy_(t)
+                    st[key] = torch.empty_like(p, dtype=t.dtype, memory_format=torch.preserve_format).copy_(t)
 
 
 def _differences(saved: dict[str, Any], tables: ScheduleTables, mode: str) -> list[str]:

@@ -455,7 +455,7 @@ class AdamW(torch.optim.Optimizer):
         sd = super().state_dict()
         sd["state"] = {k: dict(v) if isinstance(v, dict) else v for k, v in sd["state"].items()}  # plain dicts
         sd[checkpoint.SAVE_KEY] = checkpoint.entry(self._tables, self.weight_decay_mode)
-        if self._state_dtypes.lean:
+        if self._state_dtypes.converts:
             sd[checkpoint.SAVE_KEY]["state_dtypes"] = self._state_dtypes.describe()
         if self._clip.settings.active:
             sd[checkpoint.SAVE_KEY]["clip"] = self._clip.state()

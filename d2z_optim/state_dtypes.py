@@ -71,8 +71,10 @@ class StateDtypes:
         return own if asked is None or param_dtype not in LEAN_DTYPES else asked
 
     @property
-    def lean(self) -> bool:
-        """Some moment may be stored in another dtype than its parameter's."""
+    def converts(self) -> bool:
+        """Some moment may be stored in another dtype than its parameter's (asked for, or the fp32
+        moments beside a bf16 parameter's remainder): ``state_dict`` describes the dtypes and
+        ``load_state_dict`` converts what it loads into them."""
         return self.exp_avg is not None or self.exp_avg_sq is not None or self.remainders
 
     def describe(self) -> dict[str, str | None]:

@@ -121,13 +121,9 @@ class CachedLists:
                 if group["amsgrad"]:
                     slot.max_exp_avg_sqs.append(st["max_exp_avg_sq"])
                 slot.steps.append(st["step"])
-                rem = None
-                if state_dtypes.has_remainder(local(p).dtype):
-                    rem = st.get(REMAINDER)
-                    if rem is None:  # a state loaded without one (torch's, fp32 masters): the master is the bf16 value
-                        rem = st[REMAINDER] = torch.zeros_like(
-                            p, dtype=torch.int16, memory_format=torch.preserve_format
-                        )
+                # a remainder for each bf16 parameter (master_weights="remainders"): made by init_state
+                # or load_state_dict, and checked by check_states before these lists are built
+                rem = st[REMAINDER] if state_dtypes.has_remainder(local(p).dtype) else None
                 slot.remainders.append(rem)
             for slot in per_dev.values():
                 if len(slot.indices) == len(params):
@@ -334,31 +330,28 @@ def check_states(
     for gi, (group, gl) in enumerate(zip(groups, grads)):
         for i, (p, g) in enumerate(zip(group["params"], gl)):
             st = state.get(p) if g is not None else None
-            r = st.get(REMAINDER) if st and dtypes.has_remainder(local(p).dtype) else None
-            if r is not None and not (
-                isinstance(r, Tensor) and local(r).dtype == torch.int16 and local(r).shape == local(p).shape
-                and local(r).device == local(p).device
-            ):  # fmt: skip
-                what = (
-                    f"{tuple(local(r).shape)} {local(r).dtype} on {local(r).device}"
-                    if isinstance(r, Tensor)
-                    else repr(r)
-                )
-                raise ValueError(
-                    f"state {REMAINDER!r} of parameter {i} of group {gi} is {what}, but the parameter is "
-                    f"{tuple(local(p).shape)} {local(p).dtype} on {local(p).device}: it must be int16, "
-                    "of the parameter's shape and device"
-                )
-            for key in STATE_KEYS[1:] if st else ():
+            if not st:
+                continue
+            pl = local(p)
+            keys = STATE_KEYS[1:] if group["amsgrad"] else STATE_KEYS[1:3]
+            for key in keys + ((REMAINDER,) if dtypes.has_remainder(pl.dtype) else ()):
                 t = st.get(key)
-                if key == "max_exp_avg_sq" and not group["amsgrad"]:
-                    continue
                 if not isinstance(t, Tensor):
-                    raise ValueError(f"state {key!r} of parameter {i} of group {gi} is {t!r}, not a tensor")
-                tl, pl = local(t), local(p)
-                want = dtypes.of(key, pl.dtype)
+                    hint = (
+                        " (master_weights='remainders' keeps an int16 one for each bfloat16 parameter; "
+                        "load_state_dict gives a state saved without one a zero remainder)"
+                        if key == REMAINDER
+                        else ""
+                    )
+                    raise ValueError(f"state {key!r} of parameter {i} of group {gi} is {t!r}, not a tensor{hint}")
+                tl = local(t)
+                want = torch.int16 if key == REMAINDER else dtypes.of(key, pl.dtype)
                 if tl.device != pl.device or tl.dtype != want or tl.shape != pl.shape:
-                    stored = "" if want == pl.dtype else f" (its states stored as {want})"
+                    stored = (
+                        " (a remainder is int16)"
+                        if key == REMAINDER
+                        else ("" if want == pl.dtype else f" (its states stored as {want})")
+                    )
                     raise ValueError(
                         f"state {key!r} of parameter {i} of group {gi} is {tuple(tl.shape)} {tl.dtype} on {tl.device} "
                         f"but the parameter is now {tuple(pl.shape)} {pl.dtype} on {pl.device}{stored}: move the "
@@ -367,7 +360,7 @@ def check_states(
                 if fills_block(pl) and not (fills_block(tl) and same_layout(tl, pl)) and tl is t:
                     # the parameter took another memory layout (model.to(memory_format=...)): its
                     # states follow it, as the fused kernels walk them alike (same values)
-                    st[key] = torch.empty_like(pl, memory_format=torch.preserve_format).copy_(tl)
+                    st[key] = torch.empty_like(pl, dtype=tl.dtype, memory_format=torch.preserve_format).copy_(tl)
 
 
 class StepCache:

@@ -301,3 +301,34 @@ def test_a_state_swapped_to_another_dtype_is_refused_before_any_write(backend):
     with pytest.raises(ValueError, match=r"its states stored as torch.bfloat16"):
         opt.step()
     assert all(torch.equal(a, q) for a, q in zip(before, params))
+
+
+@pytest.mark.parametrize("mode", [MODES[0], MODES[3]], ids=mode_id)
+def test_lean_moments_keep_their_dtype_when_the_parameter_changes_layout(mode):
+    """``p.data`` given another layout between steps (the moments are re-laid out to follow it)
+    and a checkpoint whose moments are laid out otherwise than the parameter: the moments keep
+    their storage dtype (they used to take the parameter's) and the values are a plain run's."""
+    p_dt, m_dt, v_dt = mode
+
+    def run(relayout: bool, load: bool):
+        g = torch.Generator().manual_seed(5)
+        p = torch.nn.Parameter(torch.randn(8, 6, generator=g).to(p_dt))
+        opt = AdamW([p], lr=1e-2, backend="cpu", total_steps=8, exp_avg_dtype=m_dt, exp_avg_sq_dtype=v_dt)
+        for i in range(4):
+            if relayout and i == 2:
+                p.data = p.data.t().contiguous().t()  # column-major, the same values
+            if load and i == 2:
+                sd = opt.state_dict()
+                sd["state"][0] = {k: v.t().contiguous().t() if v.dim() else v for k, v in sd["state"][0].items()}
+                opt.load_state_dict(sd)
+            p.grad = torch.empty_like(p).copy_(torch.randn(p.shape, generator=g).to(p_dt))
+            opt.step()
+        return p, opt.state[p]
+
+    a, sa = run(False, False)
+    for relayout, load in ((True, False), (False, True)):
+        b, sb = run(relayout, load)
+        assert (sb["exp_avg"].dtype, sb["exp_avg_sq"].dtype) == (m_dt, v_dt)
+        assert sb["exp_avg"].stride() == b.stride()
+        assert torch.equal(a.detach(), b.detach())
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])

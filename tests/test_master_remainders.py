@@ -189,6 +189,8 @@ def test_a_checkpoint_keeps_the_remainders_and_converts(backend):
     ref.step()
     ours = AdamW(ps, master_weights="remainders", backend=backend)
     ours.load_state_dict(ref.state_dict())
+    # at load time, not at the first step: a zero remainder (the master is the saved bf16 value)
+    assert torch.equal(ours.state[ps[0]]["param_remainder"], torch.zeros(3, dtype=torch.int16))
     before = ps[0].detach().clone()
     ps[0].grad = torch.zeros_like(ps[0])
     ours.step()
@@ -215,6 +217,13 @@ def test_a_bad_remainder_in_a_checkpoint_is_refused_with_nothing_changed(backend
     with pytest.raises(ValueError, match="param_remainder"):
         opt.step()
     assert all(torch.equal(_bits(p.detach()), _bits(s)) for p, s in zip(params, snapshot))
+    # one taken out by hand: refused, naming it, and the state is left as it was (no key added)
+    del opt.state[params[0]]["param_remainder"]
+    keys = {p: set(opt.state[p]) for p in params}
+    with pytest.raises(ValueError, match=r"'param_remainder' of parameter 0 of group 0 is None, not a tensor"):
+        opt.step()
+    assert {p: set(opt.state[p]) for p in params} == keys
+    assert all(torch.equal(_bits(p.detach()), _bits(s)) for p, s in zip(params, snapshot))
 
 
 def test_a_compiled_step_with_remainders_is_the_eager_step(backend):
@@ -233,3 +242,26 @@ def test_a_compiled_step_with_remainders_is_the_eager_step(backend):
     for p, q in zip(a, b):
         assert torch.equal(_bits(p.detach()), _bits(q.detach()))
         assert torch.equal(oa.state[p]["param_remainder"], ob.state[q]["param_remainder"])
+
+
+def test_the_remainder_follows_its_parameter_into_another_memory_layout(backend):
+    """``p.data`` given another layout (model.to(memory_format=...)) between steps: the remainder
+    is re-laid out with the moments (same values), and the masters are those of a run without."""
+
+    def run(relayout: bool):
+        g = torch.Generator().manual_seed(3)
+        p = torch.nn.Parameter(torch.randn(8, 6, generator=g).to(BF16))
+        opt = AdamW([p], lr=1e-2, backend=backend, total_steps=8, master_weights="remainders")
+        for i in range(4):
+            if relayout and i == 2:
+                p.data = p.data.t().contiguous().t()  # column-major, the same values
+            p.grad = torch.randn(p.shape, generator=g).to(BF16)
+            p.grad = torch.empty_like(p).copy_(p.grad)  # in the parameter's layout
+            opt.step()
+        return p, opt
+
+    (a, oa), (b, ob) = run(False), run(True)
+    if backend != "torch":  # the fused kernels walk a parameter's tensors alike (torch's ops take any layout)
+        assert ob.state[b]["param_remainder"].stride() == b.stride() != a.stride()
+        assert ob.state[b]["exp_avg"].stride() == b.stride() and ob.state[b]["exp_avg"].dtype == F32
+    assert torch.equal(_bits(_masters([a], oa)[0]), _bits(_masters([b], ob)[0]))

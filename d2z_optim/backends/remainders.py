@@ -21,23 +21,31 @@ from torch import Tensor
 __all__ = ["join", "split"]
 
 
+def _halves(x: Tensor) -> tuple[Tensor, Tensor]:
+    """The low and high 16 bits of each 32-bit element of ``x``, as int16 (little-endian halves)."""
+    pairs = x.reshape(-1).view(torch.int16).view(*x.shape, 2)
+    return pairs[..., 0], pairs[..., 1]
+
+
+def _word(lo: Tensor, hi: Tensor) -> Tensor:
+    """The float32 whose low and high 16 bits are the int16 ``lo`` and ``hi``."""
+    return torch.stack((lo, hi), dim=-1).view(torch.float32).view(lo.shape)
+
+
 def join(param: Tensor, remainder: Tensor) -> Tensor:
     """The fp32 master values of a bf16 ``param`` and its int16 ``remainder`` (same shape)."""
-    hi = param.view(torch.int16).to(torch.int64) & 0xFFFF
-    lo = remainder.to(torch.int64)
-    hi = (hi - (lo < 0).to(torch.int64)) & 0xFFFF
-    bits = (hi << 16) | (lo & 0xFFFF)
-    return torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32).view(torch.float32)
+    lo = remainder.to(torch.int16)
+    # never wraps for a split value: a carry was added only below 0x7FFF and 0xFFFF (NaN high halves)
+    hi = param.view(torch.int16) - (lo < 0).to(torch.int16)
+    return _word(lo, hi)
 
 
 def split(x: Tensor) -> tuple[Tensor, Tensor]:
     """The bf16 parameter and int16 remainder of fp32 ``x`` (join(*split(x)) == x, bit for bit,
     NaNs aside: a NaN stays a NaN)."""
-    u = x.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    lo = u & 0xFFFF
-    lo = torch.where(lo >= 0x8000, lo - 0x10000, lo)  # as an int16
-    nan = (u & 0x7FFFFFFF) > 0x7F800000
-    hi = torch.where(nan, (u >> 16) | 0x40, (u >> 16) + (lo < 0).to(torch.int64))
-    lo = torch.where(nan, 0, lo)
-    hi = torch.where(hi >= 0x8000, hi - 0x10000, hi)
-    return hi.to(torch.int16).view(torch.bfloat16).view(x.shape), lo.to(torch.int16).view(x.shape)
+    lo, hi = _halves(x)
+    nan = torch.isnan(x)
+    # the carry never wraps: a high half of 0x7FFF or 0xFFFF is a NaN's, and NaNs take no carry
+    hi = torch.where(nan, hi | 0x40, hi + (lo < 0).to(torch.int16))
+    lo = torch.where(nan, torch.zeros_like(lo), lo)
+    return hi.view(torch.bfloat16).view(x.shape), lo.view(x.shape)
