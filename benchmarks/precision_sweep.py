@@ -32,7 +32,6 @@ RESULTS = Path(__file__).resolve().parent / "results" / "precision_sweep"
 SCHEDULES = ["linear-d2z", "linear-10x"]
 TPPS = [20.0, 80.0]
 FIELDS = ["precision", *tpp_sweep.FIELDS]
-MISSING = {"bf16 + remainders": "master_weights='remainders' is not implemented yet (issue 18)"}
 
 
 def best_lrs(cfg, fallback: float) -> dict[tuple[str, float], float]:
@@ -128,7 +127,7 @@ def report(rows, info, out: Path, command: str) -> str:
                     cells.append(f"{mean:.4f}" if p == "fp32" else f"{mean:.4f} ({gap:+.4f})")
                 spread = f"{abs(ref[0] - ref[1]):.4f}" if None not in ref else "-"
                 lines.append(f"| {t:g} | {s} | {lr:.4g} | " + " | ".join(cells) + f" | {spread} |")
-    lines += ["", "Not run: " + "; ".join(f"{k}: {v}" for k, v in MISSING.items()) + ".", ""]
+    lines += [""]
     lines += ["## Findings (at the best peak LR; gap to fp32 vs the fp32 seed spread)", ""]
     for t in TPPS:
         for s in SCHEDULES:
@@ -145,7 +144,7 @@ def report(rows, info, out: Path, command: str) -> str:
                     parts.append(f"{p} {g:+.4f} ({verdict})")
             lines.append(f"- {t:g} TPP, {s}: spread {spread:.4f}; " + "; ".join(parts) + ".")
     # the expectation of issue 18: round-to-nearest bf16 weights lose more under D2Z than under 10x
-    lines += ["", "## The expectation: bf16 round-to-nearest hurts D2Z more than 10x; stochastic rounding recovers", ""]
+    lines += ["", "## The expectation: bf16 RNE hurts D2Z more than 10x; SR and remainders recover", ""]
     for t in TPPS if {"linear-d2z", "linear-10x"} <= set(SCHEDULES) else []:
         g = {s: gaps.get((t, s, lrs[(s, t)], "bf16 round-to-nearest")) for s in SCHEDULES}
         sr = {s: gaps.get((t, s, lrs[(s, t)], "bf16 stochastic rounding")) for s in SCHEDULES}
@@ -157,6 +156,21 @@ def report(rows, info, out: Path, command: str) -> str:
             + ("D2Z loses more, as expected" if more else "**not reproduced** (D2Z does not lose more)")
             + f"; SR gap D2Z {sr['linear-d2z']:+.4f}, 10x {sr['linear-10x']:+.4f}"
             + (" (SR recovers part of D2Z's loss)" if sr["linear-d2z"] < g["linear-d2z"] else " (SR does not help D2Z)")
+            + "."
+        )
+    # remainders: fp32 masters in bf16 + int16, so the same steps as fp32 given the same gradients;
+    # what differs is the forward from the bf16 halves and the bf16 gradients
+    rem = "bf16 + remainders"
+    for t in TPPS if rem in precs else []:
+        g = {s: gaps.get((t, s, lrs[(s, t)], rem)) for s in SCHEDULES}
+        sp = {s: [_loss(rows, "fp32", s, lrs[(s, t)], t, seed) for seed in (0, 1)] for s in SCHEDULES}
+        if None in g.values() or any(None in v for v in sp.values()):
+            continue
+        spread = {s: abs(sp[s][0] - sp[s][1]) for s in SCHEDULES}
+        verdict = {s: "within" if abs(g[s]) <= spread[s] else ("worse" if g[s] > 0 else "better") for s in SCHEDULES}
+        lines.append(
+            f"- {t:g} TPP, remainders: gap "
+            + ", ".join(f"{s} {g[s]:+.4f} ({verdict[s]}, spread {spread[s]:.4f})" for s in SCHEDULES)
             + "."
         )
     text = "\n".join(lines) + "\n"
@@ -177,11 +191,12 @@ def figure(gaps, lrs, precs, path: Path) -> None:
     fig, axes = plt.subplots(1, len(TPPS), figsize=(10, 3.6), sharey=True, squeeze=False)
     axes = axes[0]
     for ax, t in zip(axes, TPPS):
+        width = 0.8 / len(precs[1:])
         for i, p in enumerate(precs[1:]):
             vals = [gaps.get((t, s, lrs[(s, t)], p), float("nan")) for s in SCHEDULES]
-            ax.bar([k + 0.25 * i for k in range(len(SCHEDULES))], vals, width=0.25, label=p)
+            ax.bar([k + width * (i - (len(precs) - 2) / 2) for k in range(len(SCHEDULES))], vals, width=width, label=p)
         ax.axhline(0.0, color="k", lw=0.8)
-        ax.set_xticks([k + 0.25 for k in range(len(SCHEDULES))], SCHEDULES)
+        ax.set_xticks(range(len(SCHEDULES)), SCHEDULES)
         ax.set_title(f"{t:g} tokens per parameter, best peak LR")
     axes[0].set_ylabel("validation loss - fp32 (paired, mean of 2 seeds)")
     axes[-1].legend(fontsize=8)

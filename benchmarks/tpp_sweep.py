@@ -127,6 +127,7 @@ PRECISIONS = {
     "fp32 + bf16 states": (torch.float32, dict(exp_avg_dtype=torch.bfloat16, exp_avg_sq_dtype=torch.bfloat16)),
     "bf16 round-to-nearest": (torch.bfloat16, {}),
     "bf16 stochastic rounding": (torch.bfloat16, dict(stochastic_rounding=True)),
+    "bf16 + remainders": (torch.bfloat16, dict(master_weights="remainders")),
 }
 
 

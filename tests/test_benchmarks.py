@@ -105,6 +105,9 @@ def test_rounding_script_times_both_roundings_and_writes_its_table(tmp_path, cap
 
     bench_rounding.main(["--quick", "--rounds", "2", "--out", str(tmp_path)])
     out = capsys.readouterr().out
-    assert "| 1 x 64K | stochastic rounding |" in out and "| 100 x 1K | round to nearest even |" in out
+    assert "| 1 x 64K | stochastic rounding | 6 | 14 |" in out and "| 100 x 1K | round to nearest even |" in out
+    assert "| 1 x 64K | bf16 + remainders | 12 | 26 |" in out and "| 100 x 1K | fp32 parameters | 12 | 28 |" in out
+    assert "| 1 x 64K | bf16 + remainders + bf16 moments | 8 | 18 |" in out
     (table,) = tmp_path.glob("*/rounding-*.md")
-    assert "SR / RNE" in table.read_text()
+    text = table.read_text()
+    assert "stochastic rounding / round to nearest even" in text and "bf16 + remainders / fp32 parameters" in text

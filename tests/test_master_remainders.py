@@ -84,22 +84,31 @@ def test_bf16_with_remainders_steps_as_fp32_parameters_bit_for_bit(backend, amsg
             assert torch.equal(oa.state[x][key], ob.state[y][key])
 
 
-def test_the_cuda_grid_replayed_steps_remainders_as_fp32_parameters():
+# (moments' dtype, beta1, rounding): the CPU kernel's one-pass loops (fp32 or bf16 moments, the
+# lerp's low branch: 1 - beta1 < 0.5), stochastic rounding of bf16 moments, and its tiles (fp16
+# moments, 1 - beta1 >= 0.5)
+REPLAY_CASES = [(F32, 0.9, 0.0), (BF16, 0.9, 0.0), (BF16, 0.9, 6.0), (F32, 0.3, 0.0), (torch.float16, 0.9, 0.0),
+                (BF16, 0.3, 6.0)]  # fmt: skip
+
+
+@pytest.mark.parametrize("moments,beta1,rounding", REPLAY_CASES, ids=lambda v: str(v).removeprefix("torch."))
+def test_the_cuda_grid_replayed_steps_remainders_as_fp32_parameters(moments, beta1, rounding):
     ops = torch.ops.d2z
     if not hasattr(ops, "adamw_step_grid_replay_"):
         pytest.skip("no extension")  # test_backends.py fails loudly when it is missing
 
     def work(rem: bool, amsgrad: bool):
         g = torch.Generator().manual_seed(3)
-        gw = GroupWork(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, amsgrad=amsgrad, maximize=False)
+        gw = GroupWork(lr=1e-2, beta1=beta1, beta2=0.999, eps=1e-8, weight_decay=0.1, amsgrad=amsgrad, maximize=False)
+        gw.rounding = rounding
         for n in (1, 37, 4099, 16390, 70001):
             p = torch.randn(n, generator=g).to(BF16)
             gw.params.append(p if rem else p.float())
             gw.grads.append(torch.randn(n, generator=g).to(BF16).to(gw.params[-1].dtype))
-            gw.exp_avgs.append(torch.zeros(n))
-            gw.exp_avg_sqs.append(torch.zeros(n))
+            gw.exp_avgs.append(torch.zeros(n, dtype=moments))
+            gw.exp_avg_sqs.append(torch.zeros(n, dtype=moments))
             if amsgrad:
-                gw.max_exp_avg_sqs.append(torch.zeros(n))
+                gw.max_exp_avg_sqs.append(torch.zeros(n, dtype=moments))
             gw.steps.append(torch.zeros(()))
             if rem:
                 gw.remainders.append(torch.zeros(n, dtype=torch.int16))
@@ -113,13 +122,17 @@ def test_the_cuda_grid_replayed_steps_remainders_as_fp32_parameters():
         (ga,), (gb,) = a.groups, b.groups
         for p, r, q in zip(ga.params, ga.remainders, gb.params):
             assert torch.equal(_bits(remainders.join(p, r)), _bits(q))
+        for x, y in zip(ga.exp_avg_sqs + ga.exp_avgs, gb.exp_avg_sqs + gb.exp_avgs):
+            assert torch.equal(x, y)  # rounded alike, stochastically too (the same bits of the same streams)
         # and the CPU op (its FMA path is the device's operations in the device's order)
         c = work(True, amsgrad)
         for _ in range(3):
             ops.adamw_step_(*flatten(c).op_args(c, None, None))
-        for x, y in zip(c.groups[0].remainders, ga.remainders):
-            if torch.ops.d2z._cpu_isa() != "baseline":
-                assert torch.equal(x, y)
+        if torch.ops.d2z._cpu_isa() != "baseline":
+            (gc,) = c.groups
+            for x, y in zip(gc.remainders + gc.params + gc.exp_avgs + gc.exp_avg_sqs,
+                            ga.remainders + ga.params + ga.exp_avgs + ga.exp_avg_sqs):  # fmt: skip
+                assert torch.equal(_bits(x) if x.dtype == BF16 else x, _bits(y) if y.dtype == BF16 else y)
 
 
 def test_states_bytes_and_properties():

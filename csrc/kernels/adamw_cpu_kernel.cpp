@@ -20,10 +20,13 @@ using Item = CpuItems::Item;
 // D: the storage of p and g; M: of m, v and vmax (D, or for lean moments another of fp32/bf16/fp16:
 // one pass, vectorised over the mixed widths, 8 fp32 p, g with 8 bf16 m, v per AVX2 vector, given
 // kLow = 1: GCC 12 does not vectorise mixed widths around the lerp's invariant select).
-template <int D, int M, bool kFma, bool kAms, int kLow = -1, bool kSR = false>
+// kRem: a bf16 parameter with a remainder (master_weights="remainders"), D = kBF16: the fp32 master
+// is joined from both halves, updated, and split back (never rounded stochastically).
+template <int D, int M, bool kFma, bool kAms, int kLow = -1, bool kSR = false, bool kRem = false>
 __attribute__((always_inline)) inline void cpu_loop(const CpuTensor& ct, int64_t b, int64_t e,
                                                     const ScalarsOf<typename Storage<D>::compute> s,
                                                     const uint32_t key = 0) {
+  static_assert(!kRem || D == kBF16, "a remainder completes a bfloat16 parameter");
   using T = typename Storage<D>::type;
   using TM = typename Storage<M>::type;
   using C = typename Storage<D>::compute;
@@ -34,22 +37,24 @@ __attribute__((always_inline)) inline void cpu_loop(const CpuTensor& ct, int64_t
   TM* __restrict__ m = static_cast<TM*>(ct.m);
   TM* __restrict__ v = static_cast<TM*>(ct.v);
   TM* __restrict__ x = static_cast<TM*>(ct.vmax);
+  int16_t* __restrict__ r = ct.rem;
   // stochastic rounding's counter, key + i mod 2^32 (sr_word: adamw_math.h), as a 32-bit
   // induction variable (a 64-bit one is narrowed per vector: measured slower)
   uint32_t ctr = key + static_cast<uint32_t>(b);
   for (int64_t i = b; i < e; ++i, ++ctr) {
-    C fp = S::load(p[i]), fm = SM::load(m[i]), fv = SM::load(v[i]);
+    C fp = kRem ? remainder_join(p[i], r[i]) : S::load(p[i]), fm = SM::load(m[i]), fv = SM::load(v[i]);
     C fx = kAms ? SM::load(x[i]) : C(0);
     adamw_element<kFma, kAms, C, kLow>(fp, S::load(g[i]), fm, fv, fx, s);
+    if constexpr (kRem) remainder_split(fp, p[i], r[i]);
     if constexpr (kSR) {  // stochastic rounding of the 16-bit arrays
       const uint32_t w0 = sr_mix(ctr);
-      p[i] = S::store_sr(fp, w0 & 0xffffu);
+      if constexpr (!kRem) p[i] = S::store_sr(fp, w0 & 0xffffu);
       m[i] = SM::store_sr(fm, w0 >> 16);
       const uint32_t w1 = SM::kNarrow ? sr_second(w0) : 0u;
       v[i] = SM::store_sr(fv, w1);
       if (kAms) x[i] = SM::store_sr(fx, w1);
     } else {
-      p[i] = S::store(fp);
+      if constexpr (!kRem) p[i] = S::store(fp);
       m[i] = SM::store(fm);
       v[i] = SM::store(fv);
       if (kAms) x[i] = SM::store(fx);
@@ -57,12 +62,12 @@ __attribute__((always_inline)) inline void cpu_loop(const CpuTensor& ct, int64_t
   }
 }
 
-template <int D, int M, bool kFma, int kLow = -1, bool kSR = false>
+template <int D, int M, bool kFma, int kLow = -1, bool kSR = false, bool kRem = false>
 __attribute__((always_inline)) inline void cpu_loop_ams(const CpuTensor& ct, int64_t b, int64_t e,
                                                         const ScalarsOf<typename Storage<D>::compute> s,
                                                         const uint32_t key = 0) {
-  ct.vmax != nullptr ? cpu_loop<D, M, kFma, true, kLow, kSR>(ct, b, e, s, key)
-                     : cpu_loop<D, M, kFma, false, kLow, kSR>(ct, b, e, s, key);
+  ct.vmax != nullptr ? cpu_loop<D, M, kFma, true, kLow, kSR, kRem>(ct, b, e, s, key)
+                     : cpu_loop<D, M, kFma, false, kLow, kSR, kRem>(ct, b, e, s, key);
 }
 
 // Moments stored in another dtype than their parameter's (exp_avg_dtype): a tile at a time, the
@@ -141,8 +146,9 @@ __attribute__((always_inline)) inline void cpu_loop_lean(const CpuTensor& ct, in
   }
 }
 
-// A bf16 parameter with a remainder (master_weights="remainders"): by tiles, the fp32 master joined
-// from both halves, updated as an fp32 parameter, split back; the moments as in cpu_loop_lean.
+// A bf16 parameter with a remainder (master_weights="remainders") whose moments the one-pass loop
+// does not take (cpu_item_rem): by tiles, the fp32 master joined from both halves, updated as an
+// fp32 parameter, split back; the moments as in cpu_loop_lean.
 template <bool kFma, bool kAms>
 __attribute__((always_inline)) inline void cpu_loop_rem(const CpuTensor& ct, int64_t b, int64_t e, const ElemScalars s,
                                                         const bool sr, const uint32_t key) {
@@ -166,6 +172,24 @@ __attribute__((always_inline)) inline void cpu_loop_rem(const CpuTensor& ct, int
     store_tile_as(ct.m_dtype, ct.m, t0, n, mt, sr, key, 1);
     store_tile_as(ct.v_dtype, ct.v, t0, n, vt, sr, key, 2);
     if (kAms) store_tile_as(ct.v_dtype, ct.vmax, t0, n, xt, sr, key, 2);
+  }
+}
+
+// A bf16 parameter with a remainder: one vectorised pass for moments both fp32 or both bf16 (the
+// modes users ask for; the lerp's branch known, as the lean loops), the other mixes by tiles.
+template <bool kFma>
+__attribute__((always_inline)) inline void cpu_item_rem(const CpuTensor& ct, int64_t b, int64_t e, const ElemScalars& s,
+                                                        bool sr, uint32_t key) {
+  const bool one_pass = ct.m_dtype == ct.v_dtype && s.lerp_low && (ct.m_dtype == kF32 || ct.m_dtype == kBF16);
+  if (!one_pass) {
+    ct.vmax != nullptr ? cpu_loop_rem<kFma, true>(ct, b, e, s, sr, key)
+                       : cpu_loop_rem<kFma, false>(ct, b, e, s, sr, key);
+  } else if (ct.m_dtype == kF32) {  // fp32 moments are never rounded stochastically
+    cpu_loop_ams<kBF16, kF32, kFma, 1, false, true>(ct, b, e, s, key);
+  } else if (sr) {
+    cpu_loop_ams<kBF16, kBF16, kFma, 1, true, true>(ct, b, e, s, key);
+  } else {
+    cpu_loop_ams<kBF16, kBF16, kFma, 1, false, true>(ct, b, e, s, key);
   }
 }
 
@@ -197,7 +221,7 @@ __attribute__((always_inline)) inline void cpu_item(const CpuTensor& ct, int64_t
                                                     uint32_t key) {
   const bool ams = ct.vmax != nullptr;
   if (ct.rem != nullptr) {
-    ams ? cpu_loop_rem<kFma, true>(ct, b, e, s, sr, key) : cpu_loop_rem<kFma, false>(ct, b, e, s, sr, key);
+    cpu_item_rem<kFma>(ct, b, e, s, sr, key);
     return;
   }
   if (sr && cpu_item_sr<kFma>(ct, b, e, s, key)) return;
