@@ -47,12 +47,13 @@ def full(p):
     return p.full_tensor() if hasattr(p, "full_tensor") else p
 
 
-def sharded(mesh=None):
+def sharded(mesh=None, dtype=torch.float32):
     """The model under FSDP2: each Linear its own unit, then the root (``mesh`` None: each
-    fully_shard call makes its own default mesh over the world, as FSDP2 does)."""
+    fully_shard call makes its own default mesh over the world, as FSDP2 does), in ``dtype``
+    (cast before sharding, as FSDP2 asks)."""
     from torch.distributed.fsdp import fully_shard
 
-    m = model_fn()
+    m = model_fn().to(dtype)
     for layer in (m[0], m[2]):
         fully_shard(layer, mesh=mesh)
     fully_shard(m, mesh=mesh)
@@ -227,6 +228,65 @@ def clip_results(rank, world, backend):
     return out
 
 
+# ---------------------------------------------------------------- lean states under FSDP2
+LEAN_MODES = {
+    # fp32 parameters, bf16 moments: 20 bytes per parameter and step
+    "bf16-moments": (torch.float32, dict(exp_avg_dtype=torch.bfloat16, exp_avg_sq_dtype=torch.bfloat16)),
+    # a bf16 model whose fp32 masters are its bf16 halves and int16 remainders
+    "remainders": (torch.bfloat16, dict(master_weights="remainders")),
+}
+
+
+def lean_masters(model, opt):
+    """The fp32 master values of a model's parameters (full tensors): the parameters, or for those
+    with a remainder the join of both halves (on the local shards, then gathered as fp32)."""
+    from d2z_optim.backends.remainders import join
+
+    out = []
+    for p in model.parameters():
+        r = opt.state[p].get("param_remainder")
+        if r is None:
+            out.append(full(p).detach().float().clone())
+            continue
+        m = join(local(p).detach(), local(r))
+        if hasattr(p, "to_local"):
+            from torch.distributed.tensor import DTensor
+
+            m = DTensor.from_local(m, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()).full_tensor()
+        out.append(m.clone())
+    return out
+
+
+def lean_run(rank, backend, mode):
+    """One lean mode: the single-process run on the whole batch, and FSDP2 on this rank's half."""
+    dtype, kw = LEAN_MODES[mode]
+
+    def make(model):
+        opt = AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, total_steps=2 * STEPS, backend=backend, **kw)
+        return model, opt
+
+    def run(model, opt, shard):
+        for k in range(STEPS):
+            x, y = data(k)
+            if shard is not None:
+                x, y = x[shard::2], y[shard::2]
+            opt.zero_grad()
+            loss_fn(model, x.to(dtype), y.to(dtype)).float().backward()
+            opt.step()
+
+    ref_m, ref_o = make(model_fn().to(dtype))
+    run(ref_m, ref_o, None)
+    m, o = make(sharded(dtype=dtype))
+    run(m, o, rank)
+    states = [
+        {k: (type(v).__name__, local(v).dtype) for k, v in o.state[p].items() if k != "step"} for p in m.parameters()
+    ]
+    carried = [
+        bool(local(o.state[p]["param_remainder"]).any()) for p in m.parameters() if "param_remainder" in o.state[p]
+    ]
+    return {"ref": lean_masters(ref_m, ref_o), "fsdp": lean_masters(m, o), "states": states, "carried": carried}
+
+
 def run_backend(rank, world, out_dir, backend):
     """Every check on one d2z backend; the results in out_dir/rank<rank>.pt."""
     results = {}
@@ -275,6 +335,9 @@ def run_backend(rank, world, out_dir, backend):
 
     # max_grad_norm under FSDP2 and DDP; a non-finite gradient on one rank's shard
     results["clip"] = clip_results(rank, world, backend)
+
+    # lean states (bf16 moments; bf16 parameters with remainders) on FSDP2's shards
+    results["lean"] = {mode: guarded(lean_run, rank, backend, mode) for mode in LEAN_MODES}
 
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
