@@ -55,3 +55,38 @@ def test_auto_picks_the_cpu_kernel_for_cpu_parameters():
 def test_triton_on_cpu_parameters_says_it_runs_on_cuda():
     with pytest.raises(ValueError, match=r"runs on CUDA devices.*TRITON_INTERPRET=1"):
         AdamW([torch.nn.Parameter(torch.ones(3))], backend="triton")
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [{}, dict(stochastic_rounding=True, rounding_seed=3), dict(master_weights="remainders")],
+    ids=["rne", "sr", "remainders"],
+)
+def test_the_torch_backend_steps_in_bounded_chunks_with_the_same_bits(monkeypatch, kw):
+    """backends/torch_backend.py splits a group's foreach calls into runs of at most CHUNK_ELEMENTS
+    elements (its temporaries are as large as one call's tensors): elementwise math, so the bits
+    are those of one call over every tensor."""
+    from d2z_optim.backends import torch_backend
+
+    def run(chunk):
+        monkeypatch.setattr(torch_backend, "CHUNK_ELEMENTS", chunk)
+        g = torch.Generator().manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(n, generator=g).to(torch.bfloat16)) for n in (700, 5, 300, 1200, 64)]
+        opt = AdamW(ps, lr=1e-2, weight_decay=0.1, backend="torch", total_steps=10, **kw)
+        for _ in range(3):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=g).to(torch.bfloat16)
+            opt.step()
+        return ps, opt
+
+    calls = []
+    real = torch_backend._update
+    monkeypatch.setattr(
+        torch_backend, "_update", lambda g, ids, *a, **k: calls.append(list(ids)) or real(g, ids, *a, **k)
+    )
+    (a, oa), (b, ob) = run(1 << 30), run(1000)
+    assert calls[0] == [0, 1, 2, 3, 4] and calls[-4:] == [[0, 1], [2], [3], [4]]  # 700+5 | 300 | 1200 alone | 64
+    for p, q in zip(a, b):
+        assert torch.equal(p.view(torch.int16), q.view(torch.int16))
+        for k, v in oa.state[p].items():
+            assert torch.equal(v, ob.state[q][k]), k

@@ -66,7 +66,7 @@ def _group_step(g: GroupWork, m: Tensor, wm: Tensor, *, independent_wd: bool, am
     neg_step_size = -lr_t / (1.0 - torch.pow(g.beta1, t))
 
     if g.foreach:
-        buckets = _by_compute_dtype(range(len(g.params)), g)
+        buckets = [c for b in _by_compute_dtype(range(len(g.params)), g) for c in _chunks(b, g)]
     else:
         buckets = [[i] for i in range(len(g.params))]  # the for-loop path: one tensor at a time
     for ids in buckets:
@@ -93,6 +93,26 @@ def _by_compute_dtype(ids, g: GroupWork) -> list[list[int]]:
     for i in ids:
         out.setdefault((g.params[i].dtype, g.params[i].is_complex()), []).append(i)
     return list(out.values())
+
+
+# Elements per foreach call: the update's temporaries (the denominators, the updates, the upcast
+# copies) are as large as the tensors of one call, so one call over a whole model would hold two
+# model-sized fp32 temporaries at once (GPT-2 small: +1 GB). Elementwise math: the same bits.
+CHUNK_ELEMENTS = 1 << 24
+
+
+def _chunks(ids: list[int], g: GroupWork) -> list[list[int]]:
+    """``ids`` in consecutive runs of at most :data:`CHUNK_ELEMENTS` elements (a larger tensor alone)."""
+    out: list[list[int]] = [[]]
+    size = 0
+    for i in ids:
+        n = g.params[i].numel()
+        if out[-1] and size + n > CHUNK_ELEMENTS:
+            out.append([])
+            size = 0
+        out[-1].append(i)
+        size += n
+    return out
 
 
 def _update(
