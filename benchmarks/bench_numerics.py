@@ -11,7 +11,9 @@ starts from the same (rounded) initial parameters and sees the same gradients in
 float64. Reported per dtype: max and mean absolute and relative error at the
 last step, and the worst max-abs error over all steps; a PNG plots max-abs
 error against the step. Rows "+ bf16 moments" (and "+ fp16 m, fp32 v"): the moments stored in
-that dtype (``exp_avg_dtype``, ``exp_avg_sq_dtype``) while the parameters keep theirs.
+that dtype (``exp_avg_dtype``, ``exp_avg_sq_dtype``) while the parameters keep theirs. Rows
+"+ remainders" (bf16, ``master_weights="remainders"``): the error of the fp32 master values (each
+bf16 parameter joined with its int16 remainder), and of the bf16 halves alone.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 
 import d2z_optim
 from d2z_optim import AdamW, schedules
+from d2z_optim.backends.remainders import join
 from d2z_optim.reference import Fp64AdamW
 
 # a benchmark times a few steps of a long schedule: not a run that ended short of it
@@ -56,6 +59,19 @@ def _short(d: torch.dtype) -> str:
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[d]
 
 
+# master_weights="remainders" rows (bf16 parameters): their error is that of the fp32 master values
+# (the bf16 half joined with its remainder); one more row gives the bf16 halves' error
+REM_ROWS = ("d2z auto + remainders (fp32 masters)", "d2z auto + remainders + bf16 moments (fp32 masters)")
+HALVES_ROW = "d2z auto + remainders (the bf16 halves)"
+
+
+def _values(name: str, params, opt) -> list[torch.Tensor]:
+    """What a row's error is measured on: the parameters, or a remainders row's fp32 masters."""
+    if name not in REM_ROWS:
+        return [p.detach() for p in params]
+    return [join(p.detach(), opt.state[p]["param_remainder"]) if opt.state[p] else p.detach() for p in params]
+
+
 def competitors(sched, device, dtype=torch.float32):
     out = {}
     for name, why in d2z_optim.available_backends().items():
@@ -74,6 +90,11 @@ def competitors(sched, device, dtype=torch.float32):
     else:
         bf16 = dict(exp_avg_dtype=torch.bfloat16, exp_avg_sq_dtype=torch.bfloat16, **sr)
         out["d2z auto + bf16 moments, stochastic rounding"] = lambda p: (AdamW(p, schedule=sched, **HP, **bf16), None)
+    if dtype == torch.bfloat16:  # fp32 master values as bf16 + int16 remainder: judged by the masters
+        rem = dict(master_weights="remainders")
+        out[REM_ROWS[0]] = lambda p: (AdamW(p, schedule=sched, **HP, **rem), None)
+        bf16 = dict(exp_avg_dtype=torch.bfloat16, exp_avg_sq_dtype=torch.bfloat16, **rem)
+        out[REM_ROWS[1]] = lambda p: (AdamW(p, schedule=sched, **HP, **bf16), None)
     for label, kw in (
         ("torch fused", dict(fused=True)),
         ("torch foreach", dict(foreach=True)),
@@ -114,10 +135,20 @@ def run(dtype: torch.dtype, steps: int, device: torch.device):
             opt.step()
             if lam is not None:
                 lam.step()
-            curves[name].append(max(float((p.detach().cpu().double() - r).abs().max()) for p, r in zip(params, ref.p)))
+            vals = _values(name, params, opt)
+            curves[name].append(max(float((x.cpu().double() - r).abs().max()) for x, r in zip(vals, ref.p)))
+            if name == REM_ROWS[0]:
+                curves.setdefault(HALVES_ROW, []).append(
+                    max(float((p.detach().cpu().double() - r).abs().max()) for p, r in zip(params, ref.p))
+                )
     rows = []
-    for name, (params, _, _) in comps.items():
-        err = torch.cat([(p.detach().cpu().double() - r).abs().flatten() for p, r in zip(params, ref.p)])
+    views = [(name, _values(name, params, opt)) for name, (params, opt, _) in comps.items()]
+    if REM_ROWS[0] in comps:
+        views.insert(
+            [n for n, _ in views].index(REM_ROWS[0]) + 1, (HALVES_ROW, [p.detach() for p in comps[REM_ROWS[0]][0]])
+        )
+    for name, vals in views:
+        err = torch.cat([(x.cpu().double() - r).abs().flatten() for x, r in zip(vals, ref.p)])
         mag = torch.cat([r.abs().flatten() for r in ref.p]).clamp(min=1e-3)  # relative to |p|, floor 1e-3
         rel = err / mag
         rows.append(
