@@ -525,8 +525,8 @@ class StepCache:
         make = next(iter(backends.values())).holder if lists.kernel_checks else None
         if make and self.skip_nonfinite and not make.scans_nonfinite:
             make = None  # the lists path's exact scan, then the op
-        if any(s.remainders for s in lists.slots):
-            make = None  # remainders (master_weights="remainders") go through the op: the holders do not take them
+        if make and any(s.remainders for s in lists.slots) and not make.takes_remainders:
+            make = None  # remainders (master_weights="remainders") go through the op on the device holders
         if make and not (lists.relayout or lists.dtensor or torch.compiler.is_compiling()):
             (work,) = self._works(lists, groups, schedules).values()
             lists.holder = make(work)

@@ -278,3 +278,57 @@ def test_the_remainder_follows_its_parameter_into_another_memory_layout(backend)
         assert ob.state[b]["param_remainder"].stride() == b.stride() != a.stride()
         assert ob.state[b]["exp_avg"].stride() == b.stride() and ob.state[b]["exp_avg"].dtype == F32
     assert torch.equal(_bits(_masters([a], oa)[0]), _bits(_masters([b], ob)[0]))
+
+
+def test_the_cpu_step_holder_takes_remainders_bit_for_bit_and_checks_them():
+    """The CPU step holder (d2z_optim._C.CpuStepHolder, the optimizer's steady path on the CPU)
+    steps remainders as the op does, and refuses a bad one with nothing written."""
+    from d2z_optim.backends import cpp_backend
+    from d2z_optim.backends.contract import StepStatus
+
+    if cpp_backend.load_extension() is not None:
+        pytest.skip("no extension")  # test_backends.py fails loudly when it is missing
+
+    def work():
+        g = torch.Generator().manual_seed(4)
+        gw = GroupWork(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, amsgrad=False, maximize=False)
+        for n in (3, 1000, 70001):
+            gw.params.append(torch.nn.Parameter(torch.randn(n, generator=g).to(BF16)))
+            gw.params[-1].grad = torch.randn(n, generator=g).to(BF16)
+            gw.grads.append(gw.params[-1].grad)
+            gw.exp_avgs.append(torch.zeros(n))
+            gw.exp_avg_sqs.append(torch.zeros(n))
+            gw.steps.append(torch.zeros(()))
+            gw.remainders.append(torch.randint(-(2**15), 2**15, (n,), generator=g, dtype=torch.int16))
+        gw.params.append(torch.nn.Parameter(torch.randn(7, generator=g)))  # fp32: a placeholder remainder
+        gw.params[-1].grad = torch.randn(7, generator=g)
+        gw.grads.append(gw.params[-1].grad)
+        gw.exp_avgs.append(torch.zeros(7))
+        gw.exp_avg_sqs.append(torch.zeros(7))
+        gw.steps.append(torch.zeros(()))
+        gw.remainders.append(torch.zeros(0, dtype=torch.int16))
+        return DeviceWork(torch.ones(4), torch.ones(4), torch.zeros((), dtype=torch.int64), False, [gw])
+
+    a, b = work(), work()
+    holder = cpp_backend.CpuStepHolder(b)
+    for _ in range(3):
+        torch.ops.d2z.adamw_step_(*flatten(a).op_args(a, None, None))
+        assert holder.step(b) is StepStatus.APPLIED
+    (ga,), (gb,) = a.groups, b.groups
+    for x, y in zip(ga.params + ga.remainders + ga.exp_avgs, gb.params + gb.remainders + gb.exp_avgs):
+        assert torch.equal(
+            x.detach().view(torch.int16) if x.dtype == BF16 else x,
+            y.detach().view(torch.int16) if y.dtype == BF16 else y,
+        )
+    # a remainder of another shape (resized in place): declined by the op's check, nothing written
+    c = work()
+    holder = cpp_backend.CpuStepHolder(c)
+    (gc,) = c.groups
+    gc.remainders[1].resize_(999)
+    before = [t.detach().clone() for t in gc.params + gc.exp_avgs + gc.remainders[:1] + gc.remainders[2:]]
+    assert holder.step(c) is StepStatus.DECLINED
+    after = [t.detach() for t in gc.params + gc.exp_avgs + gc.remainders[:1] + gc.remainders[2:]]
+    assert all(torch.equal(x, y) for x, y in zip(before, after))
+    # and the optimizer's steady CPU step runs through it
+    _, opt = _run("cpu", True, steps=3)
+    assert type(opt._cache.lists.holder).__name__ == "CpuStepHolder"

@@ -196,12 +196,18 @@ struct HeldParams {
 struct CpuStepHolder : HeldParams {
   CpuItems items;             // from the sizes at construction
   std::vector<CpuTensor> ts;  // this step's pointers
+  // master_weights="remainders": empty, or one per parameter (0 elements: none), checked each step
+  // as the op checks its remainders argument
+  std::vector<at::Tensor> remainders;
 
   CpuStepHolder(const py::list& params_, std::vector<at::Tensor> exp_avgs_, std::vector<at::Tensor> exp_avg_sqs_,
                 std::vector<at::Tensor> max_exp_avg_sqs_, std::vector<at::Tensor> steps_,
-                std::vector<int64_t> group_index_)
+                std::vector<int64_t> group_index_, std::vector<at::Tensor> remainders_)
       : HeldParams("d2z.CpuStepHolder", params_, std::move(exp_avgs_), std::move(exp_avg_sqs_),
-                   std::move(max_exp_avg_sqs_), std::move(steps_), std::move(group_index_)) {
+                   std::move(max_exp_avg_sqs_), std::move(steps_), std::move(group_index_)),
+        remainders(std::move(remainders_)) {
+    TORCH_CHECK(remainders.empty() || remainders.size() == params.size(), "d2z.CpuStepHolder: remainders has ",
+                remainders.size(), " entries: it must be empty or as long as params (", params.size(), ")");
     ts.resize(params.size());
     for (size_t k = 0; k < params.size(); ++k) items.add(static_cast<int32_t>(k), numel[k]);
   }
@@ -231,11 +237,13 @@ struct CpuStepHolder : HeldParams {
         try {
           check_param(k, p, g, exp_avgs[k], exp_avg_sqs[k], vmax(k), steps[k], gi, groups, dev);
           check_amsgrad_state(k, p, vmax(k), gi, hp);
+          if (!remainders.empty()) check_remainder(k, p, remainders[k], dev);
         } catch (const c10::Error& e) {
           refused.note(k, e);
           return;
         }
-        ts[k] = cpu_tensor(p, g, exp_avgs[k], exp_avg_sqs[k], vmax(k), steps[k], hp + gi * kHpCols);
+        ts[k] = cpu_tensor(p, g, exp_avgs[k], exp_avg_sqs[k], vmax(k), steps[k], hp + gi * kHpCols,
+                           remainder_of(remainders, static_cast<size_t>(k)));
       }
     });
     if (declined.load()) return false;
@@ -467,7 +475,7 @@ struct DeviceStepHolder : HeldParams {
       row[kMetaNumel] = t.n;
       row[kMetaGroup] = t.group;
       row[kMetaAligned] = aligned ? 1 : 0;
-      row[kMetaR] = 0;  // remainders step through the op (d2z_optim/step_cache.py), never a holder
+      row[kMetaR] = 0;  // remainders step through the op (d2z_optim/step_cache.py), never a device holder
       flat.insert(flat.end(), row, row + kMetaCols);
       const int d = t.dtype + 4 * t.m_dtype + 16 * t.v_dtype;
       ams[d] = ams[d] || t.vmax != nullptr;
@@ -678,9 +686,9 @@ void bind_step_holders(py::module_& m) {
   py::register_exception<StepRefusedError>(m, "StepRefused", PyExc_RuntimeError);
   gc_class<CpuStepHolder>(m, "CpuStepHolder")
       .def(py::init<const py::list&, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
-                    std::vector<at::Tensor>, std::vector<int64_t>>(),
+                    std::vector<at::Tensor>, std::vector<int64_t>, std::vector<at::Tensor>>(),
            py::arg("params"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"), py::arg("max_exp_avg_sqs"), py::arg("steps"),
-           py::arg("group_index"))
+           py::arg("group_index"), py::arg("remainders") = std::vector<at::Tensor>{})
       .def(
           "step",
           [](CpuStepHolder& self, const at::Tensor& step_count, const at::Tensor& lr_table, const at::Tensor& wd_table,

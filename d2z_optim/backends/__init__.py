@@ -52,7 +52,7 @@ class Backend:
     device_note: str = ""  # added to the "runs on ..." refusal
     # a step kept across steps for a fixed set of tensors, where the backend has one:
     # DeviceWork -> a step holder (``step(work, skip_nonfinite) -> StepStatus``, ``captured()``,
-    # ``scans_nonfinite``), like cpp_backend.CpuStepHolder
+    # ``scans_nonfinite``, ``takes_remainders``), like cpp_backend.CpuStepHolder
     holder: Callable[[DeviceWork], Any] | None = None
     # a GPU the kernel has no code for, or that the compiler does not support: the reason, else None
     gpu_refusal: Callable[[torch.device], str | None] | None = None

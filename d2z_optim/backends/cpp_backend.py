@@ -191,12 +191,15 @@ class CpuStepHolder:
     """
 
     scans_nonfinite = True
+    takes_remainders = True  # master_weights="remainders": checked and stepped as the op does
 
     def __init__(self, work: DeviceWork) -> None:
         from .. import _C
 
         f = flatten(work)
-        self._holder = _C.CpuStepHolder(f.params, f.exp_avgs, f.exp_avg_sqs, f.max_exp_avg_sqs, f.steps, f.group_index)
+        self._holder = _C.CpuStepHolder(
+            f.params, f.exp_avgs, f.exp_avg_sqs, f.max_exp_avg_sqs, f.steps, f.group_index, f.remainders
+        )
         self._refused = _C.StepRefused
 
     def captured(self) -> list[torch.Tensor]:
@@ -258,6 +261,7 @@ class CudaStepHolder:
     """
 
     scans_nonfinite = False  # skip_nonfinite steps go through the op and the scan op instead
+    takes_remainders = False  # master_weights="remainders" steps go through the op
 
     def __init__(self, work: DeviceWork, mode: str | None = None) -> None:
         from .. import _C
