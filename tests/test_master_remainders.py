@@ -332,3 +332,40 @@ def test_the_cpu_step_holder_takes_remainders_bit_for_bit_and_checks_them():
     # and the optimizer's steady CPU step runs through it
     _, opt = _run("cpu", True, steps=3)
     assert type(opt._cache.lists.holder).__name__ == "CpuStepHolder"
+
+
+def test_the_step_with_remainders_never_syncs(backend):
+    """No host read in a step (the no-sync recorder), with bf16 moments and clipping too."""
+    from .test_no_sync import HOST_READS, recorded_step
+
+    for kw in ({}, dict(moments=BF16, max_grad_norm=1.0)):
+        params, opt = _run(backend, True, steps=2, **kw)
+        for p in params:
+            p.grad = torch.randn_like(p)
+        rec = recorded_step(opt)
+        assert rec.ops and not (set(rec.ops) & HOST_READS), sorted(set(rec.ops) & HOST_READS)
+
+
+def test_a_compiled_step_with_remainders_compiles_once():
+    """torch.compile(fullgraph=True): the state's creation and the steady state, no recompile after
+    (the LR changes every step), and the eager step's bits."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    a, oa = _run("cpu", True, steps=0)
+    b, ob = _run("cpu", True, steps=0)
+    counts = torch._dynamo.utils.counters
+    counts.clear()
+    step = torch.compile(ob.step, fullgraph=True)
+    for k in range(6):
+        for p, q in zip(a, b):
+            p.grad = torch.full_like(p, 0.1 * (k + 1))
+            q.grad = p.grad.clone()
+        oa.step()
+        step()
+        if k == 1:
+            graphs = counts["stats"]["unique_graphs"]
+    assert graphs <= 2 and counts["stats"]["unique_graphs"] == graphs, dict(counts["stats"])
+    for p, q in zip(a, b):
+        assert torch.equal(_bits(p.detach()), _bits(q.detach()))
+        assert torch.equal(oa.state[p]["param_remainder"], ob.state[q]["param_remainder"])
