@@ -369,3 +369,50 @@ def test_a_compiled_step_with_remainders_compiles_once():
     for p, q in zip(a, b):
         assert torch.equal(_bits(p.detach()), _bits(q.detach()))
         assert torch.equal(oa.state[p]["param_remainder"], ob.state[q]["param_remainder"])
+
+
+def test_the_cuda_step_holder_takes_remainders_in_its_metadata():
+    """The CUDA step holder (kind "cuda", its grid replayed on the host) steps remainders as the
+    op's grid replay does, bit for bit; a remainder changed in place is seen (full checks, new
+    metadata) or declined with nothing written. The Triton holder refuses remainders (its
+    launches take them through the op)."""
+    from d2z_optim import _C
+    from d2z_optim.backends import cpp_backend
+    from d2z_optim.backends.contract import StepStatus
+
+    def work():
+        g = torch.Generator().manual_seed(5)
+        gw = GroupWork(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, amsgrad=True, maximize=False)
+        for n in (5, 4099, 70001):
+            gw.params.append(torch.nn.Parameter(torch.randn(n, generator=g).to(BF16)))
+            gw.params[-1].grad = torch.randn(n, generator=g).to(BF16)
+            gw.grads.append(gw.params[-1].grad)
+            for lst in (gw.exp_avgs, gw.exp_avg_sqs, gw.max_exp_avg_sqs):
+                lst.append(torch.zeros(n))
+            gw.steps.append(torch.zeros(()))
+            gw.remainders.append(torch.randint(-(2**15), 2**15, (n,), generator=g, dtype=torch.int16))
+        return DeviceWork(torch.ones(4), torch.ones(4), torch.zeros((), dtype=torch.int64), False, [gw])
+
+    def state(w):
+        (gw,) = w.groups
+        return [t.detach().view(torch.int16) if t.dtype == BF16 else t for t in gw.params + gw.remainders + gw.exp_avgs]
+
+    a, b = work(), work()
+    holder = cpp_backend.CudaStepHolder(b, mode="replay")
+    for k in range(3):
+        if k == 2:  # a new remainder tensor's data in place of the old one's: the metadata follows it
+            for w in (a, b):
+                fresh = w.groups[0].remainders[1].clone()
+                w.groups[0].remainders[1].set_(fresh)
+        ops = torch.ops.d2z
+        ops.adamw_step_grid_replay_(*flatten(a).op_args(a, None, None))
+        assert holder.step(b) is StepStatus.APPLIED
+    assert all(torch.equal(x, y) for x, y in zip(state(a), state(b)))
+    b.groups[0].remainders[2].resize_(70000)
+    before = [t.clone() for t in state(b)]
+    assert holder.step(b) is StepStatus.DECLINED
+    assert all(torch.equal(x, y) for x, y in zip(before, state(b)))
+    f = flatten(work())
+    args = (f.params, f.exp_avgs, f.exp_avg_sqs, f.max_exp_avg_sqs, f.steps, f.group_index)
+    with pytest.raises(RuntimeError, match="remainders need kind 'cuda'"):
+        _C.DeviceStepHolder(*args, kind="triton", mode="replay", chunk=[1024] * 4, remainders=f.remainders)

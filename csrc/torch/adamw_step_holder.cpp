@@ -86,17 +86,23 @@ struct FirstRefusal {
 struct HeldParams {
   std::vector<PyObject*> params;  // owned references
   std::vector<at::Tensor> exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps;
+  // master_weights="remainders": empty, or one per parameter (0 elements: none), checked each step
+  // as the op checks its remainders argument
+  std::vector<at::Tensor> remainders;
   std::vector<int64_t> group_index, numel;
 
   HeldParams(const char* what, const py::list& params_, std::vector<at::Tensor> exp_avgs_,
              std::vector<at::Tensor> exp_avg_sqs_, std::vector<at::Tensor> max_exp_avg_sqs_,
-             std::vector<at::Tensor> steps_, std::vector<int64_t> group_index_)
+             std::vector<at::Tensor> steps_, std::vector<int64_t> group_index_, std::vector<at::Tensor> remainders_)
       : exp_avgs(std::move(exp_avgs_)),
         exp_avg_sqs(std::move(exp_avg_sqs_)),
         max_exp_avg_sqs(std::move(max_exp_avg_sqs_)),
         steps(std::move(steps_)),
+        remainders(std::move(remainders_)),
         group_index(std::move(group_index_)) {
     const size_t n = params_.size();
+    TORCH_CHECK(remainders.empty() || remainders.size() == n, what, ": remainders has ", remainders.size(),
+                " entries: it must be empty or as long as params (", n, ")");
     for (const auto& [len, name] : {std::pair{exp_avgs.size(), "exp_avgs"},
                                     {exp_avg_sqs.size(), "exp_avg_sqs"},
                                     {steps.size(), "steps"},
@@ -131,6 +137,12 @@ struct HeldParams {
   // The tensor parameter k's Python object holds now.
   const at::Tensor& param(size_t k) const { return THPVariable_Unpack(params[k]); }
   const at::Tensor* vmax(size_t k) const { return max_exp_avg_sqs.empty() ? nullptr : &max_exp_avg_sqs[k]; }
+  // Parameter k's remainder, nullptr when it has none.
+  const at::Tensor* rem(size_t k) const { return remainder_of(remainders, k); }
+  // The op's check of parameter k's remainders entry (none when the list is empty).
+  void check_rem(int64_t k, const at::Device& dev) const {
+    if (!remainders.empty()) check_remainder(k, param(static_cast<size_t>(k)), remainders[k], dev);
+  }
 
   // Software pipelining of the header reads (cache and TLB misses for thousands of small tensors):
   // the parameter's Python object kDist * 3 ahead, the tensor headers kDist * 2 ahead, their
@@ -196,18 +208,12 @@ struct HeldParams {
 struct CpuStepHolder : HeldParams {
   CpuItems items;             // from the sizes at construction
   std::vector<CpuTensor> ts;  // this step's pointers
-  // master_weights="remainders": empty, or one per parameter (0 elements: none), checked each step
-  // as the op checks its remainders argument
-  std::vector<at::Tensor> remainders;
 
   CpuStepHolder(const py::list& params_, std::vector<at::Tensor> exp_avgs_, std::vector<at::Tensor> exp_avg_sqs_,
                 std::vector<at::Tensor> max_exp_avg_sqs_, std::vector<at::Tensor> steps_,
                 std::vector<int64_t> group_index_, std::vector<at::Tensor> remainders_)
       : HeldParams("d2z.CpuStepHolder", params_, std::move(exp_avgs_), std::move(exp_avg_sqs_),
-                   std::move(max_exp_avg_sqs_), std::move(steps_), std::move(group_index_)),
-        remainders(std::move(remainders_)) {
-    TORCH_CHECK(remainders.empty() || remainders.size() == params.size(), "d2z.CpuStepHolder: remainders has ",
-                remainders.size(), " entries: it must be empty or as long as params (", params.size(), ")");
+                   std::move(max_exp_avg_sqs_), std::move(steps_), std::move(group_index_), std::move(remainders_)) {
     ts.resize(params.size());
     for (size_t k = 0; k < params.size(); ++k) items.add(static_cast<int32_t>(k), numel[k]);
   }
@@ -237,13 +243,12 @@ struct CpuStepHolder : HeldParams {
         try {
           check_param(k, p, g, exp_avgs[k], exp_avg_sqs[k], vmax(k), steps[k], gi, groups, dev);
           check_amsgrad_state(k, p, vmax(k), gi, hp);
-          if (!remainders.empty()) check_remainder(k, p, remainders[k], dev);
+          check_rem(k, dev);
         } catch (const c10::Error& e) {
           refused.note(k, e);
           return;
         }
-        ts[k] = cpu_tensor(p, g, exp_avgs[k], exp_avg_sqs[k], vmax(k), steps[k], hp + gi * kHpCols,
-                           remainder_of(remainders, static_cast<size_t>(k)));
+        ts[k] = cpu_tensor(p, g, exp_avgs[k], exp_avg_sqs[k], vmax(k), steps[k], hp + gi * kHpCols, rem(k));
       }
     });
     if (declined.load()) return false;
@@ -306,14 +311,14 @@ enum class Mode { kDevice, kReplay, kStub };
 // seen: a state's storage reallocated in place (`untyped_storage().resize_()`), which nothing but
 // FSDP's parameter buffers does.
 struct TensorKey {
-  const void *p, *g, *m, *v, *x, *step;
+  const void *p, *g, *m, *v, *x, *step, *r;  // r: the remainder (nullptr: none)
   int64_t n, ng, nm, nv;
   uint64_t flags;
   static constexpr uint64_t kAllContiguous = uint64_t{1} << 32, kHasX = uint64_t{1} << 33;
   static constexpr uint64_t kLiveContiguous = uint64_t{1} << 34, kLive = 0xffffu | kLiveContiguous;
   bool operator==(const TensorKey& o) const {  // field by field, inlined (a memcmp call per tensor cost ~15%)
-    return p == o.p && g == o.g && m == o.m && v == o.v && x == o.x && step == o.step && n == o.n && ng == o.ng &&
-           nm == o.nm && nv == o.nv && flags == o.flags;
+    return p == o.p && g == o.g && m == o.m && v == o.v && x == o.x && step == o.step && r == o.r && n == o.n &&
+           ng == o.ng && nm == o.nm && nv == o.nv && flags == o.flags;
   }
   // `live` (a live_key) matches this full key, and all was contiguous (else the checks run every step)
   bool steady(const TensorKey& live) const {
@@ -339,7 +344,7 @@ struct StateSeal {
     return storage == o.storage && offset == o.offset && numel == o.numel && bits == o.bits;
   }
 };
-constexpr int kStates = 4;  // exp_avg, exp_avg_sq, max_exp_avg_sq, step
+constexpr int kStates = 5;  // exp_avg, exp_avg_sq, max_exp_avg_sq, step, the remainder
 
 struct DeviceStepHolder : HeldParams {
   Kind kind;
@@ -362,11 +367,13 @@ struct DeviceStepHolder : HeldParams {
   DeviceStepHolder(const py::list& params_, std::vector<at::Tensor> exp_avgs_, std::vector<at::Tensor> exp_avg_sqs_,
                    std::vector<at::Tensor> max_exp_avg_sqs_, std::vector<at::Tensor> steps_,
                    std::vector<int64_t> group_index_, const std::string& kind_, const std::string& mode_,
-                   std::vector<int64_t> chunk_)
+                   std::vector<int64_t> chunk_, std::vector<at::Tensor> remainders_)
       : HeldParams("d2z.DeviceStepHolder", params_, std::move(exp_avgs_), std::move(exp_avg_sqs_),
-                   std::move(max_exp_avg_sqs_), std::move(steps_), std::move(group_index_)) {
+                   std::move(max_exp_avg_sqs_), std::move(steps_), std::move(group_index_), std::move(remainders_)) {
     TORCH_CHECK(kind_ == "cuda" || kind_ == "triton", "d2z.DeviceStepHolder: kind must be 'cuda' or 'triton', got ",
                 kind_);
+    TORCH_CHECK(kind_ == "cuda" || remainders.empty(),
+                "d2z.DeviceStepHolder: remainders need kind 'cuda' (the Triton launches step them through the op)");
     TORCH_CHECK(mode_ == "device" || mode_ == "replay" || mode_ == "stub",
                 "d2z.DeviceStepHolder: mode must be 'device', 'replay' or 'stub', got ", mode_);
     kind = kind_ == "cuda" ? Kind::kCuda : Kind::kTriton;
@@ -398,7 +405,7 @@ struct DeviceStepHolder : HeldParams {
 
   std::array<StateSeal, kStates> seal_of(size_t k) const {
     return {StateSeal::of(&exp_avgs[k]), StateSeal::of(&exp_avg_sqs[k]), StateSeal::of(vmax(k)),
-            StateSeal::of(&steps[k])};
+            StateSeal::of(&steps[k]), StateSeal::of(rem(k))};
   }
 
   // Seal every parameter's states as they are now (after a step that checked them all).
@@ -410,7 +417,7 @@ struct DeviceStepHolder : HeldParams {
     for (size_t k = 0; k < n; ++k) {
       seals[k] = seal_of(k);
       for (const at::Tensor* t :
-           std::array<const at::Tensor*, kStates>{&exp_avgs[k], &exp_avg_sqs[k], vmax(k), &steps[k]}) {
+           std::array<const at::Tensor*, kStates>{&exp_avgs[k], &exp_avg_sqs[k], vmax(k), &steps[k], rem(k)}) {
         if (t != nullptr && t->defined()) held.push_back(t->storage());
       }
     }
@@ -426,6 +433,7 @@ struct DeviceStepHolder : HeldParams {
     key.v = v.data_ptr();
     key.x = has_x ? x->data_ptr() : nullptr;
     key.step = st.data_ptr();
+    key.r = rem(k) == nullptr ? nullptr : rem(k)->data_ptr();
     key.nm = m.numel();
     key.nv = v.numel();
     key.flags |= dtype_bits(m) << 16 | dtype_bits(v) << 24;
@@ -445,7 +453,7 @@ struct DeviceStepHolder : HeldParams {
       list.tensors.resize(n);
       for (size_t k = 0; k < n; ++k)
         list.tensors[k] =
-            tensor_meta(param(k), grads[k], exp_avgs[k], exp_avg_sqs[k], vmax(k), steps[k], group_index[k]);
+            tensor_meta(param(k), grads[k], exp_avgs[k], exp_avg_sqs[k], vmax(k), steps[k], group_index[k], rem(k));
       build_work_list(list);
       check_work_list(list);
       at::Tensor staging = new_host(static_cast<int64_t>(std::max<size_t>(list.bytes(), 16)));
@@ -475,7 +483,7 @@ struct DeviceStepHolder : HeldParams {
       row[kMetaNumel] = t.n;
       row[kMetaGroup] = t.group;
       row[kMetaAligned] = aligned ? 1 : 0;
-      row[kMetaR] = 0;  // remainders step through the op (d2z_optim/step_cache.py), never a device holder
+      row[kMetaR] = 0;  // remainders step through the op under Triton (the constructor refuses them here)
       flat.insert(flat.end(), row, row + kMetaCols);
       const int d = t.dtype + 4 * t.m_dtype + 16 * t.v_dtype;
       ams[d] = ams[d] || t.vmax != nullptr;
@@ -613,6 +621,7 @@ struct DeviceStepHolder : HeldParams {
           try {
             check_param(k, param(k), grads[k], exp_avgs[k], exp_avg_sqs[k], vmax(k), steps[k], group_index[k], groups,
                         dev_);
+            check_rem(k, dev_);
             now[k] = key_of(k, param(k), grads[k]);
           } catch (const c10::Error& e) {
             refused.note(k, e);
@@ -713,9 +722,10 @@ void bind_step_holders(py::module_& m) {
   gc_class<DeviceStepHolder>(m, "DeviceStepHolder")
       .def(py::init<const py::list&, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
                     std::vector<at::Tensor>, std::vector<int64_t>, const std::string&, const std::string&,
-                    std::vector<int64_t>>(),
+                    std::vector<int64_t>, std::vector<at::Tensor>>(),
            py::arg("params"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"), py::arg("max_exp_avg_sqs"), py::arg("steps"),
-           py::arg("group_index"), py::arg("kind"), py::arg("mode"), py::arg("chunk") = std::vector<int64_t>{})
+           py::arg("group_index"), py::arg("kind"), py::arg("mode"), py::arg("chunk") = std::vector<int64_t>{},
+           py::arg("remainders") = std::vector<at::Tensor>{})
       .def(
           "step",
           [](DeviceStepHolder& self, const at::Tensor& step_count, const at::Tensor& lr_table,

@@ -261,14 +261,14 @@ class CudaStepHolder:
     """
 
     scans_nonfinite = False  # skip_nonfinite steps go through the op and the scan op instead
-    takes_remainders = False  # master_weights="remainders" steps go through the op
+    takes_remainders = True  # master_weights="remainders": in the metadata, checked as the op does
 
     def __init__(self, work: DeviceWork, mode: str | None = None) -> None:
         from .. import _C
 
         f = flatten(work)
         args = (f.params, f.exp_avgs, f.exp_avg_sqs, f.max_exp_avg_sqs, f.steps, f.group_index)
-        self._holder = _C.DeviceStepHolder(*args, kind="cuda", mode=mode or device_mode(work))
+        self._holder = _C.DeviceStepHolder(*args, kind="cuda", mode=mode or device_mode(work), remainders=f.remainders)
         self._refused = _C.StepRefused
 
     def captured(self) -> list[torch.Tensor]:

@@ -380,7 +380,7 @@ class TritonStepHolder:
     the C++ half only, for host-overhead benchmarks, with :func:`launch` replaced)."""
 
     scans_nonfinite = False  # skip_nonfinite steps go through the op and the scan op instead
-    takes_remainders = False  # master_weights="remainders" steps go through the op
+    takes_remainders = False  # master_weights="remainders" steps go through the op (its launches)
 
     def __init__(self, work: DeviceWork, mode: str | None = None) -> None:
         from .. import _C
