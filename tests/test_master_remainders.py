@@ -280,6 +280,29 @@ def test_the_remainder_follows_its_parameter_into_another_memory_layout(backend)
     assert torch.equal(_bits(_masters([a], oa)[0]), _bits(_masters([b], ob)[0]))
 
 
+def _holder_work(seed: int, sizes, amsgrad: bool, fp32_tail: int = 0) -> DeviceWork:
+    """One group of bf16 parameters (gradients held in .grad) with zero moments and random
+    remainders, for the step holders; ``fp32_tail``: then an fp32 parameter of that size, whose
+    remainder is a placeholder."""
+    g = torch.Generator().manual_seed(seed)
+    gw = GroupWork(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, amsgrad=amsgrad, maximize=False)
+
+    def add(n, dtype, remainder):
+        gw.params.append(torch.nn.Parameter(torch.randn(n, generator=g).to(dtype)))
+        gw.params[-1].grad = torch.randn(n, generator=g).to(dtype)
+        gw.grads.append(gw.params[-1].grad)
+        for lst in (gw.exp_avgs, gw.exp_avg_sqs) + ((gw.max_exp_avg_sqs,) if amsgrad else ()):
+            lst.append(torch.zeros(n))
+        gw.steps.append(torch.zeros(()))
+        gw.remainders.append(remainder())
+
+    for n in sizes:
+        add(n, BF16, lambda n=n: torch.randint(-(2**15), 2**15, (n,), generator=g, dtype=torch.int16))
+    if fp32_tail:
+        add(fp32_tail, F32, lambda: torch.zeros(0, dtype=torch.int16))
+    return DeviceWork(torch.ones(4), torch.ones(4), torch.zeros((), dtype=torch.int64), False, [gw])
+
+
 def test_the_cpu_step_holder_takes_remainders_bit_for_bit_and_checks_them():
     """The CPU step holder (d2z_optim._C.CpuStepHolder, the optimizer's steady path on the CPU)
     steps remainders as the op does, and refuses a bad one with nothing written."""
@@ -289,25 +312,8 @@ def test_the_cpu_step_holder_takes_remainders_bit_for_bit_and_checks_them():
     if cpp_backend.load_extension() is not None:
         pytest.skip("no extension")  # test_backends.py fails loudly when it is missing
 
-    def work():
-        g = torch.Generator().manual_seed(4)
-        gw = GroupWork(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, amsgrad=False, maximize=False)
-        for n in (3, 1000, 70001):
-            gw.params.append(torch.nn.Parameter(torch.randn(n, generator=g).to(BF16)))
-            gw.params[-1].grad = torch.randn(n, generator=g).to(BF16)
-            gw.grads.append(gw.params[-1].grad)
-            gw.exp_avgs.append(torch.zeros(n))
-            gw.exp_avg_sqs.append(torch.zeros(n))
-            gw.steps.append(torch.zeros(()))
-            gw.remainders.append(torch.randint(-(2**15), 2**15, (n,), generator=g, dtype=torch.int16))
-        gw.params.append(torch.nn.Parameter(torch.randn(7, generator=g)))  # fp32: a placeholder remainder
-        gw.params[-1].grad = torch.randn(7, generator=g)
-        gw.grads.append(gw.params[-1].grad)
-        gw.exp_avgs.append(torch.zeros(7))
-        gw.exp_avg_sqs.append(torch.zeros(7))
-        gw.steps.append(torch.zeros(()))
-        gw.remainders.append(torch.zeros(0, dtype=torch.int16))
-        return DeviceWork(torch.ones(4), torch.ones(4), torch.zeros((), dtype=torch.int64), False, [gw])
+    def work():  # and an fp32 parameter: a placeholder remainder
+        return _holder_work(4, (3, 1000, 70001), amsgrad=False, fp32_tail=7)
 
     a, b = work(), work()
     holder = cpp_backend.CpuStepHolder(b)
@@ -381,17 +387,7 @@ def test_the_cuda_step_holder_takes_remainders_in_its_metadata():
     from d2z_optim.backends.contract import StepStatus
 
     def work():
-        g = torch.Generator().manual_seed(5)
-        gw = GroupWork(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, amsgrad=True, maximize=False)
-        for n in (5, 4099, 70001):
-            gw.params.append(torch.nn.Parameter(torch.randn(n, generator=g).to(BF16)))
-            gw.params[-1].grad = torch.randn(n, generator=g).to(BF16)
-            gw.grads.append(gw.params[-1].grad)
-            for lst in (gw.exp_avgs, gw.exp_avg_sqs, gw.max_exp_avg_sqs):
-                lst.append(torch.zeros(n))
-            gw.steps.append(torch.zeros(()))
-            gw.remainders.append(torch.randint(-(2**15), 2**15, (n,), generator=g, dtype=torch.int16))
-        return DeviceWork(torch.ones(4), torch.ones(4), torch.zeros((), dtype=torch.int64), False, [gw])
+        return _holder_work(5, (5, 4099, 70001), amsgrad=True)
 
     def state(w):
         (gw,) = w.groups

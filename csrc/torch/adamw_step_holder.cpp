@@ -403,9 +403,16 @@ struct DeviceStepHolder : HeldParams {
     return key;
   }
 
+  // Parameter k's states (nullptr: none), in the order of its seals.
+  std::array<const at::Tensor*, kStates> states_of(size_t k) const {
+    return {&exp_avgs[k], &exp_avg_sqs[k], vmax(k), &steps[k], rem(k)};
+  }
+
   std::array<StateSeal, kStates> seal_of(size_t k) const {
-    return {StateSeal::of(&exp_avgs[k]), StateSeal::of(&exp_avg_sqs[k]), StateSeal::of(vmax(k)),
-            StateSeal::of(&steps[k]), StateSeal::of(rem(k))};
+    const std::array<const at::Tensor*, kStates> st = states_of(k);
+    std::array<StateSeal, kStates> out;
+    for (int i = 0; i < kStates; ++i) out[i] = StateSeal::of(st[i]);
+    return out;
   }
 
   // Seal every parameter's states as they are now (after a step that checked them all).
@@ -416,8 +423,7 @@ struct DeviceStepHolder : HeldParams {
     held.reserve(n * kStates);
     for (size_t k = 0; k < n; ++k) {
       seals[k] = seal_of(k);
-      for (const at::Tensor* t :
-           std::array<const at::Tensor*, kStates>{&exp_avgs[k], &exp_avg_sqs[k], vmax(k), &steps[k], rem(k)}) {
+      for (const at::Tensor* t : states_of(k)) {
         if (t != nullptr && t->defined()) held.push_back(t->storage());
       }
     }
